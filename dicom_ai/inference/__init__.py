@@ -1,0 +1,1 @@
+"""Series -> volume -> model -> findings. Knows nothing of networks or DICOM encoding."""
