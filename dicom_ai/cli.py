@@ -1,0 +1,258 @@
+"""The ``dicom-ai`` command. Logging is configured here and only here."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dicom_ai.config import load_config
+from dicom_ai.errors import ConfigError, DicomAIError
+
+app = typer.Typer(help="dicom-ai: a DICOM node that runs MONAI models on received series.")
+rules_app = typer.Typer(help="Check and try rules files.")
+app.add_typer(rules_app, name="rules")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config; embedded defaults if omitted.")
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (may show PHI).")]
+
+
+def _configure_logging(verbose: bool) -> int:
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=err_console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # pynetdicom's INFO lines describe every message; they are noise for an operator.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    return level
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def serve(config: ConfigOption = None, verbose: Verbose = False) -> None:
+    """Run the node: receive, route, infer, deliver."""
+    from dicom_ai.node import Node
+
+    level = _configure_logging(verbose)
+    try:
+        cfg = load_config(config)
+        node = Node(cfg, log_level=level)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("signal %d: stopping", signum)
+        node.request_stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    node.start()
+    logging.getLogger(__name__).info(
+        "dicom-ai %s@%s:%d ready; data in %s; rules %s",
+        cfg.node.ae_title, cfg.node.host, node.port, cfg.node.data_dir, cfg.rules,
+    )
+    node.wait()
+    node.stop()
+
+
+@app.command()
+def echo(
+    peer: Annotated[str, typer.Argument(help="AE@HOST:PORT")],
+    calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "DICOM_AI",
+) -> None:
+    """C-ECHO a peer."""
+    from dicom_ai.dimse.scu import Peer
+    from dicom_ai.dimse.scu import echo as c_echo
+
+    try:
+        target = Peer.parse(peer)
+        status = c_echo(target, calling_ae)
+    except (ValueError, DicomAIError) as exc:
+        raise _fail(str(exc), 1) from exc
+    if status != 0:
+        raise _fail(f"C-ECHO to {target} answered 0x{status:04X}", 1)
+    console.print(f"C-ECHO to {target}: Success")
+
+
+def _dicom_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        files.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    return files
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursive).")],
+    to: Annotated[str, typer.Option("--to", help="AE@HOST:PORT")],
+    calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "DICOM_AI",
+) -> None:
+    """C-STORE files to a peer, with a progress bar."""
+    from dicom_ai.dimse.scu import Peer, SendResult, send_files
+
+    try:
+        target = Peer.parse(to)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    files = _dicom_files(paths)
+    if not files:
+        raise _fail("no files to send")
+    failed: list[SendResult] = []
+    with Progress(
+        TextColumn("[bold]C-STORE"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console,
+    ) as progress:
+        task = progress.add_task("send", total=len(files))
+
+        def advance(result: SendResult) -> None:
+            progress.advance(task)
+            if not result.ok:
+                failed.append(result)
+
+        try:
+            results = send_files(target, files, calling_ae, progress=advance)
+        except DicomAIError as exc:
+            raise _fail(str(exc), 1) from exc
+    not_sent = [r for r in results if r.status is None]
+    for result in failed + not_sent:
+        status = "not sent" if result.status is None else f"0x{result.status:04X}"
+        err_console.print(f"{result.path}: {status}")
+    console.print(f"sent {len(results) - len(failed) - len(not_sent)} of {len(files)} to {target}")
+    if failed or not_sent:
+        raise typer.Exit(1)
+
+
+@rules_app.command("check")
+def rules_check(file: Annotated[Path, typer.Argument(help="Rules YAML file.")]) -> None:
+    """Validate a rules file; errors name the line."""
+    from dicom_ai.routing import load_rules
+
+    try:
+        rules = load_rules(file)
+    except ConfigError as exc:
+        raise _fail(str(exc), 1) from exc
+    console.print(f"{file}: {len(rules.rules)} rules, valid")
+
+
+@rules_app.command("test")
+def rules_test(
+    file: Annotated[Path, typer.Argument(help="Rules YAML file.")],
+    path: Annotated[Path, typer.Argument(help="A DICOM file or folder of series.")],
+    calling_ae: Annotated[str, typer.Option(help="Sender context: calling AE.")] = "SCANNER",
+    called_ae: Annotated[str, typer.Option(help="Sender context: called AE.")] = "DICOM_AI",
+    source_ip: Annotated[str, typer.Option(help="Sender context: source address.")] = "127.0.0.1",
+) -> None:
+    """Show, for each series under PATH, which rule matches and why."""
+    from dicom_ai.routing import SenderContext, load_rules
+
+    try:
+        rules = load_rules(file)
+    except ConfigError as exc:
+        raise _fail(str(exc), 1) from exc
+    series: dict[str, list[Path]] = defaultdict(list)
+    headers = {}
+    for candidate in _dicom_files([path]):
+        try:
+            ds = dcmread(candidate, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "?"))
+        series[uid].append(candidate)
+        headers.setdefault(uid, ds)
+    if not series:
+        raise _fail(f"no DICOM series under {path}", 1)
+    sender = SenderContext(calling_ae, called_ae, source_ip)
+    for uid, files in series.items():
+        header = headers[uid]
+        evaluation = rules.evaluate(header, sender)
+        table = Table(
+            title=f"series {uid} ({header.get('Modality', '?')}, {len(files)} instances, "
+            f"{header.get('SeriesDescription', '')!s})",
+            title_justify="left",
+        )
+        table.add_column("rule")
+        table.add_column("result")
+        table.add_column("why")
+        for trace in evaluation.trace:
+            table.add_row(trace.rule, "match" if trace.matched else "no match", "; ".join(trace.reasons))
+        console.print(table)
+        if evaluation.decisions:
+            for decision in evaluation.decisions:
+                console.print(
+                    f"  -> rule [bold]{decision.rule}[/bold]: model {decision.model}, "
+                    f"destinations {', '.join(decision.destinations) or '-'}"
+                )
+        else:
+            console.print("  -> no rule matched: the series is kept, not processed")
+
+
+@app.command()
+def status(config: ConfigOption = None) -> None:
+    """Counts of instances, series, jobs and deliveries; dead letters and failed jobs."""
+    from dicom_ai.store.index import Index
+
+    cfg = load_config(config)
+    index = Index(cfg.node.data_dir / "index.sqlite3")
+    table = Table(title=f"dicom-ai data in {cfg.node.data_dir}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, value in sorted(index.counts().items()):
+        table.add_row(key, str(value))
+    console.print(table)
+    for job in index.jobs("failed"):
+        console.print(f"failed job {job.id} ({job.model}, series {job.series_instance_uid}): {job.error}")
+    for delivery in index.deliveries("dead"):
+        console.print(f"dead letter {delivery.id} (job {delivery.job_id} -> {delivery.destination}): {delivery.last_error}")
+
+
+@app.command()
+def resubmit(config: ConfigOption = None) -> None:
+    """Move every dead-letter delivery back to pending (the running node picks them up)."""
+    from dicom_ai.store.index import Index
+
+    cfg = load_config(config)
+    count = Index(cfg.node.data_dir / "index.sqlite3").resubmit_dead()
+    console.print(f"{count} dead-letter deliveries resubmitted")
+
+
+@app.command()
+def models(config: ConfigOption = None) -> None:
+    """List the models this config can route to."""
+    cfg = load_config(config)
+    table = Table(title="models")
+    table.add_column("id")
+    table.add_column("source")
+    table.add_column("device")
+    table.add_column("timeout s", justify="right")
+    for model_id in sorted(cfg.known_models()):
+        model = cfg.model(model_id)
+        table.add_row(model_id, str(model.bundle or "built in"), model.device, f"{model.timeout_seconds:g}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,203 @@
+"""The running node: wires receive -> store -> assembly -> routing -> workers -> delivery.
+
+This is the composition root; each stage stays ignorant of the ones before it. Two threads
+besides pynetdicom's: the scheduler (assembly, routing, job dispatch, job outcomes) and the
+deliverer (sending can block on a slow peer, and must not hold up the scheduler).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dicom_ai.assembly import AssemblyPolicy
+from dicom_ai.config import Config
+from dicom_ai.dimse.scp import StorageSCP
+from dicom_ai.errors import ConfigError
+from dicom_ai.pipeline.delivery import Deliverer
+from dicom_ai.pipeline.worker import JobOutcome, JobSpec, WorkerPool
+from dicom_ai.routing import RuleSet, SenderContext, load_rules
+from dicom_ai.store.index import Index, JobRecord, PendingSeries, RunPlan
+from dicom_ai.store.spool import Spool
+
+__all__ = ["Node", "check_rules_against_config"]
+
+log = logging.getLogger(__name__)
+
+
+def check_rules_against_config(rules: RuleSet, config: Config, source: Path) -> None:
+    """Every model and destination a rule names must exist in the config."""
+    unknown_models = sorted(m for m in rules.models if m not in config.known_models())
+    unknown_destinations = sorted(d for d in rules.destinations if d not in config.destinations)
+    problems = []
+    if unknown_models:
+        problems.append(f"unknown model(s) {', '.join(unknown_models)}")
+    if unknown_destinations:
+        problems.append(f"unknown destination(s) {', '.join(unknown_destinations)}")
+    if problems:
+        raise ConfigError(f"{source}: rules name {'; '.join(problems)}")
+
+
+class Node:
+    def __init__(self, config: Config, log_level: int = logging.INFO) -> None:
+        self.config = config
+        data_dir = config.node.data_dir
+        self.spool = Spool(data_dir / "spool", config.node.min_free_bytes)
+        self.index = Index(data_dir / "index.sqlite3")
+        self.rules = load_rules(config.rules)
+        check_rules_against_config(self.rules, config, config.rules)
+        self._rules_mtime = config.rules.stat().st_mtime
+        self.assembly = AssemblyPolicy(
+            config.pipeline.quiet_seconds, config.pipeline.release_grace_seconds
+        )
+        self.scp = StorageSCP(
+            config.node.ae_title, config.node.host, config.node.port, self.spool, self.index,
+            config.node.max_associations,
+        )
+        self.deliverer = Deliverer(
+            self.index, config.destinations, config.node.ae_title, config.delivery
+        )
+        self._log_level = log_level
+        self._pool: WorkerPool | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def start(self) -> None:
+        removed = self.spool.remove_stale_temp_files()
+        self.index.close_stale_associations()
+        resumed = self.index.requeue_running_jobs()
+        if removed or resumed:
+            log.info("recovered: %d partial temp files removed, %d jobs resumed", removed, resumed)
+        self._pool = WorkerPool(self.config.pipeline.workers, self._log_level)
+        self.scp.start()
+        for target, name in ((self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")):
+            thread = threading.Thread(target=target, name=f"dicom-ai-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scp.stop()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self._pool is not None:
+            self._pool.shutdown()
+        self.index.close()
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler: the caller of ``wait`` then calls ``stop``."""
+        self._stop.set()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    # -- scheduler ---------------------------------------------------------------------------
+
+    def _schedule_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reload_rules_if_changed()
+                self._route_complete_series(time.time())
+                self._dispatch_jobs()
+                assert self._pool is not None
+                for outcome in self._pool.poll(timeout=0.1):
+                    self._record(outcome)
+            except Exception:  # noqa: BLE001 - the scheduler must outlive any one bad series
+                log.exception("scheduler step failed; continuing")
+                self._stop.wait(1.0)
+
+    def _reload_rules_if_changed(self) -> None:
+        path = self.config.rules
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return
+        if mtime == self._rules_mtime:
+            return
+        self._rules_mtime = mtime
+        try:
+            rules = load_rules(path)
+            check_rules_against_config(rules, self.config, path)
+        except ConfigError as exc:
+            log.error("rules not reloaded, the running rules stay in force: %s", exc)
+            return
+        self.rules = rules
+        log.info("rules reloaded from %s", path)
+
+    def _route_complete_series(self, now: float) -> None:
+        for series in self.assembly.complete(self.index.pending_series(), now):
+            self._route(series)
+
+    def _route(self, series: PendingSeries) -> None:
+        uid = series.series_instance_uid
+        paths = self.index.series_instance_paths(uid)
+        header = dcmread(paths[-1], stop_before_pixels=True)
+        calling, called, ip = self.index.series_sender(uid)
+        evaluation = self.rules.evaluate(header, SenderContext(calling, called, ip))
+        plans = [
+            RunPlan(d.rule, d.model, d.destinations) for d in evaluation.decisions if d.model
+        ]
+        if evaluation.decisions:
+            note = "; ".join(f"{d.rule}: {', '.join(d.reasons)}" for d in evaluation.decisions)
+        else:
+            note = "no rule matched"
+        job_ids = self.index.start_run(uid, plans, note)
+        if job_ids:
+            log.info(
+                "series %s complete (%d instances): jobs %s by %s",
+                uid, len(paths), job_ids, ", ".join(p.rule for p in plans),
+            )
+        else:
+            log.info("series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note)
+
+    def _dispatch_jobs(self) -> None:
+        assert self._pool is not None
+        for job in self.index.claim_pending_jobs(self._pool.idle()):
+            self._pool.submit(self._spec(job))
+
+    def _spec(self, job: JobRecord) -> JobSpec:
+        model = self.config.model(job.model)
+        return JobSpec(
+            job_id=job.id,
+            series_instance_uid=job.series_instance_uid,
+            model_id=job.model,
+            bundle=model.bundle,
+            device=model.device,
+            timeout_seconds=model.timeout_seconds,
+            instance_paths=tuple(self.index.series_instance_paths(job.series_instance_uid)),
+            results_dir=self.spool.results_dir(job.id),
+            device_serial_number=self.config.device_serial_number,
+            min_free_bytes=self.config.node.min_free_bytes,
+        )
+
+    def _record(self, outcome: JobOutcome) -> None:
+        job = self.index.job(outcome.job_id)
+        if outcome.ok:
+            self.index.finish_job(job.id, outcome.files, job.destinations)
+            log.info("job %d done in %.1f s", job.id, outcome.seconds)
+            return
+        retry = outcome.retry and job.attempts < self.config.pipeline.max_job_attempts
+        self.index.fail_job(job.id, outcome.reason, retry=retry)
+        log.error(
+            "job %d (%s on series %s) failed%s: %s",
+            job.id, job.model, job.series_instance_uid, ", will retry" if retry else "", outcome.reason,
+        )
+
+    # -- deliverer ---------------------------------------------------------------------------
+
+    def _deliver_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.deliverer.run_due()
+            except Exception:  # noqa: BLE001 - keep delivering other results
+                log.exception("delivery step failed; continuing")
+                self._stop.wait(1.0)

@@ -1,0 +1,211 @@
+"""One job: load -> infer -> encode, in a worker process.
+
+Models run in spawned worker processes, never in the node's process or an association
+thread: a model that crashes kills only its worker, and one that hangs past its timeout is
+killed. Either way the job fails with a reason and a fresh worker takes the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+import traceback
+from dataclasses import dataclass
+from io import BytesIO
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+__all__ = ["JobOutcome", "JobSpec", "WorkerPool", "run_job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs; plain data so it pickles into a spawned process."""
+
+    job_id: int
+    series_instance_uid: str
+    model_id: str
+    bundle: Path | None
+    device: str
+    timeout_seconds: float
+    instance_paths: tuple[Path, ...]
+    results_dir: Path
+    device_serial_number: str
+    min_free_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: int
+    ok: bool
+    files: tuple[Path, ...] = ()
+    reason: str = ""
+    seconds: float = 0.0
+    # The worker died under the job (crash, kill): worth another attempt, unlike an error
+    # the model raised or a timeout, which would only repeat.
+    retry: bool = False
+
+
+_models: dict[tuple[str, Path | None, str], Any] = {}
+
+
+def run_job(spec: JobSpec) -> tuple[Path, ...]:
+    """Load the series, run the model, write SEG and SR durably; returns their paths."""
+    # Imported here so the node's main process never loads torch or MONAI.
+    from dicom_ai import __version__
+    from dicom_ai.inference.model import load_model
+    from dicom_ai.inference.volume import load_series
+    from dicom_ai.results import DeviceIdentity, build_seg, build_sr, result_uids
+    from dicom_ai.store.spool import Spool
+
+    key = (spec.model_id, spec.bundle, spec.device)
+    if key not in _models:
+        _models[key] = load_model(spec.model_id, spec.bundle, spec.device)
+    model = _models[key]
+    started = time.monotonic()
+    volume = load_series(spec.instance_paths)
+    findings = model(volume)
+    inferred = time.monotonic()
+    uids = result_uids(spec.series_instance_uid, spec.model_id, findings.algorithm.version)
+    device = DeviceIdentity(
+        manufacturer="dicom-ai",
+        model_name="dicom-ai",
+        software_version=__version__,
+        device_serial_number=spec.device_serial_number,
+    )
+    seg = build_seg(volume.headers, findings, uids, device)
+    sr = build_sr(volume.headers, seg, findings, uids, device)
+    spool = Spool(spec.results_dir.parent.parent, spec.min_free_bytes)
+    files = []
+    for name, dataset in (("seg.dcm", seg), ("sr.dcm", sr)):
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        path = spec.results_dir / name
+        spool.write_atomic(path, buffer.getvalue())
+        files.append(path)
+    log.info(
+        "job %d: %s on series %s: %d segments, infer %.1f s, encode %.1f s",
+        spec.job_id, spec.model_id, spec.series_instance_uid, len(findings.present_labels()),
+        inferred - started, time.monotonic() - inferred,
+    )
+    return tuple(files)
+
+
+def _worker_main(conn: Connection, log_level: int) -> None:
+    # A spawned process starts with no logging config; mirror the node's level.
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    while True:
+        try:
+            spec = conn.recv()
+        except EOFError:
+            return
+        if spec is None:
+            return
+        started = time.monotonic()
+        try:
+            files = run_job(spec)
+            outcome = JobOutcome(spec.job_id, True, files, seconds=time.monotonic() - started)
+        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as the job's reason
+            log.debug("job %d failed:\n%s", spec.job_id, traceback.format_exc())
+            reason = f"{type(exc).__name__}: {exc}"
+            outcome = JobOutcome(spec.job_id, False, reason=reason, seconds=time.monotonic() - started)
+        conn.send(outcome)
+
+
+@dataclass
+class _Slot:
+    process: BaseProcess
+    conn: Connection
+    job: JobSpec | None = None
+    deadline: float = 0.0
+
+
+class WorkerPool:
+    """``size`` spawned workers; jobs go to idle ones; ``poll`` reports finished jobs."""
+
+    def __init__(self, size: int, log_level: int = logging.INFO) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._log_level = log_level
+        self._slots = [self._new_slot() for _ in range(size)]
+
+    def _new_slot(self) -> _Slot:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_worker_main, args=(child, self._log_level), name="dicom-ai-worker", daemon=True
+        )
+        process.start()
+        child.close()
+        return _Slot(process, parent)
+
+    def idle(self) -> int:
+        return sum(1 for slot in self._slots if slot.job is None)
+
+    def submit(self, spec: JobSpec) -> None:
+        for slot in self._slots:
+            if slot.job is None:
+                slot.job = spec
+                slot.deadline = time.monotonic() + spec.timeout_seconds
+                slot.conn.send(spec)
+                return
+        raise RuntimeError("no idle worker")
+
+    def poll(self, timeout: float = 0.0) -> list[JobOutcome]:
+        """Finished, failed, crashed and timed-out jobs since the last call."""
+        busy = {slot.conn: slot for slot in self._slots if slot.job is not None}
+        outcomes: list[JobOutcome] = []
+        for conn in wait(list(busy), timeout) if busy else []:
+            slot = busy[conn]  # type: ignore[index]
+            assert slot.job is not None
+            try:
+                outcomes.append(slot.conn.recv())
+                slot.job = None
+            except (EOFError, OSError):
+                outcomes.append(self._replace(slot, "the worker process died", retry=True))
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.job is None:
+                continue
+            if not slot.process.is_alive():
+                outcomes.append(
+                    self._replace(
+                        slot, f"the worker process died (exit code {slot.process.exitcode})", retry=True
+                    )
+                )
+            elif now > slot.deadline:
+                outcomes.append(
+                    self._replace(
+                        slot, f"the model ran past its timeout of {slot.job.timeout_seconds:g} s",
+                        retry=False,
+                    )
+                )
+        return outcomes
+
+    def _replace(self, slot: _Slot, reason: str, retry: bool) -> JobOutcome:
+        assert slot.job is not None
+        job_id = slot.job.job_id
+        if slot.process.is_alive():
+            slot.process.kill()
+        slot.process.join(timeout=5)
+        slot.conn.close()
+        fresh = self._new_slot()
+        index = self._slots.index(slot)
+        self._slots[index] = fresh
+        log.warning("job %d: %s; worker replaced", job_id, reason)
+        return JobOutcome(job_id, False, reason=reason, retry=retry)
+
+    def shutdown(self) -> None:
+        for slot in self._slots:
+            try:
+                slot.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for slot in self._slots:
+            slot.process.join(timeout=3)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join(timeout=3)

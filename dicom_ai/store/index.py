@@ -1,0 +1,427 @@
+"""SQLite (WAL) index: instances, series, associations, jobs, deliveries.
+
+The index is the state machine's memory: every state a series, job or delivery can be in is a
+row here, so a restart (also after ``kill -9``) resumes exactly where the node stopped.
+
+    series:   dirty (instances since the last run) -> run started (jobs created) -> dirty again ...
+    job:      pending -> running -> done | failed          (running -> pending on restart)
+    delivery: pending -> delivered | dead                  (dead -> pending on resubmit)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DeliveryRecord",
+    "Index",
+    "InstanceRecord",
+    "JobRecord",
+    "PendingSeries",
+    "RunPlan",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS associations (
+    id INTEGER PRIMARY KEY,
+    calling_ae TEXT NOT NULL, called_ae TEXT NOT NULL, source_ip TEXT NOT NULL,
+    opened_at REAL NOT NULL, closed_at REAL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL, study_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL, path TEXT NOT NULL,
+    association_id INTEGER NOT NULL, received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL, modality TEXT NOT NULL,
+    first_received REAL NOT NULL, last_received REAL NOT NULL,
+    dirty INTEGER NOT NULL, runs INTEGER NOT NULL DEFAULT 0,
+    last_association_id INTEGER NOT NULL, routed_note TEXT
+);
+CREATE TABLE IF NOT EXISTS series_associations (
+    series_instance_uid TEXT NOT NULL, association_id INTEGER NOT NULL,
+    PRIMARY KEY (series_instance_uid, association_id)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL, run INTEGER NOT NULL, rule TEXT NOT NULL,
+    model TEXT NOT NULL, destinations TEXT NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+    result_files TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    UNIQUE (series_instance_uid, run, rule)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL, destination TEXT NOT NULL, files TEXT NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL, last_error TEXT, delivered_at REAL,
+    UNIQUE (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    path: Path
+    association_id: int
+
+
+@dataclass(frozen=True)
+class PendingSeries:
+    """A series with instances not yet part of a run, and what assembly needs to decide."""
+
+    series_instance_uid: str
+    last_received: float
+    open_associations: int
+    last_closed_at: float | None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One job to create for a series run (a matched rule)."""
+
+    rule: str
+    model: str
+    destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    series_instance_uid: str
+    run: int
+    rule: str
+    model: str
+    destinations: tuple[str, ...]
+    state: str
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    id: int
+    job_id: int
+    destination: str
+    files: tuple[Path, ...]
+    state: str
+    attempts: int
+    last_error: str | None
+
+
+class Index:
+    """Thread-safe access to the node's SQLite index (one connection, one lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before C-STORE answers Success, also across power loss.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def open_association(self, calling_ae: str, called_ae: str, source_ip: str) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO associations (calling_ae, called_ae, source_ip, opened_at) "
+                "VALUES (?, ?, ?, ?)",
+                (calling_ae, called_ae, source_ip, time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def close_association(self, association_id: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE associations SET closed_at = ? WHERE id = ? AND closed_at IS NULL",
+                (time.time(), association_id),
+            )
+
+    def close_stale_associations(self) -> None:
+        """On start: no association of an earlier process is still open."""
+        with self._tx() as db:
+            db.execute("UPDATE associations SET closed_at = ? WHERE closed_at IS NULL", (time.time(),))
+
+    def add_instance(self, record: InstanceRecord) -> None:
+        """Index a durable instance file; the series becomes due for a (new) run."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.sop_instance_uid, record.series_instance_uid,
+                    record.study_instance_uid, record.sop_class_uid, str(record.path),
+                    record.association_id, now,
+                ),
+            )
+            db.execute(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, "
+                "first_received, last_received, dirty, last_association_id) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT(series_instance_uid) DO UPDATE SET "
+                "last_received = excluded.last_received, dirty = 1, "
+                "last_association_id = excluded.last_association_id",
+                (
+                    record.series_instance_uid, record.study_instance_uid, record.modality,
+                    now, now, record.association_id,
+                ),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO series_associations VALUES (?, ?)",
+                (record.series_instance_uid, record.association_id),
+            )
+
+    # -- assembly and routing ----------------------------------------------------------------
+
+    def pending_series(self) -> list[PendingSeries]:
+        rows = self._query(
+            "SELECT s.series_instance_uid, s.last_received, "
+            "  SUM(CASE WHEN a.closed_at IS NULL THEN 1 ELSE 0 END), MAX(a.closed_at) "
+            "FROM series s "
+            "JOIN series_associations sa ON sa.series_instance_uid = s.series_instance_uid "
+            "JOIN associations a ON a.id = sa.association_id "
+            "WHERE s.dirty = 1 GROUP BY s.series_instance_uid"
+        )
+        return [
+            PendingSeries(str(r[0]), float(r[1]), int(r[2]), None if r[3] is None else float(r[3]))
+            for r in rows
+        ]
+
+    def series_instance_paths(self, series_uid: str) -> list[Path]:
+        rows = self._query(
+            "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY received_at",
+            (series_uid,),
+        )
+        return [Path(str(r[0])) for r in rows]
+
+    def series_sender(self, series_uid: str) -> tuple[str, str, str]:
+        """(calling AE, called AE, source IP) of the association that last delivered to it."""
+        rows = self._query(
+            "SELECT a.calling_ae, a.called_ae, a.source_ip FROM series s "
+            "JOIN associations a ON a.id = s.last_association_id WHERE s.series_instance_uid = ?",
+            (series_uid,),
+        )
+        calling, called, ip = rows[0]
+        return str(calling), str(called), str(ip)
+
+    def start_run(self, series_uid: str, plans: Sequence[RunPlan], note: str) -> list[int]:
+        """Close the series' current batch of instances into a run with one job per plan."""
+        now = time.time()
+        with self._tx() as db:
+            (runs,) = db.execute(
+                "SELECT runs FROM series WHERE series_instance_uid = ?", (series_uid,)
+            ).fetchone()
+            run = int(runs) + 1
+            db.execute(
+                "UPDATE series SET dirty = 0, runs = ?, routed_note = ? "
+                "WHERE series_instance_uid = ?",
+                (run, note, series_uid),
+            )
+            db.execute("DELETE FROM series_associations WHERE series_instance_uid = ?", (series_uid,))
+            job_ids = []
+            for plan in plans:
+                cur = db.execute(
+                    "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    (series_uid, run, plan.rule, plan.model, json.dumps(plan.destinations), now, now),
+                )
+                job_ids.append(int(cur.lastrowid or 0))
+            return job_ids
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def requeue_running_jobs(self) -> int:
+        """On start: a job that was running when the node stopped runs again."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'running'",
+                (time.time(),),
+            )
+            return cur.rowcount
+
+    def claim_pending_jobs(self, limit: int) -> list[JobRecord]:
+        """Move up to ``limit`` pending jobs (oldest first) to running and return them."""
+        if limit <= 0:
+            return []
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+            ids = [int(r[0]) for r in rows]
+            for job_id in ids:
+                db.execute(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ? "
+                    "WHERE id = ?",
+                    (time.time(), job_id),
+                )
+        return [self.job(job_id) for job_id in ids]
+
+    def job(self, job_id: int) -> JobRecord:
+        rows = self._query(
+            "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error "
+            "FROM jobs WHERE id = ?",
+            (job_id,),
+        )
+        return _job(rows[0])
+
+    def jobs(self, state: str | None = None) -> list[JobRecord]:
+        sql = (
+            "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error "
+            "FROM jobs"
+        )
+        rows = self._query(sql + " WHERE state = ? ORDER BY id", (state,)) if state else self._query(
+            sql + " ORDER BY id"
+        )
+        return [_job(r) for r in rows]
+
+    def finish_job(self, job_id: int, files: Sequence[Path], destinations: Sequence[str]) -> None:
+        """Record a job's result files and queue one delivery per destination, atomically."""
+        now = time.time()
+        encoded = json.dumps([str(f) for f in files])
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'done', result_files = ?, error = NULL, updated_at = ? "
+                "WHERE id = ?",
+                (encoded, now, job_id),
+            )
+            for destination in destinations:
+                db.execute(
+                    "INSERT OR REPLACE INTO deliveries (job_id, destination, files, state, "
+                    "attempts, next_attempt_at) VALUES (?, ?, ?, 'pending', 0, ?)",
+                    (job_id, destination, encoded, now),
+                )
+
+    def fail_job(self, job_id: int, reason: str, retry: bool) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                ("pending" if retry else "failed", reason, time.time(), job_id),
+            )
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    def due_deliveries(self, now: float) -> list[DeliveryRecord]:
+        rows = self._query(
+            "SELECT id, job_id, destination, files, state, attempts, last_error FROM deliveries "
+            "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at",
+            (now,),
+        )
+        return [_delivery(r) for r in rows]
+
+    def deliveries(self, state: str | None = None) -> list[DeliveryRecord]:
+        sql = "SELECT id, job_id, destination, files, state, attempts, last_error FROM deliveries"
+        rows = self._query(sql + " WHERE state = ? ORDER BY id", (state,)) if state else self._query(
+            sql + " ORDER BY id"
+        )
+        return [_delivery(r) for r in rows]
+
+    def next_delivery_at(self) -> float | None:
+        rows = self._query("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending'")
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    def delivery_succeeded(self, delivery_id: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, "
+                "delivered_at = ?, last_error = NULL WHERE id = ?",
+                (time.time(), delivery_id),
+            )
+
+    def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
+        """Record a failed attempt; ``None`` for the next attempt parks it as dead letter."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
+                "next_attempt_at = ? WHERE id = ?",
+                (
+                    "dead" if next_attempt_at is None else "pending", error,
+                    next_attempt_at or 0.0, delivery_id,
+                ),
+            )
+
+    def resubmit_dead(self) -> int:
+        """Dead letters go back to pending with a fresh attempt budget."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ? "
+                "WHERE state = 'dead'",
+                (time.time(),),
+            )
+            return cur.rowcount
+
+    # -- status ------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for table in ("instances", "series"):
+            out[table] = int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])
+        for table in ("jobs", "deliveries"):
+            for state, n in self._query(f"SELECT state, COUNT(*) FROM {table} GROUP BY state"):
+                out[f"{table}.{state}"] = int(n)
+        return out
+
+
+def _job(row: tuple[Any, ...]) -> JobRecord:
+    return JobRecord(
+        id=int(row[0]),
+        series_instance_uid=str(row[1]),
+        run=int(row[2]),
+        rule=str(row[3]),
+        model=str(row[4]),
+        destinations=tuple(json.loads(str(row[5]))),
+        state=str(row[6]),
+        attempts=int(row[7]),
+        error=None if row[8] is None else str(row[8]),
+    )
+
+
+def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=int(row[0]),
+        job_id=int(row[1]),
+        destination=str(row[2]),
+        files=tuple(Path(p) for p in json.loads(str(row[3]))),
+        state=str(row[4]),
+        attempts=int(row[5]),
+        last_error=None if row[6] is None else str(row[6]),
+    )

@@ -1,0 +1,213 @@
+"""Real DICOM peers and the node as processes on loopback, for integration tests and benchmarks.
+
+Every server gets an ephemeral port, is started here and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+class StoreSCP:
+    """DCMTK storescp writing every received object into ``directory``."""
+
+    def __init__(self, directory: Path, ae_title: str = "PACS", port: int | None = None) -> None:
+        self.directory = directory
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = directory.parent / f"storescp-{self.port}.log"
+
+    def start(self) -> StoreSCP:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TCP_NODELAY="1")
+        # +xa: accept every transfer syntax; -uf: name files by SOP instance UID
+        self.proc = subprocess.Popen(
+            ["storescp", "--aetitle", self.ae_title, "+xa", "-uf", "-od", str(self.directory),
+             str(self.port)],
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env,
+        )
+        wait_until(lambda: port_open(self.port), 10, "storescp to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file()) if self.directory.exists() else []
+
+
+def storescu(port: int, paths: Sequence[Path], ae_title: str = "DICOM_AI",
+             calling_ae: str = "SCANNER", nodelay: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    # -R: propose only the SOP classes of the files (else SEG etc. may have no context)
+    return subprocess.run(
+        ["storescu", "-R", "-aet", calling_ae, "-aec", ae_title, "127.0.0.1", str(port),
+         *map(str, paths)],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+
+
+def echoscu(port: int, ae_title: str = "DICOM_AI") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+class NodeProcess:
+    """``dicom-ai serve`` as a subprocess with a config written from a dict."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.port: int = int(config["node"]["port"])
+        self.config_path = workdir / "node.yaml"
+        self.log = workdir / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_ai.cli", "serve", "--config", str(self.config_path)],
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=self.workdir,
+        )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()}")
+            return port_open(self.port)
+
+        wait_until(ready, timeout, "the node to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, timeout=30)
+            self.proc = None
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            # spawned workers die with their parent's pipe; reap any that linger
+            self.proc = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config["node"]["data_dir"])
+
+
+def node_config(
+    workdir: Path,
+    pacs_port: int,
+    rules: Path | None = None,
+    models: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A test config: ephemeral port, short assembly and retry times, one PACS destination."""
+    config: dict[str, Any] = {
+        "node": {"ae_title": "DICOM_AI", "host": "127.0.0.1", "port": free_port(),
+                 "data_dir": str(workdir / "data"), "min_free_bytes": 0},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
+        "models": models or {},
+        "rules": str(rules or REPO / "rules" / "default.yaml"),
+        "pipeline": {"workers": 1, "quiet_seconds": 3, "release_grace_seconds": 0.5},
+        "delivery": {"retry_base_seconds": 1, "retry_max_seconds": 4, "max_attempts": 30,
+                     "timeout_seconds": 10},
+    }
+    for key, value in overrides.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+class Orthanc:
+    """Debian's Orthanc with a generated JSON config, fresh storage, ephemeral ports."""
+
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC") -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "orthanc.log"
+
+    def start(self, nodelay: bool = True) -> Orthanc:
+        import json
+
+        storage = self.workdir / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "dicom-ai-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+            "DicomAet": self.ae_title, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "Plugins": [], "StorageCompression": False,
+        }
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(config))
+        env = dict(os.environ)
+        if nodelay:
+            env["TCP_NODELAY"] = "1"
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(config_path)], stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env,
+        )
+        # Its HTTP port comes up before its DICOM port: wait for both.
+        wait_until(lambda: port_open(self.http_port) and port_open(self.dicom_port), 30, "Orthanc")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None

@@ -1,0 +1,186 @@
+"""Spool, index state machine, assembly and delivery, with a fake SCU in place of a peer."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_ai.assembly import AssemblyPolicy
+from dicom_ai.config import DeliveryConfig, DestinationConfig
+from dicom_ai.dimse.scu import SendResult
+from dicom_ai.errors import InputError, OutOfSpaceError
+from dicom_ai.pipeline import delivery
+from dicom_ai.pipeline.delivery import Deliverer, backoff_seconds
+from dicom_ai.store.index import Index, InstanceRecord, PendingSeries, RunPlan
+from dicom_ai.store.spool import Spool
+
+
+def test_spool_write_is_atomic_and_refuses_path_tricks(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    path = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    spool.write_atomic(path, b"abc")
+    assert path.read_bytes() == b"abc"
+    assert list((tmp_path / "tmp").iterdir()) == []
+    with pytest.raises(InputError):
+        spool.instance_path("1.2.3", "../../etc", "1.2")
+
+
+def test_spool_refuses_below_the_watermark_and_writes_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, min_free_bytes=spool_free(tmp_path) + 10**12)
+    path = spool.instance_path("1.2", "1.2.3", "1.2.3.4")
+    with pytest.raises(OutOfSpaceError):
+        spool.write_atomic(path, b"x" * 100)
+    assert not path.exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def spool_free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_stale_temp_files_are_removed_on_start(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    (tmp_path / "tmp" / "x.part").write_bytes(b"partial")
+    assert spool.remove_stale_temp_files() == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def _add(index: Index, sop: str, series: str, association: int) -> None:
+    index.add_instance(InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.2", series, "9.9", "CT",
+                                      Path(f"/spool/{sop}.dcm"), association))
+
+
+def test_index_series_runs_jobs_and_deliveries(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite3")
+    association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+    for n in range(3):
+        _add(index, f"1.{n}", "5.5", association)
+    (pending,) = index.pending_series()
+    assert pending.series_instance_uid == "5.5" and pending.open_associations == 1
+    index.close_association(association)
+    (pending,) = index.pending_series()
+    assert pending.open_associations == 0 and pending.last_closed_at is not None
+    assert index.series_sender("5.5") == ("SCANNER", "DICOM_AI", "127.0.0.1")
+
+    (job_id,) = index.start_run("5.5", [RunPlan("ct", "ct-body", ("pacs",))], "ct: matched")
+    assert index.pending_series() == []
+    (job,) = index.claim_pending_jobs(4)
+    assert (job.id, job.state, job.attempts, job.destinations) == (job_id, "running", 1, ("pacs",))
+    assert index.claim_pending_jobs(4) == []
+    # A crash while running: the job runs again after restart.
+    assert index.requeue_running_jobs() == 1
+    (job,) = index.claim_pending_jobs(4)
+    assert job.attempts == 2
+    index.finish_job(job.id, [Path("/r/seg.dcm"), Path("/r/sr.dcm")], job.destinations)
+    (due,) = index.due_deliveries(now=1e12)
+    assert due.destination == "pacs" and due.files == (Path("/r/seg.dcm"), Path("/r/sr.dcm"))
+
+    # Late instances start a new run of the same series.
+    association2 = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+    _add(index, "1.9", "5.5", association2)
+    (pending,) = index.pending_series()
+    assert pending.open_associations == 1
+    index.start_run("5.5", [RunPlan("ct", "ct-body", ("pacs",))], "ct")
+    assert [j.run for j in index.jobs()] == [1, 2]
+    index.close()
+
+
+def test_assembly_quiet_time_and_release_grace() -> None:
+    policy = AssemblyPolicy(quiet_seconds=5, release_grace_seconds=1)
+    open_series = PendingSeries("1", last_received=100.0, open_associations=1, last_closed_at=None)
+    assert not policy.is_complete(open_series, now=104.0)
+    assert policy.is_complete(open_series, now=105.0)  # quiet for 5 s, still open
+    released = PendingSeries("2", last_received=100.0, open_associations=0, last_closed_at=100.5)
+    assert not policy.is_complete(released, now=101.0)
+    assert policy.is_complete(released, now=101.5)
+    one_still_open = PendingSeries("3", last_received=100.0, open_associations=1, last_closed_at=100.5)
+    assert not policy.is_complete(one_still_open, now=102.0)
+
+
+def test_backoff_doubles_and_caps() -> None:
+    policy = DeliveryConfig(retry_base_seconds=2, retry_max_seconds=10, max_attempts=5)
+    assert [backoff_seconds(n, policy) for n in range(1, 6)] == [2, 4, 8, 10, 10]
+
+
+class FakeSCU:
+    """Stands in for a peer: refuses the first ``failures`` attempts, then stores."""
+
+    def __init__(self, failures: int, status: int = 0x0000) -> None:
+        self.failures = failures
+        self.status = status
+        self.calls: list[tuple[str, tuple[Path, ...]]] = []
+
+    def __call__(self, peer: object, paths: tuple[Path, ...], calling_ae: str, timeout: float) -> list[SendResult]:
+        self.calls.append((str(peer), tuple(paths)))
+        if len(self.calls) <= self.failures:
+            raise OSError("connection refused")
+        return [SendResult(p, self.status) for p in paths]
+
+
+@pytest.fixture
+def queued(tmp_path: Path) -> tuple[Index, list[Path]]:
+    index = Index(tmp_path / "index.sqlite3")
+    files = [tmp_path / "seg.dcm", tmp_path / "sr.dcm"]
+    for f in files:
+        f.write_bytes(b"x")
+    association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+    _add(index, "1.1", "5.5", association)
+    (job_id,) = index.start_run("5.5", [RunPlan("ct", "ct-body", ("pacs",))], "")
+    index.claim_pending_jobs(1)
+    index.finish_job(job_id, files, ("pacs",))
+    return index, files
+
+
+def _deliverer(index: Index, max_attempts: int) -> Deliverer:
+    return Deliverer(
+        index, {"pacs": DestinationConfig(ae_title="PACS", host="127.0.0.1", port=104)}, "DICOM_AI",
+        DeliveryConfig(retry_base_seconds=1, retry_max_seconds=4, max_attempts=max_attempts),
+    )
+
+
+def test_delivery_retries_then_succeeds(
+    queued: tuple[Index, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index, files = queued
+    fake = FakeSCU(failures=2)
+    monkeypatch.setattr(delivery, "send_files", fake)
+    deliverer = _deliverer(index, max_attempts=5)
+    now = time.time() + 0.5
+    assert deliverer.run_due(now) == 0
+    (record,) = index.deliveries()
+    assert (record.state, record.attempts) == ("pending", 1)
+    assert index.due_deliveries(now) == []  # backing off
+    assert deliverer.run_due(now + 100) == 0
+    assert deliverer.run_due(now + 200) == 1
+    (record,) = index.deliveries()
+    assert (record.state, record.attempts) == ("delivered", 3)
+    assert fake.calls[-1] == ("PACS@127.0.0.1:104", tuple(files))
+
+
+def test_delivery_parks_dead_letter_and_resubmits(
+    queued: tuple[Index, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index, _ = queued
+    monkeypatch.setattr(delivery, "send_files", FakeSCU(failures=10**6))
+    deliverer = _deliverer(index, max_attempts=2)
+    deliverer.run_due(1e12)
+    deliverer.run_due(1e13)
+    (record,) = index.deliveries()
+    assert record.state == "dead" and "connection refused" in (record.last_error or "")
+    assert index.resubmit_dead() == 1
+    monkeypatch.setattr(delivery, "send_files", FakeSCU(failures=0))
+    assert deliverer.run_due(1e14) == 1
+
+
+def test_delivery_refused_status_is_a_failure(
+    queued: tuple[Index, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index, _ = queued
+    monkeypatch.setattr(delivery, "send_files", FakeSCU(failures=0, status=0xA700))
+    _deliverer(index, max_attempts=5).run_due(1e12)
+    (record,) = index.deliveries()
+    assert record.state == "pending" and "0xA700" in (record.last_error or "")
