@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.logging import RichHandler
@@ -73,7 +74,11 @@ def serve(config: ConfigOption = None, verbose: Verbose = False) -> None:
     node.start()
     logging.getLogger(__name__).info(
         "dicom-ai %s@%s:%d ready; data in %s; rules %s",
-        cfg.node.ae_title, cfg.node.host, node.port, cfg.node.data_dir, cfg.rules,
+        cfg.node.ae_title,
+        cfg.node.host,
+        node.port,
+        cfg.node.data_dir,
+        cfg.rules,
     )
     node.wait()
     node.stop()
@@ -123,7 +128,10 @@ def send(
         raise _fail("no files to send")
     failed: list[SendResult] = []
     with Progress(
-        TextColumn("[bold]C-STORE"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[bold]C-STORE"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         console=err_console,
     ) as progress:
         task = progress.add_task("send", total=len(files))
@@ -174,7 +182,7 @@ def rules_test(
     except ConfigError as exc:
         raise _fail(str(exc), 1) from exc
     series: dict[str, list[Path]] = defaultdict(list)
-    headers = {}
+    headers: dict[str, Dataset] = {}
     for candidate in _dicom_files([path]):
         try:
             ds = dcmread(candidate, stop_before_pixels=True)
@@ -198,7 +206,11 @@ def rules_test(
         table.add_column("result")
         table.add_column("why")
         for trace in evaluation.trace:
-            table.add_row(trace.rule, "match" if trace.matched else "no match", "; ".join(trace.reasons))
+            result = "routes" if trace.routed else "matches, not used" if trace.matched else "no match"
+            why = "; ".join(trace.reasons)
+            if trace.shadowed_by:
+                why += f" (an earlier rule, {trace.shadowed_by}, already routed it)"
+            table.add_row(trace.rule, result, why)
         console.print(table)
         if evaluation.decisions:
             for decision in evaluation.decisions:
@@ -224,9 +236,14 @@ def status(config: ConfigOption = None) -> None:
         table.add_row(key, str(value))
     console.print(table)
     for job in index.jobs("failed"):
-        console.print(f"failed job {job.id} ({job.model}, series {job.series_instance_uid}): {job.error}")
+        console.print(
+            f"failed job {job.id} ({job.model}, series {job.series_instance_uid}): {job.error}"
+        )
     for delivery in index.deliveries("dead"):
-        console.print(f"dead letter {delivery.id} (job {delivery.job_id} -> {delivery.destination}): {delivery.last_error}")
+        console.print(
+            f"dead letter {delivery.id} (job {delivery.job_id} -> {delivery.destination}): "
+            f"{delivery.last_error}"
+        )
 
 
 @app.command()
@@ -250,7 +267,9 @@ def models(config: ConfigOption = None) -> None:
     table.add_column("timeout s", justify="right")
     for model_id in sorted(cfg.known_models()):
         model = cfg.model(model_id)
-        table.add_row(model_id, str(model.bundle or "built in"), model.device, f"{model.timeout_seconds:g}")
+        table.add_row(
+            model_id, str(model.bundle or "built in"), model.device, f"{model.timeout_seconds:g}"
+        )
     console.print(table)
 
 

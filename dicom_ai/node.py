@@ -17,11 +17,12 @@ from pydicom import dcmread
 from dicom_ai.assembly import AssemblyPolicy
 from dicom_ai.config import Config
 from dicom_ai.dimse.scp import StorageSCP
-from dicom_ai.errors import ConfigError
+from dicom_ai.errors import ConfigError, InputError
 from dicom_ai.pipeline.delivery import Deliverer
 from dicom_ai.pipeline.worker import JobOutcome, JobSpec, WorkerPool
 from dicom_ai.routing import RuleSet, SenderContext, load_rules
-from dicom_ai.store.index import Index, JobRecord, PendingSeries, RunPlan
+from dicom_ai.store.header import parse_header
+from dicom_ai.store.index import Index, InstanceRecord, JobRecord, PendingSeries, RunPlan
 from dicom_ai.store.spool import Spool
 
 __all__ = ["Node", "check_rules_against_config"]
@@ -55,7 +56,11 @@ class Node:
             config.pipeline.quiet_seconds, config.pipeline.release_grace_seconds
         )
         self.scp = StorageSCP(
-            config.node.ae_title, config.node.host, config.node.port, self.spool, self.index,
+            config.node.ae_title,
+            config.node.host,
+            config.node.port,
+            self.spool,
+            self.index,
             config.node.max_associations,
         )
         self.deliverer = Deliverer(
@@ -74,14 +79,46 @@ class Node:
         removed = self.spool.remove_stale_temp_files()
         self.index.close_stale_associations()
         resumed = self.index.requeue_running_jobs()
-        if removed or resumed:
-            log.info("recovered: %d partial temp files removed, %d jobs resumed", removed, resumed)
+        reindexed = self._reindex_spooled_files()
+        if removed or resumed or reindexed:
+            log.info(
+                "recovered: %d partial temp files removed, %d jobs resumed, %d instances reindexed",
+                removed,
+                resumed,
+                reindexed,
+            )
         self._pool = WorkerPool(self.config.pipeline.workers, self._log_level)
         self.scp.start()
         for target, name in ((self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")):
             thread = threading.Thread(target=target, name=f"dicom-ai-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _reindex_spooled_files(self) -> int:
+        """Index instance files that a power loss kept out of the index (see Index)."""
+        orphans = self.index.unindexed(self.spool.instance_files())
+        if not orphans:
+            return 0
+        association_id = self.index.open_association("", self.config.node.ae_title, "")
+        for path in orphans:
+            try:
+                header = parse_header(path.read_bytes())
+            except (InputError, OSError) as exc:
+                log.error("spooled file %s cannot be reindexed: %s", path, exc)
+                continue
+            self.index.add_instance(
+                InstanceRecord(
+                    header.sop_instance_uid,
+                    header.sop_class_uid,
+                    header.series_instance_uid,
+                    header.study_instance_uid,
+                    header.modality,
+                    path,
+                    association_id,
+                )
+            )
+        self.index.close_association(association_id)
+        return len(orphans)
 
     def stop(self) -> None:
         self._stop.set()
@@ -111,7 +148,7 @@ class Node:
                 assert self._pool is not None
                 for outcome in self._pool.poll(timeout=0.1):
                     self._record(outcome)
-            except Exception:  # noqa: BLE001 - the scheduler must outlive any one bad series
+            except Exception:
                 log.exception("scheduler step failed; continuing")
                 self._stop.wait(1.0)
 
@@ -143,9 +180,7 @@ class Node:
         header = dcmread(paths[-1], stop_before_pixels=True)
         calling, called, ip = self.index.series_sender(uid)
         evaluation = self.rules.evaluate(header, SenderContext(calling, called, ip))
-        plans = [
-            RunPlan(d.rule, d.model, d.destinations) for d in evaluation.decisions if d.model
-        ]
+        plans = [RunPlan(d.rule, d.model, d.destinations) for d in evaluation.decisions if d.model]
         if evaluation.decisions:
             note = "; ".join(f"{d.rule}: {', '.join(d.reasons)}" for d in evaluation.decisions)
         else:
@@ -154,10 +189,15 @@ class Node:
         if job_ids:
             log.info(
                 "series %s complete (%d instances): jobs %s by %s",
-                uid, len(paths), job_ids, ", ".join(p.rule for p in plans),
+                uid,
+                len(paths),
+                job_ids,
+                ", ".join(p.rule for p in plans),
             )
         else:
-            log.info("series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note)
+            log.info(
+                "series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note
+            )
 
     def _dispatch_jobs(self) -> None:
         assert self._pool is not None
@@ -189,7 +229,11 @@ class Node:
         self.index.fail_job(job.id, outcome.reason, retry=retry)
         log.error(
             "job %d (%s on series %s) failed%s: %s",
-            job.id, job.model, job.series_instance_uid, ", will retry" if retry else "", outcome.reason,
+            job.id,
+            job.model,
+            job.series_instance_uid,
+            ", will retry" if retry else "",
+            outcome.reason,
         )
 
     # -- deliverer ---------------------------------------------------------------------------
@@ -198,6 +242,6 @@ class Node:
         while not self._stop.wait(0.2):
             try:
                 self.deliverer.run_due()
-            except Exception:  # noqa: BLE001 - keep delivering other results
+            except Exception:
                 log.exception("delivery step failed; continuing")
                 self._stop.wait(1.0)

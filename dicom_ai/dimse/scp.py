@@ -11,12 +11,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -25,11 +21,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_ai.dimse.status import Status
+from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
 from dicom_ai.errors import DicomAIError, InputError, OutOfSpaceError, StorageError
+from dicom_ai.store.header import parse_header
 from dicom_ai.store.index import Index, InstanceRecord
 from dicom_ai.store.spool import Spool
 
@@ -43,35 +40,11 @@ _config.UNRESTRICTED_STORAGE_SERVICE = True
 
 _STORAGE_SOP_CLASSES = frozenset(UID(uid) for uid in _STORAGE_CLASSES.values())
 _UNCOMPRESSED = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 ]
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"]
-
-
-@dataclass(frozen=True)
-class _Header:
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str
-
-
-def _parse_header(data: bytes) -> _Header:
-    """The fields the index needs; parsing stops before Pixel Data."""
-    try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        values = {k: str(ds.get(k, "") or "").strip() for k in _HEADER_TAGS}
-    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError) as exc:
-        raise InputError(f"dataset does not parse: {exc}") from exc
-    missing = [k for k in _HEADER_TAGS if k != "Modality" and not values[k]]
-    if missing:
-        raise InputError(f"dataset lacks {', '.join(missing)}")
-    return _Header(
-        values["SOPClassUID"], values["SOPInstanceUID"], values["StudyInstanceUID"],
-        values["SeriesInstanceUID"], values["Modality"] or "OT",
-    )
 
 
 class _SOPClassMismatch(InputError):
@@ -122,7 +95,7 @@ class StorageSCP:
         self._ae.network_timeout = 60
         self._ae.acse_timeout = 30
         self._ae.dimse_timeout = 60
-        self._ae.add_supported_context(Verification, _UNCOMPRESSED)
+        self._ae.add_supported_context(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)
         self._server: ThreadedAssociationServer | None = None
         self._association_ids: dict[int, int] = {}
         self._ids_lock = threading.Lock()
@@ -141,7 +114,9 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_c_store),
         ]
         self._server = self._ae.start_server(
-            (self.host, self._requested_port), block=False, evt_handlers=handlers  # type: ignore[arg-type]
+            (self.host, self._requested_port),
+            block=False,
+            evt_handlers=handlers,  # type: ignore[arg-type]
         )
         log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
 
@@ -166,7 +141,7 @@ class StorageSCP:
             return
         try:
             self.index.close_association(association_id)
-        except Exception:  # noqa: BLE001 - a handler must not raise
+        except Exception:
             log.exception("could not record the end of association %d", association_id)
 
     def _on_c_echo(self, event: Any) -> int:
@@ -176,13 +151,16 @@ class StorageSCP:
     def _on_c_store(self, event: Any) -> int:
         try:
             self._store(event)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+        except Exception as exc:
             status = _status_for(exc)
             requestor = event.assoc.requestor
             if isinstance(exc, DicomAIError):
                 log.warning(
                     "C-STORE from %s@%s refused with 0x%04X: %s",
-                    requestor.ae_title, requestor.address, status, exc,
+                    requestor.ae_title,
+                    requestor.address,
+                    status,
+                    exc,
                 )
             else:
                 log.exception("C-STORE from %s failed unexpectedly", requestor.ae_title)
@@ -208,7 +186,7 @@ class StorageSCP:
         if context_sop_class not in _STORAGE_SOP_CLASSES:
             raise _UnsupportedSOPClass(f"SOP class {context_sop_class} is not a storage SOP class")
         data = event.encoded_dataset(include_meta=True)
-        header = _parse_header(data)
+        header = parse_header(data)
         if header.sop_class_uid != context_sop_class:
             raise _SOPClassMismatch(
                 f"dataset SOP class {header.sop_class_uid} differs from the presentation "

@@ -17,9 +17,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification
 
-from dicom_ai.dimse.status import Status
+from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
 from dicom_ai.errors import DeliveryError, InputError
 
 __all__ = ["Peer", "SendResult", "echo", "send_files"]
@@ -73,7 +72,7 @@ def echo(peer: Peer, calling_ae: str = "DICOM_AI", timeout: float = 10.0) -> int
     """C-ECHO; returns the status, raises DeliveryError when no association is possible."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         raise DeliveryError(f"no association with {peer}")
@@ -106,7 +105,7 @@ def send_files(
     contexts = list(by_context)
     results: list[SendResult] = []
     for start in range(0, len(contexts), _MAX_CONTEXTS):
-        batch = contexts[start:start + _MAX_CONTEXTS]
+        batch = contexts[start : start + _MAX_CONTEXTS]
         batch_paths = [path for key in batch for path in by_context[key]]
         results.extend(_send_batch(peer, batch, batch_paths, calling_ae, timeout, progress))
     return results

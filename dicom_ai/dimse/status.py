@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["Status"]
+__all__ = ["VERIFICATION_SOP_CLASS", "Status"]
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 A.4
 
 
 class Status(IntEnum):

@@ -26,7 +26,9 @@ _STORED = frozenset({0x0000, 0x0001, 0xB000, 0xB006, 0xB007})
 
 def backoff_seconds(attempts: int, policy: DeliveryConfig) -> float:
     """Delay before attempt ``attempts + 1``: base, 2x base, 4x base, ... capped."""
-    return float(min(policy.retry_base_seconds * 2 ** max(attempts - 1, 0), policy.retry_max_seconds))
+    return float(
+        min(policy.retry_base_seconds * 2 ** max(attempts - 1, 0), policy.retry_max_seconds)
+    )
 
 
 class Deliverer:
@@ -53,12 +55,16 @@ class Deliverer:
         attempt = record.attempts + 1
         destination = self.destinations.get(record.destination)
         if destination is None:
-            self._failed(record, f"destination {record.destination!r} is not configured", final=True)
+            self._failed(
+                record, f"destination {record.destination!r} is not configured", final=True
+            )
             return 0
         peer = Peer(destination.ae_title, destination.host, destination.port)
         missing = [p for p in record.files if not p.exists()]
         if missing:
-            self._failed(record, f"result files missing: {', '.join(map(str, missing))}", final=True)
+            self._failed(
+                record, f"result files missing: {', '.join(map(str, missing))}", final=True
+            )
             return 0
         try:
             results = send_files(peer, record.files, self.calling_ae, self.policy.timeout_seconds)
@@ -74,18 +80,32 @@ class Deliverer:
             self._failed(record, f"attempt {attempt} to {peer}: {detail}", final=False)
             return 0
         self.index.delivery_succeeded(record.id)
-        log.info("job %d: delivered %d objects to %s (%s)", record.job_id, len(results), record.destination, peer)
+        log.info(
+            "job %d: delivered %d objects to %s (%s)",
+            record.job_id,
+            len(results),
+            record.destination,
+            peer,
+        )
         return 1
 
     def _failed(self, record: DeliveryRecord, error: str, final: bool) -> None:
         attempts = record.attempts + 1
         if final or attempts >= self.policy.max_attempts:
             self.index.delivery_failed(record.id, error, None)
-            log.error("job %d: delivery to %s is dead letter: %s", record.job_id, record.destination, error)
+            log.error(
+                "job %d: delivery to %s is dead letter: %s",
+                record.job_id,
+                record.destination,
+                error,
+            )
             return
         delay = backoff_seconds(attempts, self.policy)
         self.index.delivery_failed(record.id, error, time.time() + delay)
         log.warning(
             "job %d: delivery to %s failed (%s); retry in %.1f s",
-            record.job_id, record.destination, error, delay,
+            record.job_id,
+            record.destination,
+            error,
+            delay,
         )

@@ -7,6 +7,7 @@ killed. Either way the job fails with a reason and a fresh worker takes the slot
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -57,7 +58,6 @@ _models: dict[tuple[str, Path | None, str], Any] = {}
 def run_job(spec: JobSpec) -> tuple[Path, ...]:
     """Load the series, run the model, write SEG and SR durably; returns their paths."""
     # Imported here so the node's main process never loads torch or MONAI.
-    from dicom_ai import __version__
     from dicom_ai.inference.model import load_model
     from dicom_ai.inference.volume import load_series
     from dicom_ai.results import DeviceIdentity, build_seg, build_sr, result_uids
@@ -72,12 +72,7 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
     findings = model(volume)
     inferred = time.monotonic()
     uids = result_uids(spec.series_instance_uid, spec.model_id, findings.algorithm.version)
-    device = DeviceIdentity(
-        manufacturer="dicom-ai",
-        model_name="dicom-ai",
-        software_version=__version__,
-        device_serial_number=spec.device_serial_number,
-    )
+    device = DeviceIdentity.for_node(spec.device_serial_number)
     seg = build_seg(volume.headers, findings, uids, device)
     sr = build_sr(volume.headers, seg, findings, uids, device)
     spool = Spool(spec.results_dir.parent.parent, spec.min_free_bytes)
@@ -90,8 +85,12 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
         files.append(path)
     log.info(
         "job %d: %s on series %s: %d segments, infer %.1f s, encode %.1f s",
-        spec.job_id, spec.model_id, spec.series_instance_uid, len(findings.present_labels()),
-        inferred - started, time.monotonic() - inferred,
+        spec.job_id,
+        spec.model_id,
+        spec.series_instance_uid,
+        len(findings.present_labels()),
+        inferred - started,
+        time.monotonic() - inferred,
     )
     return tuple(files)
 
@@ -110,10 +109,12 @@ def _worker_main(conn: Connection, log_level: int) -> None:
         try:
             files = run_job(spec)
             outcome = JobOutcome(spec.job_id, True, files, seconds=time.monotonic() - started)
-        except Exception as exc:  # noqa: BLE001 - reported to the supervisor as the job's reason
+        except Exception as exc:
             log.debug("job %d failed:\n%s", spec.job_id, traceback.format_exc())
             reason = f"{type(exc).__name__}: {exc}"
-            outcome = JobOutcome(spec.job_id, False, reason=reason, seconds=time.monotonic() - started)
+            outcome = JobOutcome(
+                spec.job_id, False, reason=reason, seconds=time.monotonic() - started
+            )
         conn.send(outcome)
 
 
@@ -158,7 +159,10 @@ class WorkerPool:
         """Finished, failed, crashed and timed-out jobs since the last call."""
         busy = {slot.conn: slot for slot in self._slots if slot.job is not None}
         outcomes: list[JobOutcome] = []
-        for conn in wait(list(busy), timeout) if busy else []:
+        if not busy:
+            time.sleep(timeout)  # the caller's loop paces itself on this call
+            return outcomes
+        for conn in wait(list(busy), timeout):
             slot = busy[conn]  # type: ignore[index]
             assert slot.job is not None
             try:
@@ -173,13 +177,16 @@ class WorkerPool:
             if not slot.process.is_alive():
                 outcomes.append(
                     self._replace(
-                        slot, f"the worker process died (exit code {slot.process.exitcode})", retry=True
+                        slot,
+                        f"the worker process died (exit code {slot.process.exitcode})",
+                        retry=True,
                     )
                 )
             elif now > slot.deadline:
                 outcomes.append(
                     self._replace(
-                        slot, f"the model ran past its timeout of {slot.job.timeout_seconds:g} s",
+                        slot,
+                        f"the model ran past its timeout of {slot.job.timeout_seconds:g} s",
                         retry=False,
                     )
                 )
@@ -200,10 +207,8 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         for slot in self._slots:
-            try:
+            with contextlib.suppress(OSError):
                 slot.conn.send(None)
-            except (OSError, BrokenPipeError):
-                pass
         for slot in self._slots:
             slot.process.join(timeout=3)
             if slot.process.is_alive():

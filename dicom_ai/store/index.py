@@ -73,6 +73,12 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt_at
 """
 
 
+_JOB_COLUMNS = (
+    "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error "
+    "FROM jobs"
+)
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     sop_instance_uid: str
@@ -135,8 +141,10 @@ class Index:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before C-STORE answers Success, also across power loss.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: a commit survives a process crash (kill -9) but not power loss; the
+        # instance file itself is fsynced before Success, and `unindexed` finds files a
+        # power loss took out of the index, so nothing acknowledged is lost.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -179,7 +187,14 @@ class Index:
     def close_stale_associations(self) -> None:
         """On start: no association of an earlier process is still open."""
         with self._tx() as db:
-            db.execute("UPDATE associations SET closed_at = ? WHERE closed_at IS NULL", (time.time(),))
+            db.execute(
+                "UPDATE associations SET closed_at = ? WHERE closed_at IS NULL", (time.time(),)
+            )
+
+    def unindexed(self, paths: Sequence[Path]) -> list[Path]:
+        """Those of ``paths`` that no instance row points to."""
+        known = {str(r[0]) for r in self._query("SELECT path FROM instances")}
+        return [p for p in paths if str(p) not in known]
 
     def add_instance(self, record: InstanceRecord) -> None:
         """Index a durable instance file; the series becomes due for a (new) run."""
@@ -188,9 +203,13 @@ class Index:
             db.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    record.sop_instance_uid, record.series_instance_uid,
-                    record.study_instance_uid, record.sop_class_uid, str(record.path),
-                    record.association_id, now,
+                    record.sop_instance_uid,
+                    record.series_instance_uid,
+                    record.study_instance_uid,
+                    record.sop_class_uid,
+                    str(record.path),
+                    record.association_id,
+                    now,
                 ),
             )
             db.execute(
@@ -201,8 +220,12 @@ class Index:
                 "last_received = excluded.last_received, dirty = 1, "
                 "last_association_id = excluded.last_association_id",
                 (
-                    record.series_instance_uid, record.study_instance_uid, record.modality,
-                    now, now, record.association_id,
+                    record.series_instance_uid,
+                    record.study_instance_uid,
+                    record.modality,
+                    now,
+                    now,
+                    record.association_id,
                 ),
             )
             db.execute(
@@ -256,13 +279,23 @@ class Index:
                 "WHERE series_instance_uid = ?",
                 (run, note, series_uid),
             )
-            db.execute("DELETE FROM series_associations WHERE series_instance_uid = ?", (series_uid,))
+            db.execute(
+                "DELETE FROM series_associations WHERE series_instance_uid = ?", (series_uid,)
+            )
             job_ids = []
             for plan in plans:
                 cur = db.execute(
                     "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
                     "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-                    (series_uid, run, plan.rule, plan.model, json.dumps(plan.destinations), now, now),
+                    (
+                        series_uid,
+                        run,
+                        plan.rule,
+                        plan.model,
+                        json.dumps(plan.destinations),
+                        now,
+                        now,
+                    ),
                 )
                 job_ids.append(int(cur.lastrowid or 0))
             return job_ids
@@ -297,19 +330,17 @@ class Index:
 
     def job(self, job_id: int) -> JobRecord:
         rows = self._query(
-            "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error "
-            "FROM jobs WHERE id = ?",
+            _JOB_COLUMNS + " WHERE id = ?",
             (job_id,),
         )
         return _job(rows[0])
 
     def jobs(self, state: str | None = None) -> list[JobRecord]:
-        sql = (
-            "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error "
-            "FROM jobs"
-        )
-        rows = self._query(sql + " WHERE state = ? ORDER BY id", (state,)) if state else self._query(
-            sql + " ORDER BY id"
+        sql = _JOB_COLUMNS
+        rows = (
+            self._query(sql + " WHERE state = ? ORDER BY id", (state,))
+            if state
+            else self._query(sql + " ORDER BY id")
         )
         return [_job(r) for r in rows]
 
@@ -349,8 +380,10 @@ class Index:
 
     def deliveries(self, state: str | None = None) -> list[DeliveryRecord]:
         sql = "SELECT id, job_id, destination, files, state, attempts, last_error FROM deliveries"
-        rows = self._query(sql + " WHERE state = ? ORDER BY id", (state,)) if state else self._query(
-            sql + " ORDER BY id"
+        rows = (
+            self._query(sql + " WHERE state = ? ORDER BY id", (state,))
+            if state
+            else self._query(sql + " ORDER BY id")
         )
         return [_delivery(r) for r in rows]
 
@@ -374,8 +407,10 @@ class Index:
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
                 "next_attempt_at = ? WHERE id = ?",
                 (
-                    "dead" if next_attempt_at is None else "pending", error,
-                    next_attempt_at or 0.0, delivery_id,
+                    "dead" if next_attempt_at is None else "pending",
+                    error,
+                    next_attempt_at or 0.0,
+                    delivery_id,
                 ),
             )
 

@@ -47,9 +47,15 @@ class Spool:
 
     def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return (
-            self.root / "instances" / _checked_uid(study_uid) / _checked_uid(series_uid)
+            self.root
+            / "instances"
+            / _checked_uid(study_uid)
+            / _checked_uid(series_uid)
             / f"{_checked_uid(sop_instance_uid)}.dcm"
         )
+
+    def instance_files(self) -> list[Path]:
+        return sorted((self.root / "instances").glob("*/*/*.dcm"))
 
     def results_dir(self, job_id: int) -> Path:
         return self.root / "results" / str(job_id)
@@ -60,9 +66,7 @@ class Spool:
     def check_space(self, incoming: int) -> None:
         """Refuse before writing anything when the write would cross the watermark."""
         if self.free_bytes() - incoming < self.min_free_bytes:
-            raise OutOfSpaceError(
-                f"free space below {self.min_free_bytes} bytes on {self.root}"
-            )
+            raise OutOfSpaceError(f"free space below {self.min_free_bytes} bytes on {self.root}")
 
     def write_atomic(self, path: Path, data: bytes) -> None:
         """Write ``data`` to ``path`` so that ``path`` is either absent or complete and durable."""

@@ -50,8 +50,17 @@ def test_stale_temp_files_are_removed_on_start(tmp_path: Path) -> None:
 
 
 def _add(index: Index, sop: str, series: str, association: int) -> None:
-    index.add_instance(InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.2", series, "9.9", "CT",
-                                      Path(f"/spool/{sop}.dcm"), association))
+    index.add_instance(
+        InstanceRecord(
+            sop,
+            "1.2.840.10008.5.1.4.1.1.2",
+            series,
+            "9.9",
+            "CT",
+            Path(f"/spool/{sop}.dcm"),
+            association,
+        )
+    )
 
 
 def test_index_series_runs_jobs_and_deliveries(tmp_path: Path) -> None:
@@ -97,7 +106,9 @@ def test_assembly_quiet_time_and_release_grace() -> None:
     released = PendingSeries("2", last_received=100.0, open_associations=0, last_closed_at=100.5)
     assert not policy.is_complete(released, now=101.0)
     assert policy.is_complete(released, now=101.5)
-    one_still_open = PendingSeries("3", last_received=100.0, open_associations=1, last_closed_at=100.5)
+    one_still_open = PendingSeries(
+        "3", last_received=100.0, open_associations=1, last_closed_at=100.5
+    )
     assert not policy.is_complete(one_still_open, now=102.0)
 
 
@@ -114,7 +125,9 @@ class FakeSCU:
         self.status = status
         self.calls: list[tuple[str, tuple[Path, ...]]] = []
 
-    def __call__(self, peer: object, paths: tuple[Path, ...], calling_ae: str, timeout: float) -> list[SendResult]:
+    def __call__(
+        self, peer: object, paths: tuple[Path, ...], calling_ae: str, timeout: float
+    ) -> list[SendResult]:
         self.calls.append((str(peer), tuple(paths)))
         if len(self.calls) <= self.failures:
             raise OSError("connection refused")
@@ -137,7 +150,9 @@ def queued(tmp_path: Path) -> tuple[Index, list[Path]]:
 
 def _deliverer(index: Index, max_attempts: int) -> Deliverer:
     return Deliverer(
-        index, {"pacs": DestinationConfig(ae_title="PACS", host="127.0.0.1", port=104)}, "DICOM_AI",
+        index,
+        {"pacs": DestinationConfig(ae_title="PACS", host="127.0.0.1", port=104)},
+        "DICOM_AI",
         DeliveryConfig(retry_base_seconds=1, retry_max_seconds=4, max_attempts=max_attempts),
     )
 
@@ -184,3 +199,23 @@ def test_delivery_refused_status_is_a_failure(
     _deliverer(index, max_attempts=5).run_due(1e12)
     (record,) = index.deliveries()
     assert record.state == "pending" and "0xA700" in (record.last_error or "")
+
+
+def test_spooled_file_missing_from_the_index_is_reindexed_on_start(tmp_path: Path) -> None:
+    from dicom_ai.config import Config, NodeConfig
+    from dicom_ai.node import Node
+    from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets
+
+    config = Config(node=NodeConfig(data_dir=tmp_path, port=0))
+    node = Node(config)
+    ds = next(phantom_ct_datasets(PhantomSpec(slices=1, rows=16, columns=16)))
+    path = node.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path.parent.mkdir(parents=True)
+    ds.save_as(path, enforce_file_format=True)  # as if a power loss lost the index row
+    assert node.index.unindexed([path]) == [path]
+    assert node._reindex_spooled_files() == 1
+    assert node.index.unindexed([path]) == []
+    (pending,) = node.index.pending_series()
+    assert pending.series_instance_uid == ds.SeriesInstanceUID
+    assert node._reindex_spooled_files() == 0
+    node.index.close()
