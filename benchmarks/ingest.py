@@ -56,7 +56,9 @@ def _run(receiver: str, work: Path, files: list[Path], nodelay: bool) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-nodelay", action="store_true", help="storescu without TCP_NODELAY")
@@ -67,7 +69,10 @@ def main() -> None:
     try:
         files = write_phantom_ct(root / "ct", PhantomSpec(slices=args.slices))
         megabytes = sum(f.stat().st_size for f in files) / 1e6
-        print(f"{len(files)} CT slices, {megabytes:.1f} MB; storescu TCP_NODELAY={'1' if nodelay else 'unset'}")
+        print(
+            f"{len(files)} CT slices, {megabytes:.1f} MB; "
+            f"storescu TCP_NODELAY={'1' if nodelay else 'unset'}"
+        )
         receivers: dict[str, Callable[[int], float]] = {
             name: (lambda i, name=name: _run(name, root / f"{name}-{i}", files, nodelay))
             for name in ("dicom-ai", "storescp", "orthanc")

@@ -29,7 +29,10 @@ REPO_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
 BUILTIN_MODELS = frozenset({"ct-body"})
 
 # AE titles: 1-16 characters of the default repertoire, no backslash (PS3.5 6.2, VR AE).
-AETitle = Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]*\S[^\\\x00-\x1f]*$")]
+AETitle = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]*\S[^\\\x00-\x1f]*$"),
+]
 
 
 class _Strict(BaseModel):
@@ -78,7 +81,9 @@ class DeliveryConfig(_Strict):
 class Config(_Strict):
     node: NodeConfig = NodeConfig()
     destinations: dict[str, DestinationConfig] = Field(
-        default_factory=lambda: {"pacs": DestinationConfig(ae_title="PACS", host="127.0.0.1", port=4242)}
+        default_factory=lambda: {
+            "pacs": DestinationConfig(ae_title="PACS", host="127.0.0.1", port=4242)
+        }
     )
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     rules: Path = REPO_RULES
@@ -133,6 +138,8 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         config = Config()
         return config.model_copy(
-            update={"node": config.node.model_copy(update={"data_dir": config.node.data_dir.resolve()})}
+            update={
+                "node": config.node.model_copy(update={"data_dir": config.node.data_dir.resolve()})
+            }
         )
     return _resolve(load_validated(path, Config), path.resolve().parent)

@@ -14,9 +14,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
-__all__ = ["PhantomSpec", "phantom_hu_volume", "phantom_ct_datasets", "write_phantom_ct"]
+__all__ = ["PhantomSpec", "phantom_ct_datasets", "phantom_hu_volume", "write_phantom_ct"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,12 @@ class PhantomSpec:
 
 
 def _ellipse(
-    yy: npt.NDArray[np.float64], xx: npt.NDArray[np.float64],
-    cy: float, cx: float, ry: float, rx: float,
+    yy: npt.NDArray[np.float64],
+    xx: npt.NDArray[np.float64],
+    cy: float,
+    cx: float,
+    ry: float,
+    rx: float,
 ) -> npt.NDArray[np.bool_]:
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
@@ -59,14 +68,26 @@ def phantom_hu_volume(spec: PhantomSpec) -> npt.NDArray[np.int16]:
         plane[_ellipse(yy, xx, cy, cx, rows * 0.27, cols * 0.37)] = 40  # soft tissue
         if t > 0.45:  # lungs in the upper part
             r = 0.08 + 0.10 * min((t - 0.45) / 0.3, 1.0)
-            plane[_ellipse(yy, xx, cy - rows * 0.02, cx - cols * 0.17, rows * (r + 0.05), cols * r)] = -850
-            plane[_ellipse(yy, xx, cy - rows * 0.02, cx + cols * 0.17, rows * (r + 0.05), cols * r)] = -850
+            plane[
+                _ellipse(yy, xx, cy - rows * 0.02, cx - cols * 0.17, rows * (r + 0.05), cols * r)
+            ] = -850
+            plane[
+                _ellipse(yy, xx, cy - rows * 0.02, cx + cols * 0.17, rows * (r + 0.05), cols * r)
+            ] = -850
         if t < 0.6:  # liver (patient's right = image left), spleen, kidneys below
-            plane[_ellipse(yy, xx, cy - rows * 0.05, cx - cols * 0.18, rows * 0.14, cols * 0.14)] = 60
-            plane[_ellipse(yy, xx, cy - rows * 0.02, cx + cols * 0.22, rows * 0.07, cols * 0.05)] = 50
+            plane[
+                _ellipse(yy, xx, cy - rows * 0.05, cx - cols * 0.18, rows * 0.14, cols * 0.14)
+            ] = 60
+            plane[
+                _ellipse(yy, xx, cy - rows * 0.02, cx + cols * 0.22, rows * 0.07, cols * 0.05)
+            ] = 50
         if t < 0.35:
-            plane[_ellipse(yy, xx, cy + rows * 0.10, cx - cols * 0.11, rows * 0.05, cols * 0.035)] = 30
-            plane[_ellipse(yy, xx, cy + rows * 0.10, cx + cols * 0.11, rows * 0.05, cols * 0.035)] = 30
+            plane[
+                _ellipse(yy, xx, cy + rows * 0.10, cx - cols * 0.11, rows * 0.05, cols * 0.035)
+            ] = 30
+            plane[
+                _ellipse(yy, xx, cy + rows * 0.10, cx + cols * 0.11, rows * 0.05, cols * 0.035)
+            ] = 30
         # spine: cortical ring around cancellous bone, behind the centre
         plane[_ellipse(yy, xx, cy + rows * 0.17, cx, rows * 0.045, cols * 0.04)] = 700
         plane[_ellipse(yy, xx, cy + rows * 0.17, cx, rows * 0.03, cols * 0.027)] = 250
@@ -78,7 +99,9 @@ def phantom_hu_volume(spec: PhantomSpec) -> npt.NDArray[np.int16]:
 def phantom_ct_datasets(spec: PhantomSpec) -> Iterator[Dataset]:
     """One CT Image Storage dataset per slice, inferior to superior, with pixel data."""
     hu = phantom_hu_volume(spec)
-    sop_uids = [generate_uid(entropy_srcs=[spec.series_instance_uid, str(k)]) for k in range(spec.slices)]
+    sop_uids = [
+        generate_uid(entropy_srcs=[spec.series_instance_uid, str(k)]) for k in range(spec.slices)
+    ]
     half_width = spec.columns * spec.pixel_spacing_mm / 2
     half_height = spec.rows * spec.pixel_spacing_mm / 2
     for k in range(spec.slices):

@@ -26,7 +26,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -41,7 +43,9 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15
+) -> None:
     if proc.poll() is not None:
         return
     os.kill(proc.pid, sig)
@@ -67,9 +71,19 @@ class StoreSCP:
         env = dict(os.environ, TCP_NODELAY="1")
         # +xa: accept every transfer syntax; -uf: name files by SOP instance UID
         self.proc = subprocess.Popen(
-            ["storescp", "--aetitle", self.ae_title, "+xa", "-uf", "-od", str(self.directory),
-             str(self.port)],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env,
+            [
+                "storescp",
+                "--aetitle",
+                self.ae_title,
+                "+xa",
+                "-uf",
+                "-od",
+                str(self.directory),
+                str(self.port),
+            ],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         wait_until(lambda: port_open(self.port), 10, "storescp to listen")
         return self
@@ -80,26 +94,51 @@ class StoreSCP:
             self.proc = None
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.directory.iterdir() if p.is_file()) if self.directory.exists() else []
+        return (
+            sorted(p for p in self.directory.iterdir() if p.is_file())
+            if self.directory.exists()
+            else []
+        )
 
 
-def storescu(port: int, paths: Sequence[Path], ae_title: str = "DICOM_AI",
-             calling_ae: str = "SCANNER", nodelay: bool = True) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    paths: Sequence[Path],
+    ae_title: str = "DICOM_AI",
+    calling_ae: str = "SCANNER",
+    nodelay: bool = True,
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if nodelay:
         env["TCP_NODELAY"] = "1"
     # -R: propose only the SOP classes of the files (else SEG etc. may have no context)
     return subprocess.run(
-        ["storescu", "-R", "-aet", calling_ae, "-aec", ae_title, "127.0.0.1", str(port),
-         *map(str, paths)],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            "storescu",
+            "-R",
+            "-aet",
+            calling_ae,
+            "-aec",
+            ae_title,
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
 
 
 def echoscu(port: int, ae_title: str = "DICOM_AI") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 
@@ -119,7 +158,9 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_ai.cli", "serve", "--config", str(self.config_path)],
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=self.workdir,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
         )
 
         def ready() -> bool:
@@ -159,14 +200,23 @@ def node_config(
 ) -> dict[str, Any]:
     """A test config: ephemeral port, short assembly and retry times, one PACS destination."""
     config: dict[str, Any] = {
-        "node": {"ae_title": "DICOM_AI", "host": "127.0.0.1", "port": free_port(),
-                 "data_dir": str(workdir / "data"), "min_free_bytes": 0},
+        "node": {
+            "ae_title": "DICOM_AI",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "data_dir": str(workdir / "data"),
+            "min_free_bytes": 0,
+        },
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
         "models": models or {},
         "rules": str(rules or REPO / "rules" / "default.yaml"),
         "pipeline": {"workers": 1, "quiet_seconds": 3, "release_grace_seconds": 0.5},
-        "delivery": {"retry_base_seconds": 1, "retry_max_seconds": 4, "max_attempts": 30,
-                     "timeout_seconds": 10},
+        "delivery": {
+            "retry_base_seconds": 1,
+            "retry_max_seconds": 4,
+            "max_attempts": 30,
+            "timeout_seconds": 10,
+        },
     }
     for key, value in overrides.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
@@ -190,10 +240,17 @@ class Orthanc:
         storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         config = {
-            "Name": "dicom-ai-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-            "DicomAet": self.ae_title, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False, "Plugins": [], "StorageCompression": False,
+            "Name": "dicom-ai-test",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+            "StorageCompression": False,
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config))
@@ -201,7 +258,10 @@ class Orthanc:
         if nodelay:
             env["TCP_NODELAY"] = "1"
         self.proc = subprocess.Popen(
-            ["Orthanc", str(config_path)], stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env,
+            ["Orthanc", str(config_path)],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         # Its HTTP port comes up before its DICOM port: wait for both.
         wait_until(lambda: port_open(self.http_port) and port_open(self.dicom_port), 30, "Orthanc")

@@ -50,7 +50,9 @@ class SegmentationFindings:
 
     def __post_init__(self) -> None:
         if self.label_map.ndim != 3:
-            raise ValueError(f"label_map must be (frames, rows, columns), got {self.label_map.shape}")
+            raise ValueError(
+                f"label_map must be (frames, rows, columns), got {self.label_map.shape}"
+            )
         if self.label_map.shape[0] != len(self.source_sop_instance_uids):
             raise ValueError(
                 f"label_map has {self.label_map.shape[0]} frames for "

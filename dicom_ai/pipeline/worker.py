@@ -88,7 +88,7 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
         spec.job_id,
         spec.model_id,
         spec.series_instance_uid,
-        len(findings.present_labels()),
+        len(seg.SegmentSequence),
         inferred - started,
         time.monotonic() - inferred,
     )

@@ -19,9 +19,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def ct_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[PhantomSpec, list[Path]]:
     """A 64-slice 512x512 phantom CT series written once per session."""
-    spec = PhantomSpec(slices=64, study_instance_uid="1.2.826.0.1.3680043.8.498.1001",
-                       series_instance_uid="1.2.826.0.1.3680043.8.498.1002",
-                       frame_of_reference_uid="1.2.826.0.1.3680043.8.498.1003")
+    spec = PhantomSpec(
+        slices=64,
+        study_instance_uid="1.2.826.0.1.3680043.8.498.1001",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.1002",
+        frame_of_reference_uid="1.2.826.0.1.3680043.8.498.1003",
+    )
     directory = tmp_path_factory.mktemp("ct64")
     return spec, write_phantom_ct(directory, spec)
 

@@ -66,8 +66,9 @@ def sr_volumes_ml(sr: Dataset) -> dict[int, float]:
         if item.get("ValueType") != "CONTAINER" or "ContentSequence" not in item:
             continue
         children = list(item.ContentSequence)
-        segment = [c for c in children if c.get("ValueType") == "IMAGE"
-                   and _code(c) == REFERENCED_SEGMENT]
+        segment = [
+            c for c in children if c.get("ValueType") == "IMAGE" and _code(c) == REFERENCED_SEGMENT
+        ]
         volume = [c for c in children if c.get("ValueType") == "NUM" and _code(c) == VOLUME]
         if segment and volume:
             number = int(segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
@@ -85,10 +86,13 @@ def check_delivered(
     assert_dciodvfy_clean(delivered.sr_path)
     seg, sr = delivered.seg, delivered.sr
     assert seg.SegmentationType == "BINARY"
-    assert seg.StudyInstanceUID == sr.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
+    assert (
+        seg.StudyInstanceUID == sr.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
+    )
     referenced = {
         str(i.ReferencedSOPInstanceUID)
-        for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence
+        for s in seg.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
     }
     frame_sources = []
     for item in seg.PerFrameFunctionalGroupsSequence:
@@ -105,10 +109,15 @@ def check_delivered(
     assert set(volumes) == set(counts), (volumes, counts)
     for number, voxels in counts.items():
         expected = voxels * voxel_mm3 / 1000.0
-        assert abs(volumes[number] - expected) <= 0.01 * expected, (number, volumes[number], expected)
+        assert abs(volumes[number] - expected) <= 0.01 * expected, (
+            number,
+            volumes[number],
+            expected,
+        )
     evidence = {
         str(i.ReferencedSOPInstanceUID)
         for s in sr.CurrentRequestedProcedureEvidenceSequence
-        for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
     }
     assert str(seg.SOPInstanceUID) in evidence

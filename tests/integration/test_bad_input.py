@@ -72,15 +72,6 @@ def test_unsupported_sop_class_gets_0122(
     assert "refused with 0x0122" in node.log_text()
 
 
-def test_dataset_not_matching_its_context_gets_a900(
-    node: NodeProcess, ct_series: tuple[object, list[Path]]
-) -> None:
-    _, paths = ct_series
-    ds = dcmread(paths[0])
-    mr_storage = "1.2.840.10008.5.1.4.1.1.4"
-    assert _c_store(node.port, mr_storage, ds) == 0xA900
-
-
 def test_random_bytes_on_the_port_then_next_association_served(
     node: NodeProcess, ct_series: tuple[object, list[Path]]
 ) -> None:

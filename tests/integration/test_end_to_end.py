@@ -20,17 +20,23 @@ DELIVERY_TIMEOUT = 240
 
 
 def _sources(paths: list[Path]) -> dict[str, Dataset]:
-    return {str(ds.SOPInstanceUID): ds for ds in (dcmread(p, stop_before_pixels=True) for p in paths)}
+    return {
+        str(ds.SOPInstanceUID): ds for ds in (dcmread(p, stop_before_pixels=True) for p in paths)
+    }
 
 
 def _voxel_mm3(spec: PhantomSpec) -> float:
     return spec.pixel_spacing_mm**2 * spec.slice_thickness_mm
 
 
-def _send_and_wait(node: NodeProcess, pacs: StoreSCP, paths: list[Path], expected: int = 2) -> list[Path]:
+def _send_and_wait(
+    node: NodeProcess, pacs: StoreSCP, paths: list[Path], expected: int = 2
+) -> list[Path]:
     sent = storescu(node.port, paths)
     assert sent.returncode == 0, sent.stdout + sent.stderr
-    wait_until(lambda: len(pacs.files()) >= expected, DELIVERY_TIMEOUT, "SEG and SR at the PACS", 0.5)
+    wait_until(
+        lambda: len(pacs.files()) >= expected, DELIVERY_TIMEOUT, "SEG and SR at the PACS", 0.5
+    )
     time.sleep(1.0)  # anything extra would arrive right after; "exactly" is checked by callers
     return pacs.files()
 
@@ -59,7 +65,9 @@ def test_ct_series_to_seg_and_sr(
 
 
 def test_wholebody_bundle_multilabel(
-    tmp_path: Path, pacs: StoreSCP, ct_series: tuple[PhantomSpec, list[Path]],
+    tmp_path: Path,
+    pacs: StoreSCP,
+    ct_series: tuple[PhantomSpec, list[Path]],
     wholebody_bundle: Path,
 ) -> None:
     spec, paths = ct_series
@@ -72,9 +80,12 @@ def test_wholebody_bundle_multilabel(
         "    destinations: [pacs]\n"
     )
     config = node_config(
-        tmp_path / "node", pacs.port, rules=rules,
-        models={"wholebody": {"bundle": str(wholebody_bundle), "device": "cpu",
-                              "timeout_seconds": 600}},
+        tmp_path / "node",
+        pacs.port,
+        rules=rules,
+        models={
+            "wholebody": {"bundle": str(wholebody_bundle), "device": "cpu", "timeout_seconds": 600}
+        },
     )
     node = NodeProcess(tmp_path / "node", config).start()
     try:
@@ -95,12 +106,18 @@ def test_echo_with_echoscu_and_cli(tmp_path: Path, pacs: StoreSCP) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         cli = subprocess.run(
             [sys.executable, "-m", "dicom_ai.cli", "echo", f"DICOM_AI@127.0.0.1:{node.port}"],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert cli.returncode == 0 and "Success" in cli.stdout, cli.stdout + cli.stderr
         wrong = subprocess.run(
             [sys.executable, "-m", "dicom_ai.cli", "echo", f"DICOM_AI@127.0.0.1:{free_port()}"],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert wrong.returncode != 0
     finally:
@@ -133,15 +150,20 @@ def test_kill9_after_ack_resumes_and_delivers_once(
         sent = storescu(node.port, paths)
         assert sent.returncode == 0, sent.stdout + sent.stderr  # every instance acknowledged
         wait_until(
-            lambda: bool(_index_rows(node, "SELECT id FROM jobs WHERE state IN ('running', 'done')")),
-            120, "the job to start",
+            lambda: bool(
+                _index_rows(node, "SELECT id FROM jobs WHERE state IN ('running', 'done')")
+            ),
+            120,
+            "the job to start",
         )
         node.kill9()
         assert len(_index_rows(node, "SELECT 1 FROM instances")) == len(paths)
         pacs = StoreSCP(tmp_path / "pacs", port=pacs_port).start()
         try:
             node.start()
-            wait_until(lambda: len(pacs.files()) >= 2, DELIVERY_TIMEOUT, "results after restart", 0.5)
+            wait_until(
+                lambda: len(pacs.files()) >= 2, DELIVERY_TIMEOUT, "results after restart", 0.5
+            )
             time.sleep(3)  # a duplicate would come within the retry interval
             files = pacs.files()
         finally:
@@ -165,7 +187,8 @@ def test_destination_down_then_up_is_retried(
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(
             lambda: bool(_index_rows(node, "SELECT 1 FROM deliveries WHERE attempts >= 1")),
-            120, "a failed delivery attempt",
+            120,
+            "a failed delivery attempt",
         )
         time.sleep(10)
         assert pacs.files() == []

@@ -1,0 +1,109 @@
+"""What the pipeline calls a model, and how one is picked from the config.
+
+A model is anything with ``model_id``, ``algorithm``, ``labels`` and
+``__call__(volume) -> SegmentationFindings`` (:class:`SegmentationModel`); the node ships
+:class:`~dicom_ai.inference.builtin.ct_body.CTBodyModel` and runs MONAI bundles through
+:class:`~dicom_ai.inference.bundle.BundleModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dicom_ai.errors import ModelError
+from dicom_ai.inference.findings import AlgorithmIdentification, SegmentationFindings, SegmentLabel
+from dicom_ai.inference.volume import SeriesVolume
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "SegmentationModel",
+    "cpu_budget",
+    "limit_torch_threads",
+    "load_model",
+    "resolve_device",
+]
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("ct-body",)
+
+
+@runtime_checkable
+class SegmentationModel(Protocol):
+    """A loaded model: settings fixed at construction, one series per call."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def algorithm(self) -> AlgorithmIdentification: ...
+
+    @property
+    def labels(self) -> tuple[SegmentLabel, ...]: ...
+
+    def __call__(self, volume: SeriesVolume) -> SegmentationFindings: ...
+
+
+def load_model(model_id: str, bundle: Path | None, device: str = "auto") -> SegmentationModel:
+    """The model for ``model_id``: a MONAI bundle when ``bundle`` is given, else a built-in.
+
+    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (``cuda:N``).
+    Raises :class:`ModelError` for an unknown built-in or a bundle that cannot be loaded.
+    """
+    # Imported here: bundle.py uses this module's helpers.
+    from dicom_ai.inference.builtin.ct_body import CTBodyModel
+    from dicom_ai.inference.bundle import BundleModel
+
+    if bundle is not None:
+        return BundleModel(bundle, device, model_id=model_id)
+    resolve_device(device)  # a bad device string is a config error for built-ins too
+    if model_id == "ct-body":
+        return CTBodyModel()
+    raise ModelError(
+        f"unknown model {model_id!r}: no bundle given and no built-in of that name "
+        f"(built-ins: {', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelError(f"unknown device {device!r} (use auto, cpu or cuda)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but CUDA is not available")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ModelError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return resolved
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: affinity mask and cgroup quota, whichever is smaller."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    budget = max(1, count or 1)
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            budget = min(budget, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return budget
+
+
+def limit_torch_threads(max_threads: int | None = None) -> int:
+    """Cap torch's intra-op threads at the CPU budget (torch may count host cores in a
+    container and oversubscribe); returns the thread count in force."""
+    limit = min(cpu_budget(), max_threads) if max_threads else cpu_budget()
+    if torch.get_num_threads() > limit:
+        logger.debug("torch threads %d -> %d", torch.get_num_threads(), limit)
+        torch.set_num_threads(limit)
+    return torch.get_num_threads()

@@ -1,0 +1,72 @@
+"""Standard validators as test assertions: dicom3tools' dciodvfy, PixelMed's SR validator.
+
+    from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
+
+Both fail the test on any line starting with ``Error`` and show the validator's whole
+output; warnings pass. A validator that is not installed fails the test, saying which (./install.sh installs them).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+__all__ = ["assert_dciodvfy_clean", "assert_sr_template_valid", "dciodvfy_output"]
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+_TIMEOUT_S = 300
+
+
+def _run(command: list[str]) -> str:
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
+    )
+    # Both tools write findings to stdout and stderr; keep them together.
+    return completed.stdout + completed.stderr
+
+
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.lstrip().startswith("Error")]
+
+
+def dciodvfy_output(path: str | Path) -> str:
+    """dciodvfy's report on one file (stdout and stderr)."""
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.fail("dciodvfy (Debian package dicom3tools) is not on PATH")
+    return _run([tool, str(path)])
+
+
+def assert_dciodvfy_clean(path: str | Path) -> None:
+    """Fail if dciodvfy reports any ``Error`` line for the file at ``path``."""
+    output = dciodvfy_output(path)
+    errors = _error_lines(output)
+    assert not errors, f"dciodvfy found {len(errors)} error(s) in {path}:\n{output}"
+
+
+def assert_sr_template_valid(path: str | Path) -> str:
+    """Fail if PixelMed's DicomSRValidator reports an ``Error`` (IOD or template) for an SR;
+    returns its output for stricter checks of its warnings."""
+    java = shutil.which("java")
+    if java is None or not PIXELMED_JAR.is_file():
+        pytest.fail(f"PixelMed needs java and {PIXELMED_JAR} (Debian libpixelmed-java)")
+    output = _run(
+        [
+            java,
+            # The validator's XPath expressions exceed the JDK's default limits.
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-cp",
+            str(PIXELMED_JAR),
+            "com.pixelmed.validate.DicomSRValidator",
+            str(path),
+        ]
+    )
+    errors = _error_lines(output)
+    assert not errors, f"PixelMed found {len(errors)} error(s) in {path}:\n{output}"
+    assert "Root Template Validation Complete" in output, output
+    return output
