@@ -206,7 +206,10 @@ def rules_test(
         table.add_column("result")
         table.add_column("why")
         for trace in evaluation.trace:
-            result = "routes" if trace.routed else "matches, not used" if trace.matched else "no match"
+            if trace.routed:
+                result = "routes"
+            else:
+                result = "matches, not used" if trace.matched else "no match"
             why = "; ".join(trace.reasons)
             if trace.shadowed_by:
                 why += f" (an earlier rule, {trace.shadowed_by}, already routed it)"

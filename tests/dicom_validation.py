@@ -3,7 +3,8 @@
     from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
 
 Both fail the test on any line starting with ``Error`` and show the validator's whole
-output; warnings pass. A validator that is not installed fails the test, saying which (./install.sh installs them).
+output; warnings pass. A validator that is not installed fails the test, saying which
+(./install.sh installs them).
 """
 
 from __future__ import annotations
