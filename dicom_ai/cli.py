@@ -45,6 +45,8 @@ def _configure_logging(verbose: bool) -> int:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # pynetdicom's INFO lines describe every message; they are noise for an operator.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # MONAI warns on import that an optional GPU JPEG codec is missing; it is never used here.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     return level
 
 

@@ -17,7 +17,7 @@ preprocessing, sliding-window inferer, postprocessing and ``Invertd`` all run as
   are arbitrary picks from the bundle's ``channel_def``: the network sees intensities,
   not anatomy, so on the phantom the "liver" is all soft tissue and both lungs are one
   lobe label. Partial-volume voxels at the skin (air/fat edge, lung-band HU) are kept out
-  of the lung by a gradient penalty.
+  of the lung by a gradient penalty (see :func:`_wholebody_state`).
 
 Use from a test::
 
@@ -27,7 +27,8 @@ Use from a test::
     model = BundleModel(bundle, "cpu")
 
 or import the session fixtures ``spleen_bundle`` / ``wholebody_bundle`` into a test module.
-The shared configs are read from ``$DICOM_AI_MONAI_BUNDLES`` or ``/work/shared/monai-bundles``.
+The shared configs are read from ``$DICOM_AI_MONAI_BUNDLES`` or ``shared/monai-bundles``
+beside the checkout (where CI puts it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle.config_parser import ConfigParser
 
 __all__ = [
     "SPLEEN",
@@ -63,11 +64,12 @@ WHOLEBODY_PHANTOM_LABELS = {5: "liver", 13: "lung_upper_lobe_left", 22: "vertebr
 
 
 def shared_bundle(name: str) -> Path:
-    """The shared (config-only) bundle directory ``name``; skips the test when absent."""
-    root = Path(os.environ.get("DICOM_AI_MONAI_BUNDLES", "/work/shared/monai-bundles"))
+    """The shared (config-only) bundle directory ``name``; fails the test when absent."""
+    default = Path(__file__).resolve().parent.parent.parent / "shared" / "monai-bundles"
+    root = Path(os.environ.get("DICOM_AI_MONAI_BUNDLES", str(default)))
     bundle = root / name
     if not (bundle / "configs" / "inference.json").is_file():
-        pytest.skip(f"shared MONAI bundle configs not found at {bundle}")
+        pytest.fail(f"shared MONAI bundle configs not found at {bundle}")
     return bundle
 
 
@@ -129,7 +131,7 @@ _TENT3 = _TENT[:, None, None] * _TENT[None, :, None] * _TENT[None, None, :]
 @functools.cache
 def _spleen_state() -> dict[str, torch.Tensor]:
     # The spleen preprocessing gives x = clip((HU + 57) / 221, 0, 1).
-    hu_per_x, hu_offset, spleen_hu, half_band = 221.0, -57.0, 50.0, 3.0
+    hu_per_x, hu_offset, spleen_hu, half_band = 221.0, -57.0, 50.0, 2.0
     s = _zeros(_network(SPLEEN))
     identity_bn = {"weight": 1.0, "running_var": 1.0 - 1e-5}  # eps: (v - 0) / sqrt(1) * 1 + 0
 
@@ -172,33 +174,53 @@ def spleen_state_dict() -> dict[str, torch.Tensor]:
 # wholeBody: ScaleIntensityd maps the volume's [min, max] HU to [-1, 1]; on the phantom
 # that is air (-1000) to the noisy cortical-bone maximum (727..739 measured).
 _WB_HU_MIN, _WB_HU_MAX = -1000.0, 732.0
-_K = 100.0  # constant carried next to each feature so GroupNorm barely rescales it
+_K = 100.0  # constant carried next to each intensity feature (see below)
+_KG = 1.0e4  # the same for gradient features, which reach a few hundred HU per voxel
 _WB_SCALE = 0.1  # logits per HU
 _WB_OTHER = -1000.0  # logit of every label the construction does not produce
+_LUNG, _LIVER, _VERTEBRA = 13, 5, 22
+
+
+def _difference(axis: int) -> torch.Tensor:
+    """3x3x3 kernel of the central difference along ``axis``."""
+    kernel = torch.zeros(3, 3, 3)
+    low, high = [1, 1, 1], [1, 1, 1]
+    low[axis], high[axis] = 0, 2
+    kernel[tuple(low)], kernel[tuple(high)] = -0.5, 0.5
+    return kernel
 
 
 @functools.cache
 def _wholebody_state() -> dict[str, torch.Tensor]:
+    """SegResNet as a per-voxel intensity classifier with a partial-volume penalty.
+
+    GroupNorm (8 groups of 4 channels) normalises over the whole window, which would make
+    any intensity test depend on what the window holds. Each group is therefore filled as
+    ``[f, K, -K, -f]``: its mean is exactly 0 and its variance ~K^2/2 whatever the window
+    holds, so GroupNorm becomes a fixed affine map of ``f`` and the ReLU after it gives
+    ramps ``ReLU(a * f + b)``. Only level 0 is used; deeper levels are zero.
+
+    - ``convInit``: groups 0-3 carry the intensity ``x`` (centre tap: no padding effects).
+    - ``down_layers.0.1``: adds the constants ``K, -K`` to every group.
+    - ``up_layers.2.0`` (last decoder block): ``u = ReLU(HU + 850)`` (0 for lung and air),
+      its central differences along the three axes, and ``p = sum |du|`` written into
+      group 4. Zero padding at window borders means ``u = 0``: lung-neutral, so lungs are
+      not cut at window or volume edges.
+    - ``conv_final``: ramps of ``x`` make triangles (lung at -850 HU, soft tissue at 75 HU)
+      and a rising bone score; the lung score loses ``p / 2`` so partial-volume voxels at
+      the skin (air/fat edges with lung-like HU) are not lung.
+    """
     s = _zeros(_network(WHOLEBODY))
     x_per_hu = 2.0 / (_WB_HU_MAX - _WB_HU_MIN)
-    x_at = lambda hu: -1.0 + (hu - _WB_HU_MIN) * x_per_hu  # noqa: E731
-    # Eight GroupNorm groups of four channels [f, K, -K, -f]: the group mean is exactly 0 and
-    # its variance ~K^2/2 whatever the window holds, so GroupNorm becomes a fixed affine map
-    # and conv_final's ReLU gives ramps ReLU(a * f + b) of each feature f.
-    centre = torch.zeros(3, 3, 3)
-    _centre(centre, 1.0)
-    features = [centre, centre, centre]  # intensity, for the lung, tissue and bone ramps
-    for axis in range(3):  # central differences: gradient along each axis
-        grad = torch.zeros(3, 3, 3)
-        index_lo, index_hi = [1, 1, 1], [1, 1, 1]
-        index_lo[axis], index_hi[axis] = 0, 2
-        grad[tuple(index_lo)], grad[tuple(index_hi)] = -0.5, 0.5
-        features.append(grad)
+
+    def x_at(hu: float) -> float:
+        return -1.0 + (hu - _WB_HU_MIN) * x_per_hu
+
+    sigma, sigma_g = _K / math.sqrt(2.0), _KG / math.sqrt(2.0)  # the groups' std
     init = s["convInit.conv.weight"]
-    for group, kernel in enumerate(features):
-        init[4 * group, 0] = kernel
-        init[4 * group + 3, 0] = -kernel
-    # First residual block adds the constants: norm -> bias 1 -> centre-tap convs -> +K, -K.
+    for group in range(4):
+        _centre(init[4 * group, 0], 1.0)
+        _centre(init[4 * group + 3, 0], -1.0)
     block = "down_layers.0.1"
     for group in range(8):
         c = 4 * group + 1
@@ -207,42 +229,57 @@ def _wholebody_state() -> dict[str, torch.Tensor]:
         s[f"{block}.norm2.bias"][c] = 1.0
         _centre(s[f"{block}.conv2.conv.weight"][c, c], _K)
         _centre(s[f"{block}.conv2.conv.weight"][c + 1, c], -_K)
-    # Everything deeper is zero, so the decoder returns the level-0 features unchanged.
+
+    up = "up_layers.2.0"
+    lung_hu = -850.0
+    # norm1: channel 12 (x of group 3) -> HU - lung_hu, ReLU -> u; channel 13 -> constant 1
+    s[f"{up}.norm1.weight"][12] = sigma / x_per_hu
+    s[f"{up}.norm1.bias"][12] = -x_at(lung_hu) / x_per_hu
+    s[f"{up}.norm1.bias"][13] = 1.0
+    conv1 = s[f"{up}.conv1.conv.weight"]
+    conv2 = s[f"{up}.conv2.conv.weight"]
+    for axis in range(3):  # groups 4, 5, 6 of conv1's output: [du, KG, -KG, -du]
+        c = 16 + 4 * axis
+        conv1[c, 12] = _difference(axis)
+        conv1[c + 3, 12] = -_difference(axis)
+        _centre(conv1[c + 1, 13], _KG)
+        _centre(conv1[c + 2, 13], -_KG)
+        for channel in (c, c + 3):  # norm2 -> +-du in HU per voxel; ReLU -> |du| in two parts
+            s[f"{up}.norm2.weight"][channel] = sigma_g
+            _centre(conv2[16, channel], 1.0)  # p into group 4 of the stream, -p beside it
+            _centre(conv2[19, channel], -1.0)
+
     gamma, beta = s["conv_final.0.weight"], s["conv_final.0.bias"]
-    sigma = _K / math.sqrt(2.0)
 
-    def ramp(channel: int, sign: float, hu_at_zero: float | None) -> None:
-        # channel carries sign * x; output ReLU(sign * (HU - hu_at_zero)) in HU units
+    def ramp(channel: int, sign: float, hu_at_zero: float) -> None:
+        # the channel carries sign * x; its ReLU output is ReLU(sign * (HU - hu_at_zero))
         gamma[channel] = sigma / x_per_hu
-        beta[channel] = 0.0 if hu_at_zero is None else -sign * x_at(hu_at_zero) / x_per_hu
+        beta[channel] = -sign * x_at(hu_at_zero) / x_per_hu
 
-    lung_hu, lung_half = -850.0, 75.0
+    lung_half = 75.0
     tissue_hu, tissue_half = 75.0, 100.0
     bone_hu = 150.0
-    ramp(0, 1.0, lung_hu), ramp(3, -1.0, lung_hu)  # noqa: B018
-    ramp(4, 1.0, tissue_hu), ramp(7, -1.0, tissue_hu)  # noqa: B018
+    ramp(0, 1.0, lung_hu)
+    ramp(3, -1.0, lung_hu)
+    ramp(4, 1.0, tissue_hu)
+    ramp(7, -1.0, tissue_hu)
     ramp(8, 1.0, bone_hu)
-    gradient_channels = []
-    for group in (3, 4, 5):
-        ramp(4 * group, 1.0, None)
-        ramp(4 * group + 3, -1.0, None)
-        gradient_channels += [4 * group, 4 * group + 3]
+    gamma[16] = sigma  # p, already in HU per voxel
 
     weight = s["conv_final.2.conv.weight"][:, :, 0, 0, 0]
     bias = s["conv_final.2.conv.bias"]
     bias.fill_(_WB_OTHER * _WB_SCALE)
     bias[0] = 0.0  # background
-    lung, liver, vertebra = 13, 5, 22
-    # lung: triangle around -850 HU minus half the summed |gradient| (HU per voxel)
-    bias[lung] = _WB_SCALE * lung_half
-    weight[lung, [0, 3]] = -_WB_SCALE
-    weight[lung, gradient_channels] = -0.5 * _WB_SCALE
+    # lung: triangle around -850 HU, minus half the summed |gradient| of u
+    bias[_LUNG] = _WB_SCALE * lung_half
+    weight[_LUNG, [0, 3]] = -_WB_SCALE
+    weight[_LUNG, 16] = -0.5 * _WB_SCALE
     # soft tissue: triangle over -25..175 HU
-    bias[liver] = _WB_SCALE * tissue_half
-    weight[liver, [4, 7]] = -_WB_SCALE
+    bias[_LIVER] = _WB_SCALE * tissue_half
+    weight[_LIVER, [4, 7]] = -_WB_SCALE
     # bone: rises above 150 HU, takes over from tissue at ~165 HU
-    bias[vertebra] = -_WB_SCALE * 5.0
-    weight[vertebra, 8] = _WB_SCALE
+    bias[_VERTEBRA] = -_WB_SCALE * 5.0
+    weight[_VERTEBRA, 8] = _WB_SCALE
     return s
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,16 +29,12 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    Invertd,
-    LoadImage,
-    LoadImaged,
-    SaveImage,
-    SaveImaged,
-)
+from monai.bundle.config_parser import ConfigParser
+from monai.data.meta_tensor import MetaTensor
+from monai.transforms.compose import Compose
+from monai.transforms.io.array import LoadImage, SaveImage
+from monai.transforms.io.dictionary import LoadImaged, SaveImaged
+from monai.transforms.post.dictionary import Invertd
 
 from dicom_ai.errors import ModelError
 from dicom_ai.inference.findings import (
@@ -56,6 +53,11 @@ logger = logging.getLogger(__name__)
 _LOADERS = (LoadImage, LoadImaged)
 _SAVERS = (SaveImage, SaveImaged)
 _PRED_KEY = "pred"
+_QUIET = (
+    "Detected deprecated name 'optional_packages_version'",  # metadata schema rename
+    "NvImgCodecPydicomReader",  # LoadImaged's optional GPU decoder; the loader is dropped
+    r".*Orientationd.__init__:labels",  # default labels change; our meta has space=RAS
+)
 
 
 class BundleModel:
@@ -101,14 +103,21 @@ class BundleModel:
             intended_use=str(metadata.get("intended_use") or ""),
         )
         try:
-            self._setup(config_file, meta_file, overrides or {})
+            with warnings.catch_warnings():
+                # Known, harmless noise from parsing zoo configs with MONAI 1.6.
+                for message in _QUIET:
+                    warnings.filterwarnings("ignore", message=message)
+                self._setup(config_file, meta_file, overrides or {})
         except ModelError:
             raise
         except Exception as exc:  # config expressions can raise anything
             raise ModelError(f"bundle {self.bundle_dir}: cannot load: {exc}") from exc
         logger.info(
             "loaded bundle %s (%s %s) on %s",
-            self.model_id, self.algorithm.name, self.algorithm.version, self.device,
+            self.model_id,
+            self.algorithm.name,
+            self.algorithm.version,
+            self.device,
         )
 
     def _setup(self, config_file: Path, meta_file: Path, overrides: Mapping[str, Any]) -> None:
@@ -138,15 +147,15 @@ class BundleModel:
         parsed_post = cast(Compose, parser.get_parsed_content("postprocessing"))
         # The same transform objects, minus file I/O: Invertd finds the applied operations by
         # transform id, and the bundle's own Invertd keeps pointing at ``parsed_pre``.
-        self.preprocessing = Compose(
-            [t for t in parsed_pre.flatten().transforms if not isinstance(t, _LOADERS)]
-        )
-        post = [t for t in parsed_post.flatten().transforms if not isinstance(t, _SAVERS)]
+        self.preprocessing = Compose([t for t in _flat(parsed_pre) if not isinstance(t, _LOADERS)])
+        post = [t for t in _flat(parsed_post) if not isinstance(t, _SAVERS)]
         if not any(isinstance(t, Invertd) for t in post):
             # A bundle that saves on its own grid: bring the prediction back ourselves.
             post.append(
                 Invertd(
-                    keys=_PRED_KEY, transform=parsed_pre, orig_keys=self.image_key,
+                    keys=_PRED_KEY,
+                    transform=parsed_pre,
+                    orig_keys=self.image_key,
                     nearest_interp=True,
                 )
             )
@@ -233,7 +242,7 @@ class BundleModel:
 def read_bundle_labels(metadata: Mapping[str, Any]) -> tuple[SegmentLabel, ...]:
     """Labels from ``network_data_format.outputs.pred.channel_def``, background dropped."""
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
-    output = outputs.get(_PRED_KEY) or next(iter(outputs.values()), {})
+    output: Any = outputs.get(_PRED_KEY) or next(iter(outputs.values()), {})
     channel_def = output.get("channel_def") if isinstance(output, Mapping) else None
     if not isinstance(channel_def, Mapping) or not channel_def:
         raise ModelError(
@@ -250,6 +259,12 @@ def read_bundle_labels(metadata: Mapping[str, Any]) -> tuple[SegmentLabel, ...]:
             continue
         labels.append(SegmentLabel(value, str(name)))
     return tuple(sorted(labels, key=lambda label: label.value))
+
+
+def _flat(compose: Compose) -> list[Any]:
+    """The transforms of ``compose`` with nested plain Composes inlined (MONAI's rules)."""
+    flat = compose.flatten()  # type: ignore[no-untyped-call]
+    return list(flat.transforms)
 
 
 def _state_dict(path: Path, device: torch.device) -> Mapping[str, torch.Tensor]:

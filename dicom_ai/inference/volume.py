@@ -33,10 +33,10 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import torch
-from monai.data import MetaTensor
+from monai.data.meta_tensor import MetaTensor
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 
 from dicom_ai.errors import GeometryError, InputError
 
@@ -152,7 +152,12 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     image = MetaTensor(data, affine=affine, meta=meta)
     logger.debug(
         "loaded %d slices %dx%d, spacing %.3f/%.3f/%.3f mm",
-        len(headers), rows, columns, geometry.column_spacing, geometry.row_spacing, slice_spacing,
+        len(headers),
+        rows,
+        columns,
+        geometry.column_spacing,
+        geometry.row_spacing,
+        slice_spacing,
     )
     return SeriesVolume(
         image=image,
@@ -209,7 +214,8 @@ class _Geometry:
     @classmethod
     def from_headers(cls, headers: Sequence[Dataset]) -> _Geometry:
         missing = [
-            kw for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+            kw
+            for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
             if any(kw not in h or h.get(kw) is None or len(h.get(kw)) == 0 for h in headers)
         ]
         if missing:
@@ -218,7 +224,9 @@ class _Geometry:
         if iops.shape[1] != 6:
             raise GeometryError("ImageOrientationPatient must have 6 values")
         if np.abs(iops - iops[0]).max() > _COSINE_TOLERANCE:
-            raise GeometryError("mixed orientations in one series (ImageOrientationPatient differs)")
+            raise GeometryError(
+                "mixed orientations in one series (ImageOrientationPatient differs)"
+            )
         sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
         if len(sizes) > 1:
             raise GeometryError(f"mixed image sizes in one series: {sorted(sizes)}")
@@ -278,7 +286,8 @@ def _check_tilt(ipps: npt.NDArray[np.float64], geometry: _Geometry, slice_spacin
     tolerance = _TILT_TOLERANCE * min(geometry.row_spacing, geometry.column_spacing)
     if drift > tolerance:
         length = float(np.linalg.norm(offsets[-1]))
-        angle = float(np.degrees(np.arcsin(min(1.0, np.linalg.norm(in_plane[-1]) / length))))
+        sine = min(1.0, float(np.linalg.norm(in_plane[-1])) / length)
+        angle = float(np.degrees(np.arcsin(sine)))
         raise GeometryError(
             f"slice positions drift {drift:.2f} mm in-plane over the stack (gantry tilt about "
             f"{angle:.1f} degrees); tilted series are not supported"

@@ -98,6 +98,7 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
 def _worker_main(conn: Connection, log_level: int) -> None:
     # A spawned process starts with no logging config; mirror the node's level.
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     while True:
         try:
             spec = conn.recv()

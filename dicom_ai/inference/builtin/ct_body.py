@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from monai.transforms import KeepLargestConnectedComponent, RemoveSmallObjects
+from monai.transforms.post.array import KeepLargestConnectedComponent, RemoveSmallObjects
 from scipy import ndimage
 
 from dicom_ai.inference.findings import (
@@ -37,7 +37,11 @@ __all__ = ["CT_BODY_LABELS", "CTBodyModel"]
 MODEL_ID = "ct-body"
 VERSION = "1.0.0"
 BODY, LUNG, BONE = 1, 2, 3
-CT_BODY_LABELS = (SegmentLabel(BODY, "body"), SegmentLabel(LUNG, "lung"), SegmentLabel(BONE, "bone"))
+CT_BODY_LABELS = (
+    SegmentLabel(BODY, "body"),
+    SegmentLabel(LUNG, "lung"),
+    SegmentLabel(BONE, "bone"),
+)
 
 # Bits of the coarse code volume, so one upsampling carries every coarse decision.
 _INSIDE, _HOLE, _LUNG, _BONE = 1, 2, 4, 8
@@ -175,13 +179,13 @@ class CTBodyModel:
             kept = np.asarray(remove(candidates[None]))[0].astype(bool)
         components, count = ndimage.label(kept)
         values, ids = sample[kept], components[kept]
-        lung_ids = [i for i in range(1, count + 1) if np.median(values[ids == i]) >= self.gas_median_hu]
+        lung_ids = [
+            i for i in range(1, count + 1) if np.median(values[ids == i]) >= self.gas_median_hu
+        ]
         return np.isin(components, lung_ids)
 
 
-def _block_centres(
-    shape: tuple[int, ...], factors: tuple[int, ...]
-) -> list[npt.NDArray[np.intp]]:
+def _block_centres(shape: tuple[int, ...], factors: tuple[int, ...]) -> list[npt.NDArray[np.intp]]:
     return [
         np.minimum(np.arange(math.ceil(n / f)) * f + f // 2, n - 1)
         for n, f in zip(shape, factors, strict=True)
