@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # are kept exactly as sent; SOP classes that are not storage get 0x0122 in the handler.
 _config.UNRESTRICTED_STORAGE_SERVICE = True
 
+_DUL_IDLE_SLEEP_SECONDS = 0.0001
 _STORAGE_SOP_CLASSES = frozenset(UID(uid) for uid in _STORAGE_CLASSES.values())
 _UNCOMPRESSED = [
     ExplicitVRLittleEndian,
@@ -133,6 +134,10 @@ class StorageSCP:
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError) as exc:
             log.debug("TCP_NODELAY not set: %s", exc)
+        # pynetdicom's DUL reactor sleeps 1 ms whenever it finds nothing to do; each C-STORE
+        # exchange pays that a few times. Measured: 300-slice ingest 170 -> 187 img/s; an idle
+        # open association costs 13% of a core instead of 3.4% (the 60 s timeout closes it).
+        event.assoc.dul._run_loop_delay = _DUL_IDLE_SLEEP_SECONDS
 
     def _on_conn_close(self, event: Any) -> None:
         with self._ids_lock:
