@@ -18,7 +18,3 @@ class Status(IntEnum):
     # General (PS3.7 C)
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     PROCESSING_FAILURE = 0x0110
-
-    @property
-    def is_success(self) -> bool:
-        return self is Status.SUCCESS

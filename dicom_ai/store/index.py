@@ -387,11 +387,6 @@ class Index:
         )
         return [_delivery(r) for r in rows]
 
-    def next_delivery_at(self) -> float | None:
-        rows = self._query("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending'")
-        value = rows[0][0]
-        return None if value is None else float(value)
-
     def delivery_succeeded(self, delivery_id: int) -> None:
         with self._tx() as db:
             db.execute(
