@@ -101,27 +101,24 @@ def test_wholebody_bundle_multilabel(
     assert "Whole body" in str(algorithm.AlgorithmName)
 
 
+def _cli_echo(port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_ai.cli", "echo", f"DICOM_AI@127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_echo_with_echoscu_and_cli(tmp_path: Path, pacs: StoreSCP) -> None:
     node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", pacs.port)).start()
     try:
         result = echoscu(node.port)
         assert result.returncode == 0, result.stdout + result.stderr
-        cli = subprocess.run(
-            [sys.executable, "-m", "dicom_ai.cli", "echo", f"DICOM_AI@127.0.0.1:{node.port}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        cli = _cli_echo(node.port)
         assert cli.returncode == 0 and "Success" in cli.stdout, cli.stdout + cli.stderr
-        wrong = subprocess.run(
-            [sys.executable, "-m", "dicom_ai.cli", "echo", f"DICOM_AI@127.0.0.1:{free_port()}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert wrong.returncode != 0
+        assert _cli_echo(free_port()).returncode != 0
     finally:
         node.stop()
 
