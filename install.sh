@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-apt_packages=(dcmtk dicom3tools orthanc libpixelmed-java)
+apt_packages=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python libpixelmed-java)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

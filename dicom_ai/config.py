@@ -7,26 +7,44 @@ README. Paths in a file are relative to that file's folder.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    model_validator,
+)
 
 from dicom_ai.yaml_model import load_validated
 
 __all__ = [
     "BUILTIN_MODELS",
+    "SENDER",
+    "CalledAEConfig",
+    "ClientTLSConfig",
     "Config",
     "DeliveryConfig",
     "DestinationConfig",
+    "DicomDestination",
+    "DicomWebDestination",
     "ModelConfig",
     "NodeConfig",
     "PipelineConfig",
+    "ServerTLSConfig",
     "load_config",
 ]
 
 REPO_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
 BUILTIN_MODELS = frozenset({"ct-body"})
+# The destination that means "whoever sent the series": resolved through `senders`.
+SENDER = "sender"
 
 # AE titles: 1-16 characters of the default repertoire, no backslash (PS3.5 6.2, VR AE).
 AETitle = Annotated[
@@ -39,10 +57,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ServerTLSConfig(_Strict):
+    """DICOM TLS listener beside the plain one (PS3.15 B.1): its own port."""
+
+    port: int = Field(ge=0, le=65535)
+    certificate: Path
+    private_key: Path
+    # CA certificates that client certificates are verified against.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> ServerTLSConfig:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+
+class ClientTLSConfig(_Strict):
+    # None: the system's CA store.
+    ca_certificates: Path | None = None
+    # Our own certificate, for peers that require one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTLSConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class NodeConfig(_Strict):
     ae_title: AETitle = "DICOM_AI"
     host: str = "0.0.0.0"
-    port: int = Field(default=11112, ge=0, le=65535)
+    # Plain TCP port; null: listen on TLS only.
+    port: int | None = Field(default=11112, ge=0, le=65535)
+    tls: ServerTLSConfig | None = None
     data_dir: Path = Path("./dicom-ai-data")
     max_associations: int = Field(default=10, ge=1)
     # C-STORE answers 0xA700 below this much free space on the spool's filesystem.
@@ -50,11 +102,50 @@ class NodeConfig(_Strict):
     # Device Serial Number of the results; default is the AE title.
     node_id: str | None = None
 
+    @model_validator(mode="after")
+    def _listens(self) -> NodeConfig:
+        if self.port is None and self.tls is None:
+            raise ValueError("set port, tls, or both: the node must listen somewhere")
+        return self
 
-class DestinationConfig(_Strict):
+
+class CalledAEConfig(_Strict):
+    """One AE title the node answers to, with its own rules and who may call it."""
+
+    rules: Path
+    # Empty: any calling AE title.
+    allowed_calling_aes: list[AETitle] = Field(default_factory=list)
+    # Addresses or networks (CIDR); empty: any address.
+    allowed_addresses: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+
+
+class DicomDestination(_Strict):
+    """A DIMSE peer: results go by C-STORE."""
+
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: ClientTLSConfig | None = None
+
+
+class DicomWebDestination(_Strict):
+    """A DICOMweb origin server: results go by STOW-RS to ``url`` (the service root)."""
+
+    url: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")]
+    # For https: CA certificates to verify the server with; None: the system's store.
+    ca_certificates: Path | None = None
+
+
+def _destination_kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "dicomweb" if "url" in value else "dicom"
+    return "dicomweb" if isinstance(value, DicomWebDestination) else "dicom"
+
+
+DestinationConfig = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 class ModelConfig(_Strict):
@@ -82,11 +173,18 @@ class Config(_Strict):
     node: NodeConfig = NodeConfig()
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=lambda: {
-            "pacs": DestinationConfig(ae_title="PACS", host="127.0.0.1", port=4242)
+            "pacs": DicomDestination(ae_title="PACS", host="127.0.0.1", port=4242)
         }
     )
+    # Where each calling AE title listens, for the destination `sender` (DICOM does not
+    # carry the sender's port).
+    senders: dict[AETitle, DicomDestination] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # The rules of the node's one AE title, when `called_aes` is empty.
     rules: Path = REPO_RULES
+    # Several AE titles, each with its own rules and access list. When set, only these
+    # titles are answered and `rules` is not used.
+    called_aes: dict[AETitle, CalledAEConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = PipelineConfig()
     delivery: DeliveryConfig = DeliveryConfig()
 
@@ -101,7 +199,20 @@ class Config(_Strict):
         for name in self.destinations:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
                 raise ValueError(f"destination name {name!r}: use letters, digits, '_', '.', '-'")
+            if name == SENDER:
+                raise ValueError(f"destination name {SENDER!r} is reserved for return to sender")
+        if self.called_aes and "rules" in self.model_fields_set:
+            raise ValueError("with called_aes, give each AE title its rules; drop top-level rules")
         return self
+
+    def called_ae_table(self) -> dict[str, CalledAEConfig]:
+        """Every AE title the node answers to; without `called_aes`, just its own."""
+        if self.called_aes:
+            return dict(self.called_aes)
+        return {self.node.ae_title: CalledAEConfig(rules=self.rules)}
+
+    def has_destination(self, name: str) -> bool:
+        return name == SENDER or name in self.destinations
 
     def model(self, model_id: str) -> ModelConfig:
         """The config of a model id; built-in ids need no entry."""
@@ -119,27 +230,30 @@ class Config(_Strict):
         return self.node.node_id or self.node.ae_title
 
 
-def _resolve(config: Config, base: Path) -> Config:
-    """Paths in a file are relative to the file's folder."""
-
-    def fix(path: Path) -> Path:
-        return path if path.is_absolute() else (base / path).resolve()
-
-    models = {
-        k: m.model_copy(update={"bundle": fix(m.bundle)}) if m.bundle else m
-        for k, m in config.models.items()
-    }
-    node = config.node.model_copy(update={"data_dir": fix(config.node.data_dir)})
-    return config.model_copy(update={"node": node, "models": models, "rules": fix(config.rules)})
+def _resolve_paths(value: Any, base: Path) -> Any:
+    """Every Path in the config, made absolute against ``base`` (the file's folder)."""
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base / value).resolve()
+    if isinstance(value, BaseModel):
+        updates = {
+            name: _resolve_paths(getattr(value, name), base) for name in type(value).model_fields
+        }
+        return value.model_copy(update=updates)
+    if isinstance(value, dict):
+        return {k: _resolve_paths(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_paths(v, base) for v in value]
+    return value
 
 
 def load_config(path: Path | None) -> Config:
-    """The config in ``path``, or the embedded defaults; raises ConfigError naming file:line."""
+    """The config in ``path``, or the embedded defaults; raises ConfigError naming file:line.
+
+    Paths in a file are relative to the file's folder; the defaults' to the working folder.
+    """
     if path is None:
-        config = Config()
-        return config.model_copy(
-            update={
-                "node": config.node.model_copy(update={"data_dir": config.node.data_dir.resolve()})
-            }
-        )
-    return _resolve(load_validated(path, Config), path.resolve().parent)
+        resolved: Config = _resolve_paths(Config(), Path.cwd())
+        return resolved
+    config = load_validated(path, Config)
+    resolved = _resolve_paths(config, path.resolve().parent)
+    return resolved

@@ -223,23 +223,47 @@ def node_config(
     return config
 
 
-class Orthanc:
-    """Debian's Orthanc with a generated JSON config, fresh storage, ephemeral ports."""
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 
-    def __init__(self, workdir: Path, ae_title: str = "ORTHANC") -> None:
+
+class Orthanc:
+    """Debian's Orthanc with a generated JSON config, fresh storage, ephemeral ports.
+
+    ``settings`` are merged over the base config (e.g. ``DicomModalities``, ``LuaScripts``,
+    ``StableAge``); ``dicomweb=True`` loads Debian's DICOMweb plugin at ``/dicom-web/``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        ae_title: str = "ORTHANC",
+        dicomweb: bool = False,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.ae_title = ae_title
+        self.dicomweb = dicomweb
+        self.settings = settings or {}
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "orthanc.log"
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
     def start(self, nodelay: bool = True) -> Orthanc:
         import json
 
+        self.workdir.mkdir(parents=True, exist_ok=True)
         storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
-        config = {
+        config: dict[str, Any] = {
             "Name": "dicom-ai-test",
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
@@ -249,9 +273,12 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
-            "Plugins": [],
+            "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")] if self.dicomweb else [],
             "StorageCompression": False,
         }
+        if self.dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        config.update(self.settings)
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config))
         env = dict(os.environ)
@@ -266,6 +293,22 @@ class Orthanc:
         # Its HTTP port comes up before its DICOM port: wait for both.
         wait_until(lambda: port_open(self.http_port) and port_open(self.dicom_port), 30, "Orthanc")
         return self
+
+    def rest(self, method: str, path: str, body: bytes | None = None) -> Any:
+        """One REST call; JSON answers are decoded."""
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            data = response.read()
+            if response.headers.get_content_type() == "application/json":
+                return json.loads(data)
+            return data
+
+    def upload(self, paths: Sequence[Path]) -> list[str]:
+        """POST each file to /instances, as a user uploading a study; Orthanc instance ids."""
+        return [str(self.rest("POST", "/instances", p.read_bytes())["ID"]) for p in paths]
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 
-from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
+from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, SendResult
 from dicom_ai.errors import DeliveryError, InputError
 
 __all__ = ["Peer", "SendResult", "echo", "send_files"]
@@ -49,16 +49,6 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class SendResult:
-    path: Path
-    status: int | None  # None: not sent (association lost or no context)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == Status.SUCCESS
 
 
 def _set_nodelay(assoc: Any) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
-__all__ = ["VERIFICATION_SOP_CLASS", "Status"]
+__all__ = ["VERIFICATION_SOP_CLASS", "SendResult", "Status"]
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 A.4
 
@@ -18,3 +20,15 @@ class Status(IntEnum):
     # General (PS3.7 C)
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """One file's outcome at a destination, whatever the transport (C-STORE, STOW-RS)."""
+
+    path: Path
+    status: int | None  # None: not sent (association lost, no context, no answer)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS

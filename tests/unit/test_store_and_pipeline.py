@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_ai.assembly import AssemblyPolicy
-from dicom_ai.config import DeliveryConfig, DestinationConfig
+from dicom_ai.config import DeliveryConfig, DicomDestination
 from dicom_ai.dimse.scu import SendResult
 from dicom_ai.errors import InputError, OutOfSpaceError
 from dicom_ai.pipeline import delivery
@@ -151,7 +151,7 @@ def queued(tmp_path: Path) -> tuple[Index, list[Path]]:
 def _deliverer(index: Index, max_attempts: int) -> Deliverer:
     return Deliverer(
         index,
-        {"pacs": DestinationConfig(ae_title="PACS", host="127.0.0.1", port=104)},
+        {"pacs": DicomDestination(ae_title="PACS", host="127.0.0.1", port=104)},
         "DICOM_AI",
         DeliveryConfig(retry_base_seconds=1, retry_max_seconds=4, max_attempts=max_attempts),
     )
