@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +33,27 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config; embedded defaults if omitted.")
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (may show PHI).")]
+TLSCA = Annotated[
+    Path | None, typer.Option("--tls-ca", help="Use DICOM TLS; verify the peer with these CAs.")
+]
+TLSCert = Annotated[
+    Path | None, typer.Option("--tls-cert", help="Our TLS certificate (with --tls-key).")
+]
+TLSKey = Annotated[Path | None, typer.Option("--tls-key", help="Our TLS private key.")]
+
+
+def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    from dicom_ai.config import ClientTLSConfig
+    from dicom_ai.dimse.tls import client_context
+
+    if ca is None and cert is None:
+        return None
+    try:
+        return client_context(
+            ClientTLSConfig(ca_certificates=ca, certificate=cert, private_key=key)
+        )
+    except (ValueError, ConfigError) as exc:
+        raise _fail(str(exc)) from exc
 
 
 def _configure_logging(verbose: bool) -> int:
@@ -74,14 +96,13 @@ def serve(config: ConfigOption = None, verbose: Verbose = False) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     node.start()
-    logging.getLogger(__name__).info(
-        "dicom-ai %s@%s:%d ready; data in %s; rules %s",
-        cfg.node.ae_title,
-        cfg.node.host,
-        node.port,
-        cfg.node.data_dir,
-        cfg.rules,
-    )
+    log = logging.getLogger(__name__)
+    ports = [f"{cfg.node.host}:{node.port}"] if node.port is not None else []
+    if node.tls_port is not None:
+        ports.append(f"{cfg.node.host}:{node.tls_port} (TLS)")
+    log.info("dicom-ai ready on %s; data in %s", ", ".join(ports), cfg.node.data_dir)
+    for title, called in cfg.called_ae_table().items():
+        log.info("called AE %s: rules %s", title, called.rules)
     node.wait()
     node.stop()
 
@@ -90,14 +111,18 @@ def serve(config: ConfigOption = None, verbose: Verbose = False) -> None:
 def echo(
     peer: Annotated[str, typer.Argument(help="AE@HOST:PORT")],
     calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "DICOM_AI",
+    tls_ca: TLSCA = None,
+    tls_cert: TLSCert = None,
+    tls_key: TLSKey = None,
 ) -> None:
     """C-ECHO a peer."""
     from dicom_ai.dimse.scu import Peer
     from dicom_ai.dimse.scu import echo as c_echo
 
+    tls = _tls(tls_ca, tls_cert, tls_key)
     try:
         target = Peer.parse(peer)
-        status = c_echo(target, calling_ae)
+        status = c_echo(target, calling_ae, tls=tls)
     except (ValueError, DicomAIError) as exc:
         raise _fail(str(exc), 1) from exc
     if status != 0:
@@ -117,9 +142,15 @@ def send(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursive).")],
     to: Annotated[str, typer.Option("--to", help="AE@HOST:PORT")],
     calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "DICOM_AI",
+    tls_ca: TLSCA = None,
+    tls_cert: TLSCert = None,
+    tls_key: TLSKey = None,
 ) -> None:
     """C-STORE files to a peer, with a progress bar."""
-    from dicom_ai.dimse.scu import Peer, SendResult, send_files
+    from dicom_ai.dimse.scu import Peer, send_files
+    from dicom_ai.dimse.status import SendResult
+
+    tls = _tls(tls_ca, tls_cert, tls_key)
 
     try:
         target = Peer.parse(to)
@@ -144,7 +175,7 @@ def send(
                 failed.append(result)
 
         try:
-            results = send_files(target, files, calling_ae, progress=advance)
+            results = send_files(target, files, calling_ae, progress=advance, tls=tls)
         except DicomAIError as exc:
             raise _fail(str(exc), 1) from exc
     not_sent = [r for r in results if r.status is None]

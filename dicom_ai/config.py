@@ -169,12 +169,15 @@ class DeliveryConfig(_Strict):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+_DEFAULT_PACS: DicomDestination | DicomWebDestination = DicomDestination(
+    ae_title="PACS", host="127.0.0.1", port=4242
+)
+
+
 class Config(_Strict):
     node: NodeConfig = NodeConfig()
     destinations: dict[str, DestinationConfig] = Field(
-        default_factory=lambda: {
-            "pacs": DicomDestination(ae_title="PACS", host="127.0.0.1", port=4242)
-        }
+        default_factory=lambda: {"pacs": _DEFAULT_PACS}
     )
     # Where each calling AE title listens, for the destination `sender` (DICOM does not
     # carry the sender's port).

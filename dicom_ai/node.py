@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 
 from dicom_ai.assembly import AssemblyPolicy
 from dicom_ai.config import Config
-from dicom_ai.dimse.scp import StorageSCP
+from dicom_ai.dimse.scp import AccessPolicy, CalledAE, StorageSCP
+from dicom_ai.dimse.tls import server_context
 from dicom_ai.errors import ConfigError, InputError
 from dicom_ai.pipeline.delivery import Deliverer
 from dicom_ai.pipeline.worker import JobOutcome, JobSpec, WorkerPool
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 def check_rules_against_config(rules: RuleSet, config: Config, source: Path) -> None:
     """Every model and destination a rule names must exist in the config."""
     unknown_models = sorted(m for m in rules.models if m not in config.known_models())
-    unknown_destinations = sorted(d for d in rules.destinations if d not in config.destinations)
+    unknown_destinations = sorted(d for d in rules.destinations if not config.has_destination(d))
     problems = []
     if unknown_models:
         problems.append(f"unknown model(s) {', '.join(unknown_models)}")
@@ -43,18 +45,41 @@ def check_rules_against_config(rules: RuleSet, config: Config, source: Path) -> 
         raise ConfigError(f"{source}: rules name {'; '.join(problems)}")
 
 
+@dataclass
+class _LoadedRules:
+    """One called AE title's rules file, as last loaded, for hot reload."""
+
+    path: Path
+    mtime: float
+    rules: RuleSet
+
+
+def access_policy(config: Config) -> AccessPolicy:
+    return AccessPolicy(
+        {
+            title: CalledAE(
+                title, frozenset(called.allowed_calling_aes), tuple(called.allowed_addresses)
+            )
+            for title, called in config.called_ae_table().items()
+        }
+    )
+
+
 class Node:
     def __init__(self, config: Config, log_level: int = logging.INFO) -> None:
         self.config = config
         data_dir = config.node.data_dir
         self.spool = Spool(data_dir / "spool", config.node.min_free_bytes)
         self.index = Index(data_dir / "index.sqlite3")
-        self.rules = load_rules(config.rules)
-        check_rules_against_config(self.rules, config, config.rules)
-        self._rules_mtime = config.rules.stat().st_mtime
+        self.rules: dict[str, _LoadedRules] = {}
+        for title, called in config.called_ae_table().items():
+            rules = load_rules(called.rules)
+            check_rules_against_config(rules, config, called.rules)
+            self.rules[title] = _LoadedRules(called.rules, called.rules.stat().st_mtime, rules)
         self.assembly = AssemblyPolicy(
             config.pipeline.quiet_seconds, config.pipeline.release_grace_seconds
         )
+        tls = config.node.tls
         self.scp = StorageSCP(
             config.node.ae_title,
             config.node.host,
@@ -62,9 +87,15 @@ class Node:
             self.spool,
             self.index,
             config.node.max_associations,
+            access=access_policy(config),
+            tls=(tls.port, server_context(tls)) if tls else None,
         )
         self.deliverer = Deliverer(
-            self.index, config.destinations, config.node.ae_title, config.delivery
+            self.index,
+            config.destinations,
+            config.node.ae_title,
+            config.delivery,
+            senders=config.senders,
         )
         self._log_level = log_level
         self._pool: WorkerPool | None = None
@@ -72,8 +103,12 @@ class Node:
         self._threads: list[threading.Thread] = []
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | None:
         return self.scp.port
+
+    @property
+    def tls_port(self) -> int | None:
+        return self.scp.tls_port
 
     def start(self) -> None:
         removed = self.spool.remove_stale_temp_files()
@@ -99,7 +134,10 @@ class Node:
         orphans = self.index.unindexed(self.spool.instance_files())
         if not orphans:
             return 0
-        association_id = self.index.open_association("", self.config.node.ae_title, "")
+        # The called AE is not in the file: with one title it is that one, else unknown.
+        titles = list(self.config.called_ae_table())
+        called = titles[0] if len(titles) == 1 else self.config.node.ae_title
+        association_id = self.index.open_association("", called, "")
         for path in orphans:
             try:
                 header = parse_header(path.read_bytes())
@@ -153,22 +191,22 @@ class Node:
                 self._stop.wait(1.0)
 
     def _reload_rules_if_changed(self) -> None:
-        path = self.config.rules
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            return
-        if mtime == self._rules_mtime:
-            return
-        self._rules_mtime = mtime
-        try:
-            rules = load_rules(path)
-            check_rules_against_config(rules, self.config, path)
-        except ConfigError as exc:
-            log.error("rules not reloaded, the running rules stay in force: %s", exc)
-            return
-        self.rules = rules
-        log.info("rules reloaded from %s", path)
+        for title, loaded in self.rules.items():
+            try:
+                mtime = loaded.path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime == loaded.mtime:
+                continue
+            loaded.mtime = mtime
+            try:
+                rules = load_rules(loaded.path)
+                check_rules_against_config(rules, self.config, loaded.path)
+            except ConfigError as exc:
+                log.error("rules of %s not reloaded, the running rules stay: %s", title, exc)
+                continue
+            loaded.rules = rules
+            log.info("rules of %s reloaded from %s", title, loaded.path)
 
     def _route_complete_series(self, now: float) -> None:
         for series in self.assembly.complete(self.index.pending_series(), now):
@@ -179,7 +217,17 @@ class Node:
         paths = self.index.series_instance_paths(uid)
         header = dcmread(paths[-1], stop_before_pixels=True)
         calling, called, ip = self.index.series_sender(uid)
-        evaluation = self.rules.evaluate(header, SenderContext(calling, called, ip))
+        loaded = self.rules.get(called)
+        if loaded is None:
+            # Received on a title the node no longer serves (config changed since).
+            self.index.start_run(uid, [], f"called AE {called!r} is no longer configured")
+            log.warning(
+                "series %s came in on called AE %r, which has no rules now; kept, not processed",
+                uid,
+                called,
+            )
+            return
+        evaluation = loaded.rules.evaluate(header, SenderContext(calling, called, ip))
         plans = [RunPlan(d.rule, d.model, d.destinations) for d in evaluation.decisions if d.model]
         if evaluation.decisions:
             note = "; ".join(f"{d.rule}: {', '.join(d.reasons)}" for d in evaluation.decisions)

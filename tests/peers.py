@@ -59,10 +59,17 @@ def stop_process(
 class StoreSCP:
     """DCMTK storescp writing every received object into ``directory``."""
 
-    def __init__(self, directory: Path, ae_title: str = "PACS", port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ae_title: str = "PACS",
+        port: int | None = None,
+        tls: Sequence[str] = (),
+    ) -> None:
         self.directory = directory
         self.ae_title = ae_title
         self.port = port or free_port()
+        self.tls = list(tls)  # DCMTK TLS options, e.g. +tls KEY CERT +cf CA
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory.parent / f"storescp-{self.port}.log"
 
@@ -79,6 +86,7 @@ class StoreSCP:
                 "-uf",
                 "-od",
                 str(self.directory),
+                *self.tls,
                 str(self.port),
             ],
             stdout=self.log.open("wb"),
@@ -107,6 +115,7 @@ def storescu(
     ae_title: str = "DICOM_AI",
     calling_ae: str = "SCANNER",
     nodelay: bool = True,
+    options: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if nodelay:
@@ -120,6 +129,7 @@ def storescu(
             calling_ae,
             "-aec",
             ae_title,
+            *options,
             "127.0.0.1",
             str(port),
             *map(str, paths),
@@ -132,9 +142,11 @@ def storescu(
     )
 
 
-def echoscu(port: int, ae_title: str = "DICOM_AI") -> subprocess.CompletedProcess[str]:
+def echoscu(
+    port: int, ae_title: str = "DICOM_AI", calling_ae: str = "ECHOSCU"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
+        ["echoscu", "-aet", calling_ae, "-aec", ae_title, "127.0.0.1", str(port)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -190,6 +202,13 @@ class NodeProcess:
     def data_dir(self) -> Path:
         return Path(self.config["node"]["data_dir"])
 
+    def index_rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Rows of a query on the node's index, read-only (the node may be running)."""
+        import sqlite3
+
+        with sqlite3.connect(f"file:{self.data_dir / 'index.sqlite3'}?mode=ro", uri=True) as db:
+            return db.execute(sql, args).fetchall()
+
 
 def node_config(
     workdir: Path,
@@ -220,6 +239,8 @@ def node_config(
     }
     for key, value in overrides.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    if "called_aes" in overrides:
+        del config["rules"]  # each called AE names its own
     return config
 
 

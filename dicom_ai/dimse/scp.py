@@ -4,14 +4,22 @@ The C-STORE handler does I/O only: the bytes as received go to the spool (temp f
 rename), a few header fields go to the index, and only then it answers Success. Pixel data is
 never decoded here. Every failure maps, in ``_status_for``, to a DIMSE status and a log line;
 no exception leaves a handler.
+
+Who may associate is decided before any presentation context is negotiated, per called AE
+title (``AccessPolicy``): an unknown called AE, a calling AE or an address not on that title's
+list gets A-ASSOCIATE-RJ and a log line. One AE listens on a plain port, a TLS port, or both.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any, cast
 
 from pydicom.uid import (
     UID,
@@ -21,6 +29,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -30,7 +40,7 @@ from dicom_ai.store.header import parse_header
 from dicom_ai.store.index import Index, InstanceRecord
 from dicom_ai.store.spool import Spool
 
-__all__ = ["StorageSCP"]
+__all__ = ["AccessPolicy", "CalledAE", "Rejection", "StorageSCP"]
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +81,122 @@ def _status_for(exc: BaseException) -> Status:
     return Status.PROCESSING_FAILURE
 
 
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent, by the service user, with a reason.
+_REJECTED_PERMANENT = 0x01
+_SERVICE_USER = 0x01
+_CALLING_AE_NOT_RECOGNIZED = 0x03
+_CALLED_AE_NOT_RECOGNIZED = 0x07
+
+_Network = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True)
+class CalledAE:
+    """An AE title the node answers to; empty lists allow anyone."""
+
+    ae_title: str
+    allowed_calling_aes: frozenset[str] = frozenset()
+    allowed_networks: tuple[_Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rejection:
+    diagnostic: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    called_aes: Mapping[str, CalledAE] = field(default_factory=dict)
+
+    def check(self, called_ae: str, calling_ae: str, address: str) -> Rejection | None:
+        """None when the association may proceed, else why not."""
+        called = self.called_aes.get(called_ae.strip())
+        if called is None:
+            return Rejection(_CALLED_AE_NOT_RECOGNIZED, f"called AE {called_ae!r} is not served")
+        if called.allowed_calling_aes and calling_ae.strip() not in called.allowed_calling_aes:
+            return Rejection(
+                _CALLING_AE_NOT_RECOGNIZED,
+                f"calling AE {calling_ae!r} is not allowed on {called.ae_title}",
+            )
+        if called.allowed_networks and not _address_in(address, called.allowed_networks):
+            # DICOM has no reason code for an address; the calling AE's is the nearest.
+            return Rejection(
+                _CALLING_AE_NOT_RECOGNIZED,
+                f"address {address} is not allowed on {called.ae_title}",
+            )
+        return None
+
+
+def _address_in(address: str, networks: tuple[_Network, ...]) -> bool:
+    try:
+        ip = ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+class _AccessControlledACSE(ACSE):
+    """pynetdicom's acceptor negotiation, preceded by the access policy.
+
+    pynetdicom can only require one called AE title and one calling list for the whole AE;
+    the node needs both per called AE title, and the address, so the check runs here.
+    """
+
+    def __init__(self, assoc: Any, policy: AccessPolicy) -> None:
+        super().__init__(assoc)
+        self._policy = policy
+
+    def _negotiate_as_acceptor(self) -> None:
+        request = cast(A_ASSOCIATE, self.requestor.primitive)
+        called = str(request.called_ae_title).strip()
+        calling = str(request.calling_ae_title).strip()
+        address = str(self.requestor.address)
+        rejection = self._policy.check(called, calling, address)
+        if rejection is not None:
+            log.warning(
+                "association from %s@%s to %s rejected: %s",
+                calling,
+                address,
+                called,
+                rejection.reason,
+            )
+            self.requestor.ae_title = calling
+            self.send_reject(_REJECTED_PERMANENT, _SERVICE_USER, rejection.diagnostic)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        # Answer as the title that was called; handlers read it as the acceptor's.
+        self.acceptor.ae_title = called
+        super()._negotiate_as_acceptor()
+
+
 class StorageSCP:
-    """The node's listening side. ``start()`` returns at once; ``port`` is the bound port."""
+    """The node's listening side. ``start()`` returns at once.
+
+    ``port`` is the bound plain port, ``tls_port`` the bound TLS port; either may be None.
+    """
 
     def __init__(
         self,
         ae_title: str,
         host: str,
-        port: int,
+        port: int | None,
         spool: Spool,
         index: Index,
         max_associations: int = 10,
+        access: AccessPolicy | None = None,
+        tls: tuple[int, ssl.SSLContext] | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
         self._requested_port = port
+        self._tls = tls
         self.spool = spool
         self.index = index
+        self.access = access or AccessPolicy({ae_title: CalledAE(ae_title)})
         self._ae = AE(ae_title=ae_title)
         self._ae.maximum_associations = max_associations
         # No PDU limit: a 512 KB slice then comes in a few PDUs instead of 32, and pynetdicom's
@@ -98,14 +207,21 @@ class StorageSCP:
         self._ae.dimse_timeout = 60
         self._ae.add_supported_context(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
         self._association_ids: dict[int, int] = {}
         self._ids_lock = threading.Lock()
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | None:
         if self._server is None:
             return self._requested_port
         return int(self._server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        if self._tls_server is not None:
+            return int(self._tls_server.server_address[1])
+        return self._tls[0] if self._tls else None
 
     def start(self) -> None:
         handlers = [
@@ -114,21 +230,35 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
-        self._server = self._ae.start_server(
-            (self.host, self._requested_port),
-            block=False,
-            evt_handlers=handlers,  # type: ignore[arg-type]
-        )
-        log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
+        titles = ", ".join(sorted(self.access.called_aes))
+        if self._requested_port is not None:
+            self._server = self._ae.start_server(
+                (self.host, self._requested_port),
+                block=False,
+                evt_handlers=handlers,  # type: ignore[arg-type]
+            )
+            log.info("listening as %s on %s:%d", titles, self.host, self.port)
+        if self._tls is not None:
+            port, context = self._tls
+            self._tls_server = self._ae.start_server(
+                (self.host, port),
+                block=False,
+                ssl_context=context,
+                evt_handlers=handlers,  # type: ignore[arg-type]
+            )
+            log.info("listening as %s on %s:%d (TLS)", titles, self.host, self.tls_port)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
 
     # -- handlers: never raise ---------------------------------------------------------------
 
     def _on_conn_open(self, event: Any) -> None:
+        # Fires before the association negotiates: the access check goes in here.
+        event.assoc.acse = _AccessControlledACSE(event.assoc, self.access)
         try:
             # C-STORE-RSPs are small: without this, Nagle + delayed ACK stall each exchange.
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

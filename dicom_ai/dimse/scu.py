@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +59,29 @@ def _set_nodelay(assoc: Any) -> None:
         log.debug("TCP_NODELAY not set: %s", exc)
 
 
-def echo(peer: Peer, calling_ae: str = "DICOM_AI", timeout: float = 10.0) -> int:
+def _associate(ae: Any, peer: Peer, tls: ssl.SSLContext | None) -> Any:
+    tls_args = (tls, peer.host) if tls is not None else None
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    except (OSError, ssl.SSLError) as exc:
+        raise DeliveryError(f"no association with {peer}: {exc}") from exc
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "no answer or aborted"
+        raise DeliveryError(f"no association with {peer} ({why})")
+    return assoc
+
+
+def echo(
+    peer: Peer,
+    calling_ae: str = "DICOM_AI",
+    timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     """C-ECHO; returns the status, raises DeliveryError when no association is possible."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"no association with {peer}")
+    assoc = _associate(ae, peer, tls)
     try:
         rsp = assoc.send_c_echo()
         return int(rsp.Status) if "Status" in rsp else -1
@@ -87,6 +103,7 @@ def send_files(
     calling_ae: str = "DICOM_AI",
     timeout: float = 30.0,
     progress: Callable[[SendResult], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
     """C-STORE ``paths`` in one association (or several, when they need >128 contexts)."""
     by_context: dict[tuple[str, str], list[Path]] = {}
@@ -97,7 +114,7 @@ def send_files(
     for start in range(0, len(contexts), _MAX_CONTEXTS):
         batch = contexts[start : start + _MAX_CONTEXTS]
         batch_paths = [path for key in batch for path in by_context[key]]
-        results.extend(_send_batch(peer, batch, batch_paths, calling_ae, timeout, progress))
+        results.extend(_send_batch(peer, batch, batch_paths, calling_ae, timeout, progress, tls))
     return results
 
 
@@ -108,14 +125,13 @@ def _send_batch(
     calling_ae: str,
     timeout: float,
     progress: Callable[[SendResult], None] | None,
+    tls: ssl.SSLContext | None,
 ) -> list[SendResult]:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, transfer_syntax in contexts:
         ae.add_requested_context(sop_class, transfer_syntax)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"no association with {peer}")
+    assoc = _associate(ae, peer, tls)
     _set_nodelay(assoc)
     results: list[SendResult] = []
     try:

@@ -3,16 +3,29 @@
 Every attempt is recorded in the index before the next is planned, so a restart picks up
 the same schedule. A delivery that used up ``max_attempts`` is parked as dead letter; an
 operator resubmits it with ``dicom-ai resubmit``.
+
+Destinations are DIMSE peers (C-STORE, optionally over TLS), DICOMweb servers (STOW-RS), or
+``sender``: the peer configured for the calling AE title that delivered the series.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from dicom_ai.config import DeliveryConfig, DestinationConfig
+from dicom_ai.config import (
+    SENDER,
+    DeliveryConfig,
+    DestinationConfig,
+    DicomDestination,
+    DicomWebDestination,
+)
+from dicom_ai.dicomweb import stow_files
 from dicom_ai.dimse.scu import Peer, send_files
+from dicom_ai.dimse.status import SendResult
+from dicom_ai.dimse.tls import client_context
 from dicom_ai.errors import DicomAIError
 from dicom_ai.store.index import DeliveryRecord, Index
 
@@ -38,11 +51,13 @@ class Deliverer:
         destinations: Mapping[str, DestinationConfig],
         calling_ae: str,
         policy: DeliveryConfig,
+        senders: Mapping[str, DicomDestination] | None = None,
     ) -> None:
         self.index = index
         self.destinations = destinations
         self.calling_ae = calling_ae
         self.policy = policy
+        self.senders = senders or {}
 
     def run_due(self, now: float | None = None) -> int:
         """Attempt every delivery that is due; returns how many were delivered."""
@@ -53,23 +68,21 @@ class Deliverer:
 
     def _attempt(self, record: DeliveryRecord) -> int:
         attempt = record.attempts + 1
-        destination = self.destinations.get(record.destination)
+        destination, unresolved = self._resolve(record)
         if destination is None:
-            self._failed(
-                record, f"destination {record.destination!r} is not configured", final=True
-            )
+            self._failed(record, unresolved, final=True)
             return 0
-        peer = Peer(destination.ae_title, destination.host, destination.port)
         missing = [p for p in record.files if not p.exists()]
         if missing:
             self._failed(
                 record, f"result files missing: {', '.join(map(str, missing))}", final=True
             )
             return 0
+        where = _describe(destination)
         try:
-            results = send_files(peer, record.files, self.calling_ae, self.policy.timeout_seconds)
+            results = self._send(destination, record.files)
         except (DicomAIError, OSError, RuntimeError) as exc:
-            self._failed(record, f"attempt {attempt} to {peer}: {exc}", final=False)
+            self._failed(record, f"attempt {attempt} to {where}: {exc}", final=False)
             return 0
         refused = [r for r in results if r.status not in _STORED]
         if refused:
@@ -77,7 +90,7 @@ class Deliverer:
                 f"{r.path.name}: {'not sent' if r.status is None else f'0x{r.status:04X}'}"
                 for r in refused
             )
-            self._failed(record, f"attempt {attempt} to {peer}: {detail}", final=False)
+            self._failed(record, f"attempt {attempt} to {where}: {detail}", final=False)
             return 0
         self.index.delivery_succeeded(record.id)
         log.info(
@@ -85,9 +98,34 @@ class Deliverer:
             record.job_id,
             len(results),
             record.destination,
-            peer,
+            where,
         )
         return 1
+
+    def _resolve(self, record: DeliveryRecord) -> tuple[DestinationConfig | None, str]:
+        """The destination to send to, or None and why it cannot be resolved (final)."""
+        if record.destination != SENDER:
+            destination = self.destinations.get(record.destination)
+            if destination is None:
+                return None, f"destination {record.destination!r} is not configured"
+            return destination, ""
+        job = self.index.job(record.job_id)
+        calling_ae, _, address = self.index.series_sender(job.series_instance_uid)
+        peer = self.senders.get(calling_ae)
+        if peer is None:
+            return None, (
+                f"return to sender: calling AE {calling_ae!r} (from {address or 'unknown'}) "
+                "has no entry in senders"
+            )
+        return peer, ""
+
+    def _send(self, destination: DestinationConfig, files: Sequence[Path]) -> list[SendResult]:
+        timeout = self.policy.timeout_seconds
+        if isinstance(destination, DicomWebDestination):
+            return stow_files(destination.url, files, timeout, destination.ca_certificates)
+        peer = Peer(destination.ae_title, destination.host, destination.port)
+        tls = client_context(destination.tls) if destination.tls else None
+        return send_files(peer, files, self.calling_ae, timeout, tls=tls)
 
     def _failed(self, record: DeliveryRecord, error: str, final: bool) -> None:
         attempts = record.attempts + 1
@@ -109,3 +147,10 @@ class Deliverer:
             error,
             delay,
         )
+
+
+def _describe(destination: DestinationConfig) -> str:
+    if isinstance(destination, DicomWebDestination):
+        return destination.url
+    tls = " (TLS)" if destination.tls else ""
+    return f"{destination.ae_title}@{destination.host}:{destination.port}{tls}"

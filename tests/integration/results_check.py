@@ -9,6 +9,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_ai.synthetic import PhantomSpec
 from tests.dicom_validation import assert_dciodvfy_clean
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -121,3 +122,20 @@ def check_delivered(
         for i in r.ReferencedSOPSequence
     }
     assert str(seg.SOPInstanceUID) in evidence
+
+
+def source_headers(paths: list[Path]) -> dict[str, Dataset]:
+    """SOP Instance UID -> header of each source file."""
+    return {
+        str(ds.SOPInstanceUID): ds for ds in (dcmread(p, stop_before_pixels=True) for p in paths)
+    }
+
+
+def check_phantom_results(
+    files: list[Path], sources: list[Path], spec: PhantomSpec, min_segments: int = 1
+) -> Delivered:
+    """Exactly one SEG and one SR for a phantom series, valid and consistent with it."""
+    delivered = split_results(files)
+    voxel_mm3 = spec.pixel_spacing_mm**2 * spec.slice_thickness_mm
+    check_delivered(delivered, source_headers(sources), voxel_mm3, min_segments)
+    return delivered

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import time
@@ -10,23 +9,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from dicom_ai.synthetic import PhantomSpec
-from tests.integration.results_check import Delivered, check_delivered, split_results
+from tests.integration.results_check import Delivered, check_phantom_results
 from tests.peers import NodeProcess, StoreSCP, echoscu, free_port, node_config, storescu, wait_until
 
 DELIVERY_TIMEOUT = 240
-
-
-def _sources(paths: list[Path]) -> dict[str, Dataset]:
-    return {
-        str(ds.SOPInstanceUID): ds for ds in (dcmread(p, stop_before_pixels=True) for p in paths)
-    }
-
-
-def _voxel_mm3(spec: PhantomSpec) -> float:
-    return spec.pixel_spacing_mm**2 * spec.slice_thickness_mm
 
 
 def _send_and_wait(
@@ -41,11 +29,6 @@ def _send_and_wait(
     return pacs.files()
 
 
-def _index_rows(node: NodeProcess, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(f"file:{node.data_dir / 'index.sqlite3'}?mode=ro", uri=True) as db:
-        return db.execute(sql).fetchall()
-
-
 def _deliver_and_check(
     node: NodeProcess, pacs: StoreSCP, spec: PhantomSpec, paths: list[Path]
 ) -> Delivered:
@@ -56,9 +39,7 @@ def _deliver_and_check(
     finally:
         node.stop()
     assert len(files) == 2, files
-    delivered = split_results(files)
-    check_delivered(delivered, _sources(paths), _voxel_mm3(spec), min_segments=3)
-    return delivered
+    return check_phantom_results(files, paths, spec, min_segments=3)
 
 
 def test_ct_series_to_seg_and_sr(
@@ -150,13 +131,13 @@ def test_kill9_after_ack_resumes_and_delivers_once(
         assert sent.returncode == 0, sent.stdout + sent.stderr  # every instance acknowledged
         wait_until(
             lambda: bool(
-                _index_rows(node, "SELECT id FROM jobs WHERE state IN ('running', 'done')")
+                node.index_rows("SELECT id FROM jobs WHERE state IN ('running', 'done')")
             ),
             120,
             "the job to start",
         )
         node.kill9()
-        assert len(_index_rows(node, "SELECT 1 FROM instances")) == len(paths)
+        assert len(node.index_rows("SELECT 1 FROM instances")) == len(paths)
         pacs = StoreSCP(tmp_path / "pacs", port=pacs_port).start()
         try:
             node.start()
@@ -171,7 +152,7 @@ def test_kill9_after_ack_resumes_and_delivers_once(
         node.stop()
     assert len(files) == 2, files
     assert _seg_sr_uids(files) == baseline
-    assert _index_rows(node, "SELECT state FROM deliveries") == [("delivered",)]
+    assert node.index_rows("SELECT state FROM deliveries") == [("delivered",)]
 
 
 def test_destination_down_then_up_is_retried(
@@ -185,7 +166,7 @@ def test_destination_down_then_up_is_retried(
         sent = storescu(node.port, paths)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(
-            lambda: bool(_index_rows(node, "SELECT 1 FROM deliveries WHERE attempts >= 1")),
+            lambda: bool(node.index_rows("SELECT 1 FROM deliveries WHERE attempts >= 1")),
             120,
             "a failed delivery attempt",
         )
@@ -193,7 +174,7 @@ def test_destination_down_then_up_is_retried(
         assert pacs.files() == []
         pacs.start()
         wait_until(lambda: len(pacs.files()) >= 2, 60, "delivery after the PACS came up", 0.5)
-        rows = _index_rows(node, "SELECT state, attempts, last_error FROM deliveries")
+        rows = node.index_rows("SELECT state, attempts, last_error FROM deliveries")
     finally:
         node.stop()
         pacs.stop()

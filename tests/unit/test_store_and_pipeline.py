@@ -10,7 +10,7 @@ import pytest
 
 from dicom_ai.assembly import AssemblyPolicy
 from dicom_ai.config import DeliveryConfig, DicomDestination
-from dicom_ai.dimse.scu import SendResult
+from dicom_ai.dimse.status import SendResult
 from dicom_ai.errors import InputError, OutOfSpaceError
 from dicom_ai.pipeline import delivery
 from dicom_ai.pipeline.delivery import Deliverer, backoff_seconds
@@ -126,7 +126,12 @@ class FakeSCU:
         self.calls: list[tuple[str, tuple[Path, ...]]] = []
 
     def __call__(
-        self, peer: object, paths: tuple[Path, ...], calling_ae: str, timeout: float
+        self,
+        peer: object,
+        paths: tuple[Path, ...],
+        calling_ae: str,
+        timeout: float,
+        tls: object = None,
     ) -> list[SendResult]:
         self.calls.append((str(peer), tuple(paths)))
         if len(self.calls) <= self.failures:

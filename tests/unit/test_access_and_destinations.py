@@ -1,0 +1,211 @@
+"""Access policy per called AE, the config for several AEs/TLS/destinations, and the
+deliverer's choice of transport (C-STORE, STOW-RS, return to sender), with fakes for peers."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_ai.config import (
+    SENDER,
+    Config,
+    DeliveryConfig,
+    DicomDestination,
+    DicomWebDestination,
+    load_config,
+)
+from dicom_ai.dimse.scp import AccessPolicy, CalledAE
+from dicom_ai.dimse.status import SendResult
+from dicom_ai.errors import ConfigError
+from dicom_ai.node import access_policy
+from dicom_ai.pipeline import delivery
+from dicom_ai.pipeline.delivery import Deliverer
+from dicom_ai.store.index import Index, InstanceRecord, RunPlan
+
+POLICY = AccessPolicy(
+    {
+        "AI_CT": CalledAE("AI_CT", frozenset({"CT1", "CT2"})),
+        "AI_MR": CalledAE("AI_MR", allowed_networks=(ip_network("10.1.0.0/16"),)),
+        "AI_ALL": CalledAE("AI_ALL"),
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("called", "calling", "address", "diagnostic"),
+    [
+        ("AI_CT", "CT1", "192.0.2.7", None),
+        ("AI_CT ", "CT2", "192.0.2.7", None),  # AE titles are space padded on the wire
+        ("AI_CT", "MR1", "192.0.2.7", 0x03),
+        ("AI_MR", "ANY", "10.1.200.3", None),
+        ("AI_MR", "ANY", "::ffff:10.1.0.9", None),  # IPv4-mapped IPv6 from a dual-stack socket
+        ("AI_MR", "ANY", "10.2.0.1", 0x03),
+        ("AI_MR", "ANY", "not-an-address", 0x03),
+        ("AI_ALL", "ANYONE", "203.0.113.1", None),
+        ("DICOM_AI", "CT1", "192.0.2.7", 0x07),
+    ],
+)
+def test_access_policy(called: str, calling: str, address: str, diagnostic: int | None) -> None:
+    rejection = POLICY.check(called, calling, address)
+    assert (rejection.diagnostic if rejection else None) == diagnostic
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_config_called_aes_replace_the_single_title(tmp_path: Path) -> None:
+    _write(tmp_path / "ct.yaml", "rules: []\n")
+    config = load_config(
+        _write(
+            tmp_path / "node.yaml",
+            "called_aes:\n"
+            "  AI_CT:\n"
+            "    rules: ct.yaml\n"
+            "    allowed_calling_aes: [CT1]\n"
+            "    allowed_addresses: [10.0.0.0/8, 192.0.2.7]\n",
+        )
+    )
+    table = config.called_ae_table()
+    assert list(table) == ["AI_CT"] and table["AI_CT"].rules == tmp_path / "ct.yaml"
+    policy = access_policy(config)
+    assert policy.check("AI_CT", "CT1", "192.0.2.7") is None
+    assert policy.check(config.node.ae_title, "CT1", "192.0.2.7") is not None
+    # Without called_aes the node answers to its own title, anyone may call.
+    assert list(Config().called_ae_table()) == ["DICOM_AI"]
+    assert access_policy(Config()).check("DICOM_AI", "X", "203.0.113.9") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("destinations:\n  sender: {ae_title: A, host: h, port: 1}\n", "reserved"),
+        ("rules: r.yaml\ncalled_aes:\n  A: {rules: r.yaml}\n", "drop top-level rules"),
+        (
+            "node: {tls: {port: 1, certificate: c, private_key: k, "
+            "require_client_certificate: true}}\n",
+            "needs ca_certificates",
+        ),
+        ("node: {port: null}\n", "must listen somewhere"),
+        ("destinations:\n  web: {url: 'ftp://x'}\n", "destinations.web.dicomweb.url"),
+        (
+            "called_aes:\n  A: {rules: r.yaml, allowed_addresses: [10.0.0.300]}\n",
+            ":2: called_aes.A.allowed_addresses",
+        ),
+        ("called_aes:\n  THIS_TITLE_IS_TOO_LONG: {rules: r.yaml}\n", "called_aes"),
+    ],
+)
+def test_config_refuses(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path / "node.yaml", text))
+    assert message in str(info.value)
+
+
+def test_destination_kinds_and_resolved_paths(tmp_path: Path) -> None:
+    config = load_config(
+        _write(
+            tmp_path / "node.yaml",
+            "destinations:\n"
+            "  pacs: {ae_title: PACS, host: pacs.local, port: 104,\n"
+            "         tls: {ca_certificates: ca.pem}}\n"
+            "  web: {url: 'https://pacs.local/dicom-web', ca_certificates: ca.pem}\n",
+        )
+    )
+    pacs, web = config.destinations["pacs"], config.destinations["web"]
+    assert isinstance(pacs, DicomDestination) and isinstance(web, DicomWebDestination)
+    assert pacs.tls is not None and pacs.tls.ca_certificates == tmp_path / "ca.pem"
+    assert web.ca_certificates == tmp_path / "ca.pem"
+    assert config.has_destination(SENDER) and not config.has_destination("nowhere")
+
+
+# -- the deliverer ----------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, status: int = 0) -> None:
+        self.status = status
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __call__(self, target: Any, paths: Any, *args: Any, **kwargs: Any) -> list[SendResult]:
+        self.calls.append((target, *args, kwargs))
+        return [SendResult(p, self.status) for p in paths]
+
+
+def _job(tmp_path: Path, calling_ae: str, destination: str) -> tuple[Index, list[Path]]:
+    index = Index(tmp_path / "index.sqlite3")
+    files = [tmp_path / "seg.dcm", tmp_path / "sr.dcm"]
+    for f in files:
+        f.write_bytes(b"x")
+    association = index.open_association(calling_ae, "DICOM_AI", "192.0.2.7")
+    index.add_instance(
+        InstanceRecord(
+            "1.1", "1.2.840.10008.5.1.4.1.1.2", "5.5", "9.9", "CT", files[0], association
+        )
+    )
+    (job_id,) = index.start_run("5.5", [RunPlan("ct", "ct-body", (destination,))], "")
+    index.claim_pending_jobs(1)
+    index.finish_job(job_id, files, (destination,))
+    return index, files
+
+
+def _deliverer(index: Index, **destinations: Any) -> Deliverer:
+    return Deliverer(
+        index,
+        destinations,
+        "DICOM_AI",
+        DeliveryConfig(max_attempts=3),
+        senders={"CT1": DicomDestination(ae_title="CT1_STORE", host="192.0.2.7", port=4006)},
+    )
+
+
+def test_return_to_sender_uses_the_calling_ae_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index, _ = _job(tmp_path, "CT1", SENDER)
+    scu = Recorder()
+    monkeypatch.setattr(delivery, "send_files", scu)
+    assert _deliverer(index).run_due() == 1
+    ((peer, *_),) = scu.calls
+    assert (peer.ae_title, peer.host, peer.port) == ("CT1_STORE", "192.0.2.7", 4006)
+    assert [d.state for d in index.deliveries()] == ["delivered"]
+
+
+def test_unknown_sender_is_dead_letter_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index, _ = _job(tmp_path, "STRANGER", SENDER)
+    scu = Recorder()
+    monkeypatch.setattr(delivery, "send_files", scu)
+    assert _deliverer(index).run_due() == 0
+    assert scu.calls == []
+    (record,) = index.deliveries()
+    assert record.state == "dead"
+    assert "calling AE 'STRANGER'" in (record.last_error or "")
+    assert "192.0.2.7" in (record.last_error or "")
+
+
+def test_dicomweb_destination_goes_by_stow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index, _ = _job(tmp_path, "CT1", "web")
+    stow, scu = Recorder(), Recorder()
+    monkeypatch.setattr(delivery, "stow_files", stow)
+    monkeypatch.setattr(delivery, "send_files", scu)
+    web = DicomWebDestination(url="http://pacs.local/dicom-web")
+    assert _deliverer(index, web=web).run_due() == 1
+    assert scu.calls == []
+    ((url, *_),) = stow.calls
+    assert url == "http://pacs.local/dicom-web"
+
+
+def test_dicomweb_failure_status_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index, _ = _job(tmp_path, "CT1", "web")
+    monkeypatch.setattr(delivery, "stow_files", Recorder(status=0xA700))
+    web = DicomWebDestination(url="http://pacs.local/dicom-web")
+    assert _deliverer(index, web=web).run_due() == 0
+    (record,) = index.deliveries()
+    assert record.state == "pending" and "0xA700" in (record.last_error or "")
