@@ -5,6 +5,7 @@ Real peers over loopback: DCMTK echoscu/storescu/storescp (also with +tls) again
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -211,11 +212,13 @@ def test_tls_receive_and_send(
             check=False,
         )
         assert echo.returncode == 0 and "Success" in echo.stdout, echo.stdout + echo.stderr
-        sent = storescu(
-            tls_port,
-            series,
-            options=_dcmtk_tls(pki.client_key, pki.client_certificate, pki.ca),
-        )
+        # A client that connects and says nothing must not hold up the TLS handshakes of others.
+        with socket.create_connection(("127.0.0.1", tls_port)):
+            sent = storescu(
+                tls_port,
+                series,
+                options=_dcmtk_tls(pki.client_key, pki.client_certificate, pki.ca),
+            )
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(lambda: len(pacs.files()) >= 2, DEADLINE, "results at the TLS PACS", 0.5)
         time.sleep(1.0)
