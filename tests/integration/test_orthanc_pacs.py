@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,11 @@ from pydicom.uid import generate_uid
 
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.dicom_validation import assert_sr_template_valid
-from tests.integration.results_check import check_delivered, segment_voxel_counts, split_results
+from tests.integration.results_check import (
+    check_phantom_results,
+    segment_voxel_counts,
+    source_headers,
+)
 from tests.orthanc_setup import (
     docker_orthanc,
     docker_orthanc_config,
@@ -87,13 +90,21 @@ def _await_decisions(orthanc: Orthanc, series_ids: list[str]) -> dict[str, str]:
     return _forward_decisions(orthanc)
 
 
+def _download_results(orthanc: Orthanc, study_id: str, directory: Path) -> list[Path]:
+    """The SEG and SR instances of the study, as Orthanc stores them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for modality, series_list in _series_by_modality(orthanc, study_id).items():
+        for series in series_list if modality in ("SEG", "SR") else []:
+            for instance in series["Instances"]:
+                path = directory / f"{instance}.dcm"
+                path.write_bytes(orthanc.rest("GET", f"/instances/{instance}/file"))
+                files.append(path)
+    return files
+
+
 def _sop_uids(paths: list[Path]) -> set[str]:
     return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
-
-
-def _index_rows(node: NodeProcess, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(f"file:{node.data_dir / 'index.sqlite3'}?mode=ro", uri=True) as db:
-        return db.execute(sql).fetchall()
 
 
 # --- the acceptance test: upload to Orthanc, results come back --------------------------
@@ -171,19 +182,10 @@ def test_upload_to_orthanc_comes_back_with_seg_and_sr(
 
     # The objects as Orthanc stores them: dciodvfy, geometry, references, volumes
     # (check_delivered), PixelMed's TID 1500 check, and a highdicom read back.
-    files = []
-    for name, series in (("seg.dcm", seg_series), ("sr.dcm", sr_series)):
-        path = tmp_path / name
-        path.write_bytes(orthanc.rest("GET", f"/instances/{series['Instances'][0]}/file"))
-        files.append(path)
-    delivered = split_results(files)
-    sources: dict[str, Dataset] = {
-        str(ds.SOPInstanceUID): ds for ds in (dcmread(p, stop_before_pixels=True) for p in paths)
-    }
-    voxel_mm3 = spec.pixel_spacing_mm**2 * spec.slice_thickness_mm
-    check_delivered(delivered, sources, voxel_mm3, min_segments=3)
+    files = _download_results(orthanc, study_id, tmp_path / "results")
+    delivered = check_phantom_results(files, paths, spec, min_segments=3)
     assert "Found Root Template TID_1500" in assert_sr_template_valid(delivered.sr_path)
-    _check_highdicom_read_back(delivered.seg_path, delivered.sr_path, list(sources))
+    _check_highdicom_read_back(delivered.seg_path, delivered.sr_path, list(source_headers(paths)))
 
     # Not bounced: forward.lua declined the SEG and SR series, and the node holds only the CT.
     decisions = _await_decisions(orthanc, [ct["ID"], seg_series["ID"], sr_series["ID"]])
@@ -191,9 +193,9 @@ def test_upload_to_orthanc_comes_back_with_seg_and_sr(
     for result in (seg_series, sr_series):
         assert decisions[result["ID"]].startswith("not forwarded"), decisions
     time.sleep(2)  # a forward, had there been one, would reach the node within this
-    modalities = _index_rows(node, "SELECT modality, COUNT(*) FROM series GROUP BY modality")
+    modalities = node.index_rows("SELECT modality, COUNT(*) FROM series GROUP BY modality")
     assert modalities == [("CT", 1)], modalities
-    received = _index_rows(node, "SELECT series_instance_uid, COUNT(*) FROM instances GROUP BY 1")
+    received = node.index_rows("SELECT series_instance_uid, COUNT(*) FROM instances GROUP BY 1")
     assert received == [(spec.series_instance_uid, len(paths))], received
     print(f"upload -> SEG and SR in Orthanc: {elapsed:.1f} s")
 
@@ -280,3 +282,59 @@ def test_forwarder_sends_new_series_but_never_results_or_what_the_node_stored(
     assert "Modality SR is a result" in decisions[series_of[uid["sr"]]]
     assert "stored by the node itself" in decisions[series_of[uid["node"]]]
     assert received == _sop_uids(uploaded_ct)
+
+
+# --- a push from Orthanc's REST API to a called AE, results back to the sender -----------
+
+
+def test_orthanc_push_to_called_ae_returns_to_sender(tmp_path: Path) -> None:
+    """POST /modalities/{id}/store sends a series to the node's AI_CT title, whose rules send
+    the results to `sender`: the calling AE ORTHANC resolves to Orthanc's DICOM port."""
+    node_port = free_port()
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        settings={"DicomModalities": {"ai-ct": ["AI_CT", "127.0.0.1", node_port]}},
+    )
+    rules = tmp_path / "ct.yaml"
+    rules.write_text(
+        "rules:\n  - name: ct-back\n    match: {Modality: {equals: CT}}\n"
+        "    model: ct-body\n    destinations: [sender]\n"
+    )
+    config = node_config(
+        tmp_path / "node",
+        free_port(),  # the configured PACS is not used: results go back to the sender
+        node={"port": node_port},
+        called_aes={"AI_CT": {"rules": str(rules), "allowed_calling_aes": [orthanc.ae_title]}},
+        senders={
+            orthanc.ae_title: {
+                "ae_title": orthanc.ae_title,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        },
+    )
+    node = NodeProcess(tmp_path / "node", config)
+    spec = PhantomSpec(slices=12, rows=128, columns=128, pixel_spacing_mm=3.0)
+    paths = write_phantom_ct(tmp_path / "ct", spec)
+    try:
+        orthanc.start()
+        node.start()
+        orthanc.upload(paths)
+        study_id = _study_id(orthanc, spec.study_instance_uid)
+        (ct_series_id,) = [s["ID"] for s in orthanc.rest("GET", f"/studies/{study_id}/series")]
+        orthanc.rest("POST", "/modalities/ai-ct/store", ct_series_id.encode())
+        wait_until(
+            lambda: {"SEG", "SR"} <= set(_series_by_modality(orthanc, study_id)),
+            RESULTS_DEADLINE_S,
+            "SEG and SR back in Orthanc",
+            0.5,
+        )
+        rows = node.index_rows("SELECT destination, state FROM deliveries")
+        calling = node.index_rows("SELECT DISTINCT calling_ae, called_ae FROM associations")
+        files = _download_results(orthanc, study_id, tmp_path / "results")
+    finally:
+        node.stop()
+        orthanc.stop()
+    assert rows == [("sender", "delivered")]
+    assert calling == [(orthanc.ae_title, "AI_CT")]
+    check_phantom_results(files, paths, spec)
