@@ -38,18 +38,33 @@ __all__ = [
     "NodeConfig",
     "PipelineConfig",
     "ServerTLSConfig",
+    "bind_sender",
+    "bound_sender",
     "load_config",
 ]
 
 REPO_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
 BUILTIN_MODELS = frozenset({"ct-body"})
-# The destination that means "whoever sent the series": resolved through `senders`.
+# The destination that means "whoever sent the series": resolved through `senders`. A job's
+# delivery records it bound to the calling AE that sent the series: "sender:CT_SCANNER_1".
 SENDER = "sender"
 
+
+def bind_sender(destination: str, calling_ae: str) -> str:
+    return f"{SENDER}:{calling_ae}" if destination == SENDER else destination
+
+
+def bound_sender(destination: str) -> str | None:
+    """The calling AE of a bound ``sender`` destination, else None."""
+    prefix = f"{SENDER}:"
+    return destination[len(prefix) :] if destination.startswith(prefix) else None
+
+
 # AE titles: 1-16 characters of the default repertoire, no backslash (PS3.5 6.2, VR AE).
+# Leading and trailing spaces are not significant on the wire, so they are refused here.
 AETitle = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]*\S[^\\\x00-\x1f]*$"),
+    StringConstraints(min_length=1, max_length=16, pattern=r"^[^\\\s](?:[^\\\x00-\x1f]*[^\\\s])?$"),
 ]
 
 
@@ -106,6 +121,8 @@ class NodeConfig(_Strict):
     def _listens(self) -> NodeConfig:
         if self.port is None and self.tls is None:
             raise ValueError("set port, tls, or both: the node must listen somewhere")
+        if self.tls is not None and self.port is not None and self.tls.port == self.port != 0:
+            raise ValueError("tls.port must differ from port")
         return self
 
 
@@ -117,6 +134,8 @@ class CalledAEConfig(_Strict):
     allowed_calling_aes: list[AETitle] = Field(default_factory=list)
     # Addresses or networks (CIDR); empty: any address.
     allowed_addresses: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+    # Refuse associations to this title on the plain port: TLS only.
+    require_tls: bool = False
 
 
 class DicomDestination(_Strict):

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from dicom_ai.assembly import AssemblyPolicy
-from dicom_ai.config import Config
+from dicom_ai.config import SENDER, Config, bind_sender
 from dicom_ai.dimse.scp import AccessPolicy, CalledAE, StorageSCP
 from dicom_ai.dimse.tls import server_context
 from dicom_ai.errors import ConfigError, InputError
@@ -58,7 +58,10 @@ def access_policy(config: Config) -> AccessPolicy:
     return AccessPolicy(
         {
             title: CalledAE(
-                title, frozenset(called.allowed_calling_aes), tuple(called.allowed_addresses)
+                title,
+                frozenset(called.allowed_calling_aes),
+                tuple(called.allowed_addresses),
+                called.require_tls,
             )
             for title, called in config.called_ae_table().items()
         }
@@ -76,6 +79,17 @@ class Node:
             rules = load_rules(called.rules)
             check_rules_against_config(rules, config, called.rules)
             self.rules[title] = _LoadedRules(called.rules, called.rules.stat().st_mtime, rules)
+        uses_sender = any(SENDER in loaded.rules.destinations for loaded in self.rules.values())
+        if uses_sender and not config.senders:
+            log.warning("rules send to %r but no senders are configured", SENDER)
+        if config.node.tls and config.node.port is not None:
+            plain = [t for t, c in config.called_ae_table().items() if not c.require_tls]
+            if plain:
+                log.warning(
+                    "TLS is on, but %s also answer on plain port %d (require_tls, or port: null)",
+                    ", ".join(plain),
+                    config.node.port,
+                )
         self.assembly = AssemblyPolicy(
             config.pipeline.quiet_seconds, config.pipeline.release_grace_seconds
         )
@@ -134,7 +148,8 @@ class Node:
         orphans = self.index.unindexed(self.spool.instance_files())
         if not orphans:
             return 0
-        # The called AE is not in the file: with one title it is that one, else unknown.
+        # The called AE is not in the file. A known series keeps the association it came
+        # with; for a new one: with one title it is that one, else the node's own.
         titles = list(self.config.called_ae_table())
         called = titles[0] if len(titles) == 1 else self.config.node.ae_title
         association_id = self.index.open_association("", called, "")
@@ -144,6 +159,7 @@ class Node:
             except (InputError, OSError) as exc:
                 log.error("spooled file %s cannot be reindexed: %s", path, exc)
                 continue
+            known = self.index.series_last_association(header.series_instance_uid)
             self.index.add_instance(
                 InstanceRecord(
                     header.sop_instance_uid,
@@ -152,7 +168,7 @@ class Node:
                     header.study_instance_uid,
                     header.modality,
                     path,
-                    association_id,
+                    association_id if known is None else known,
                 )
             )
         self.index.close_association(association_id)
@@ -216,23 +232,28 @@ class Node:
         uid = series.series_instance_uid
         paths = self.index.series_instance_paths(uid)
         header = dcmread(paths[-1], stop_before_pixels=True)
-        calling, called, ip = self.index.series_sender(uid)
-        loaded = self.rules.get(called)
-        if loaded is None:
-            # Received on a title the node no longer serves (config changed since).
-            self.index.start_run(uid, [], f"called AE {called!r} is no longer configured")
-            log.warning(
-                "series %s came in on called AE %r, which has no rules now; kept, not processed",
-                uid,
-                called,
-            )
-            return
-        evaluation = loaded.rules.evaluate(header, SenderContext(calling, called, ip))
-        plans = [RunPlan(d.rule, d.model, d.destinations) for d in evaluation.decisions if d.model]
-        if evaluation.decisions:
-            note = "; ".join(f"{d.rule}: {', '.join(d.reasons)}" for d in evaluation.decisions)
-        else:
-            note = "no rule matched"
+        plans: list[RunPlan] = []
+        notes: list[str] = []
+        # Each called AE title that received this batch routes it by its own rules only.
+        seen: set[str] = set()
+        for calling, called, ip in self.index.series_senders(uid):
+            if called in seen:
+                continue
+            seen.add(called)
+            loaded = self.rules.get(called)
+            if loaded is None:
+                # Received on a title the node no longer serves (config changed since).
+                notes.append(f"called AE {called!r} is no longer configured")
+                continue
+            evaluation = loaded.rules.evaluate(header, SenderContext(calling, called, ip))
+            for d in evaluation.decisions:
+                notes.append(f"{called}/{d.rule}: {', '.join(d.reasons)}")
+                if d.model:
+                    destinations = tuple(bind_sender(name, calling) for name in d.destinations)
+                    plan = RunPlan(d.rule, d.model, destinations)
+                    if all((p.model, p.destinations) != (d.model, destinations) for p in plans):
+                        plans.append(plan)
+        note = "; ".join(notes) or "no rule matched"
         job_ids = self.index.start_run(uid, plans, note)
         if job_ids:
             log.info(

@@ -57,7 +57,7 @@ class _Session(requests.Session):
         return super().request(*args, **kwargs)
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     """``url`` without user:password, for messages and logs."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
@@ -131,7 +131,7 @@ def stow_files(
     """
     if not paths:
         return []
-    where = _redacted(url)
+    where = redacted_url(url)
     read = [_read(path) for path in paths]
     uids = {uid for _, uid in read}
 

@@ -97,6 +97,7 @@ class CalledAE:
     ae_title: str
     allowed_calling_aes: frozenset[str] = frozenset()
     allowed_networks: tuple[_Network, ...] = ()
+    require_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,18 @@ class Rejection:
 class AccessPolicy:
     called_aes: Mapping[str, CalledAE] = field(default_factory=dict)
 
-    def check(self, called_ae: str, calling_ae: str, address: str) -> Rejection | None:
+    def check(
+        self, called_ae: str, calling_ae: str, address: str, tls: bool = False
+    ) -> Rejection | None:
         """None when the association may proceed, else why not."""
         called = self.called_aes.get(called_ae.strip())
         if called is None:
             return Rejection(_CALLED_AE_NOT_RECOGNIZED, f"called AE {called_ae!r} is not served")
+        if called.require_tls and not tls:
+            # No reason code for "use TLS" either; the connection is not acceptable as it is.
+            return Rejection(
+                _CALLING_AE_NOT_RECOGNIZED, f"{called.ae_title} accepts TLS connections only"
+            )
         if called.allowed_calling_aes and calling_ae.strip() not in called.allowed_calling_aes:
             return Rejection(
                 _CALLING_AE_NOT_RECOGNIZED,
@@ -154,7 +162,8 @@ class _AccessControlledACSE(ACSE):
         called = str(request.called_ae_title).strip()
         calling = str(request.calling_ae_title).strip()
         address = str(self.requestor.address)
-        rejection = self._policy.check(called, calling, address)
+        tls = isinstance(getattr(self.assoc.dul.socket, "socket", None), ssl.SSLSocket)
+        rejection = self._policy.check(called, calling, address, tls)
         if rejection is not None:
             log.warning(
                 "association from %s@%s to %s rejected: %s",

@@ -79,7 +79,8 @@ def echo(
 ) -> int:
     """C-ECHO; returns the status, raises DeliveryError when no association is possible."""
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # connection_timeout also bounds the TLS handshake, done inside connect().
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = _associate(ae, peer, tls)
     try:
@@ -128,7 +129,8 @@ def _send_batch(
     tls: ssl.SSLContext | None,
 ) -> list[SendResult]:
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # connection_timeout also bounds the TLS handshake, done inside connect().
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class, transfer_syntax in contexts:
         ae.add_requested_context(sop_class, transfer_syntax)
     assoc = _associate(ae, peer, tls)

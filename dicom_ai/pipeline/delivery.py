@@ -11,18 +11,20 @@ Destinations are DIMSE peers (C-STORE, optionally over TLS), DICOMweb servers (S
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dicom_ai.config import (
-    SENDER,
     DeliveryConfig,
     DestinationConfig,
     DicomDestination,
     DicomWebDestination,
+    bound_sender,
 )
 from dicom_ai.dicomweb import stow_files
+from dicom_ai.dicomweb.stow import redacted_url
 from dicom_ai.dimse.scu import Peer, send_files
 from dicom_ai.dimse.status import SendResult
 from dicom_ai.dimse.tls import client_context
@@ -58,6 +60,11 @@ class Deliverer:
         self.calling_ae = calling_ae
         self.policy = policy
         self.senders = senders or {}
+        # Built once: a certificate that cannot be loaded is a config error at start.
+        self._tls: dict[int, ssl.SSLContext] = {}
+        for destination in [*destinations.values(), *self.senders.values()]:
+            if isinstance(destination, DicomDestination) and destination.tls is not None:
+                self._tls[id(destination)] = client_context(destination.tls)
 
     def run_due(self, now: float | None = None) -> int:
         """Attempt every delivery that is due; returns how many were delivered."""
@@ -104,19 +111,15 @@ class Deliverer:
 
     def _resolve(self, record: DeliveryRecord) -> tuple[DestinationConfig | None, str]:
         """The destination to send to, or None and why it cannot be resolved (final)."""
-        if record.destination != SENDER:
+        calling_ae = bound_sender(record.destination)
+        if calling_ae is None:
             destination = self.destinations.get(record.destination)
             if destination is None:
                 return None, f"destination {record.destination!r} is not configured"
             return destination, ""
-        job = self.index.job(record.job_id)
-        calling_ae, _, address = self.index.series_sender(job.series_instance_uid)
         peer = self.senders.get(calling_ae)
         if peer is None:
-            return None, (
-                f"return to sender: calling AE {calling_ae!r} (from {address or 'unknown'}) "
-                "has no entry in senders"
-            )
+            return None, f"return to sender: calling AE {calling_ae!r} has no entry in senders"
         return peer, ""
 
     def _send(self, destination: DestinationConfig, files: Sequence[Path]) -> list[SendResult]:
@@ -124,8 +127,7 @@ class Deliverer:
         if isinstance(destination, DicomWebDestination):
             return stow_files(destination.url, files, timeout, destination.ca_certificates)
         peer = Peer(destination.ae_title, destination.host, destination.port)
-        tls = client_context(destination.tls) if destination.tls else None
-        return send_files(peer, files, self.calling_ae, timeout, tls=tls)
+        return send_files(peer, files, self.calling_ae, timeout, tls=self._tls.get(id(destination)))
 
     def _failed(self, record: DeliveryRecord, error: str, final: bool) -> None:
         attempts = record.attempts + 1
@@ -151,6 +153,6 @@ class Deliverer:
 
 def _describe(destination: DestinationConfig) -> str:
     if isinstance(destination, DicomWebDestination):
-        return destination.url
+        return redacted_url(destination.url)
     tls = " (TLS)" if destination.tls else ""
     return f"{destination.ae_title}@{destination.host}:{destination.port}{tls}"

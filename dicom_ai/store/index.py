@@ -256,15 +256,26 @@ class Index:
         )
         return [Path(str(r[0])) for r in rows]
 
-    def series_sender(self, series_uid: str) -> tuple[str, str, str]:
-        """(calling AE, called AE, source IP) of the association that last delivered to it."""
+    def series_senders(self, series_uid: str) -> list[tuple[str, str, str]]:
+        """(calling AE, called AE, source IP) of each association that delivered the series'
+        current batch, first come first; the last association's when the batch has none."""
         rows = self._query(
+            "SELECT DISTINCT a.calling_ae, a.called_ae, a.source_ip FROM series_associations sa "
+            "JOIN associations a ON a.id = sa.association_id "
+            "WHERE sa.series_instance_uid = ? ORDER BY a.id",
+            (series_uid,),
+        ) or self._query(
             "SELECT a.calling_ae, a.called_ae, a.source_ip FROM series s "
             "JOIN associations a ON a.id = s.last_association_id WHERE s.series_instance_uid = ?",
             (series_uid,),
         )
-        calling, called, ip = rows[0]
-        return str(calling), str(called), str(ip)
+        return [(str(c), str(d), str(ip)) for c, d, ip in rows]
+
+    def series_last_association(self, series_uid: str) -> int | None:
+        rows = self._query(
+            "SELECT last_association_id FROM series WHERE series_instance_uid = ?", (series_uid,)
+        )
+        return int(rows[0][0]) if rows else None
 
     def start_run(self, series_uid: str, plans: Sequence[RunPlan], note: str) -> list[int]:
         """Close the series' current batch of instances into a run with one job per plan."""

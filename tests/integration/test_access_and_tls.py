@@ -16,7 +16,16 @@ import pytest
 
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.integration.results_check import check_phantom_results
-from tests.peers import NodeProcess, StoreSCP, echoscu, free_port, node_config, storescu, wait_until
+from tests.peers import (
+    REPO,
+    NodeProcess,
+    StoreSCP,
+    echoscu,
+    free_port,
+    node_config,
+    storescu,
+    wait_until,
+)
 from tests.tls_certs import Pki, make_pki
 
 DEADLINE = 120
@@ -140,7 +149,7 @@ def test_return_to_sender(
     assert pacs.files() == []
     check_phantom_results(modality.files(), series_a, spec_a)
     states = sorted((d, s) for d, s, _ in deliveries)
-    assert states == [("sender", "dead"), ("sender", "delivered")]
+    assert states == [("sender:CT_SCANNER", "delivered"), ("sender:STRANGER", "dead")]
     (error,) = [e for _, s, e in deliveries if s == "dead"]
     assert "calling AE 'STRANGER'" in error and "no entry in senders" in error
 
@@ -175,6 +184,9 @@ def test_tls_receive_and_send(
                 "require_client_certificate": True,
             }
         },
+        called_aes={
+            "DICOM_AI": {"rules": str(REPO / "rules" / "default.yaml"), "require_tls": True}
+        },
         destinations={
             "pacs": {
                 "ae_title": "PACS",
@@ -192,6 +204,9 @@ def test_tls_receive_and_send(
     try:
         plain = storescu(tls_port, series[:1])
         assert plain.returncode != 0
+        # The plain port is open, but this title takes TLS only.
+        assert _rejected(echoscu(node.port), "Calling AE Title Not Recognized")
+        assert storescu(node.port, series[:1]).returncode != 0
         rogue = storescu(
             tls_port, series[:1], options=_dcmtk_tls(pki.rogue_key, pki.rogue_certificate, pki.ca)
         )
@@ -228,6 +243,7 @@ def test_tls_receive_and_send(
     assert len(node.index_rows("SELECT 1 FROM instances")) == len(series)
     check_phantom_results(pacs.files(), series, spec)
     assert "(TLS)" in node.log_text()
+    assert "DICOM_AI accepts TLS connections only" in node.log_text()
 
 
 def test_no_phi_in_logs(tmp_path: Path, pacs: StoreSCP) -> None:

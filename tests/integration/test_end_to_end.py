@@ -130,9 +130,7 @@ def test_kill9_after_ack_resumes_and_delivers_once(
         sent = storescu(node.port, paths)
         assert sent.returncode == 0, sent.stdout + sent.stderr  # every instance acknowledged
         wait_until(
-            lambda: bool(
-                node.index_rows("SELECT id FROM jobs WHERE state IN ('running', 'done')")
-            ),
+            lambda: bool(node.index_rows("SELECT id FROM jobs WHERE state IN ('running', 'done')")),
             120,
             "the job to start",
         )

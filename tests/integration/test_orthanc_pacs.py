@@ -335,6 +335,6 @@ def test_orthanc_push_to_called_ae_returns_to_sender(tmp_path: Path) -> None:
     finally:
         node.stop()
         orthanc.stop()
-    assert rows == [("sender", "delivered")]
+    assert rows == [(f"sender:{orthanc.ae_title}", "delivered")]
     assert calling == [(orthanc.ae_title, "AI_CT")]
     check_phantom_results(files, paths, spec)

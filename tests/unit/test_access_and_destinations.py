@@ -15,6 +15,7 @@ from dicom_ai.config import (
     DeliveryConfig,
     DicomDestination,
     DicomWebDestination,
+    bind_sender,
     load_config,
 )
 from dicom_ai.dimse.scp import AccessPolicy, CalledAE
@@ -30,6 +31,7 @@ POLICY = AccessPolicy(
         "AI_CT": CalledAE("AI_CT", frozenset({"CT1", "CT2"})),
         "AI_MR": CalledAE("AI_MR", allowed_networks=(ip_network("10.1.0.0/16"),)),
         "AI_ALL": CalledAE("AI_ALL"),
+        "AI_TLS": CalledAE("AI_TLS", require_tls=True),
     }
 )
 
@@ -46,11 +48,16 @@ POLICY = AccessPolicy(
         ("AI_MR", "ANY", "not-an-address", 0x03),
         ("AI_ALL", "ANYONE", "203.0.113.1", None),
         ("DICOM_AI", "CT1", "192.0.2.7", 0x07),
+        ("AI_TLS", "CT1", "192.0.2.7", 0x03),  # plain TCP to a TLS-only title
     ],
 )
 def test_access_policy(called: str, calling: str, address: str, diagnostic: int | None) -> None:
     rejection = POLICY.check(called, calling, address)
     assert (rejection.diagnostic if rejection else None) == diagnostic
+
+
+def test_tls_only_title_accepts_tls() -> None:
+    assert POLICY.check("AI_TLS", "CT1", "192.0.2.7", tls=True) is None
 
 
 def _write(path: Path, text: str) -> Path:
@@ -146,9 +153,11 @@ def _job(tmp_path: Path, calling_ae: str, destination: str) -> tuple[Index, list
             "1.1", "1.2.840.10008.5.1.4.1.1.2", "5.5", "9.9", "CT", files[0], association
         )
     )
-    (job_id,) = index.start_run("5.5", [RunPlan("ct", "ct-body", (destination,))], "")
+    # The node binds `sender` to the calling AE when it plans the run.
+    bound = bind_sender(destination, calling_ae)
+    (job_id,) = index.start_run("5.5", [RunPlan("ct", "ct-body", (bound,))], "")
     index.claim_pending_jobs(1)
-    index.finish_job(job_id, files, (destination,))
+    index.finish_job(job_id, files, (bound,))
     return index, files
 
 
@@ -184,8 +193,8 @@ def test_unknown_sender_is_dead_letter_at_once(
     assert scu.calls == []
     (record,) = index.deliveries()
     assert record.state == "dead"
+    assert record.destination == "sender:STRANGER"
     assert "calling AE 'STRANGER'" in (record.last_error or "")
-    assert "192.0.2.7" in (record.last_error or "")
 
 
 def test_dicomweb_destination_goes_by_stow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,3 +218,54 @@ def test_dicomweb_failure_status_is_retried(
     assert _deliverer(index, web=web).run_due() == 0
     (record,) = index.deliveries()
     assert record.state == "pending" and "0xA700" in (record.last_error or "")
+
+
+def test_each_called_ae_routes_its_batch_by_its_own_rules(tmp_path: Path) -> None:
+    """One series reaches AI_CT and AI_ALL (not AI_MR): both titles' rules run, AI_MR's
+    never; `sender` is bound to the calling AE of the title whose rule named it."""
+    from dicom_ai.node import Node
+    from dicom_ai.store.index import PendingSeries
+    from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
+
+    def rules(name: str, destination: str) -> str:
+        path = _write(
+            tmp_path / f"{name}.yaml",
+            f"rules:\n  - name: {name}\n    match: {{Modality: {{equals: CT}}}}\n"
+            f"    model: ct-body\n    destinations: [{destination}]\n",
+        )
+        return str(path)
+
+    config = load_config(
+        _write(
+            tmp_path / "node.yaml",
+            f"node: {{data_dir: data, port: 0}}\n"
+            f"called_aes:\n"
+            f"  AI_CT: {{rules: {rules('ct-a', 'pacs')}}}\n"
+            f"  AI_ALL: {{rules: {rules('all-b', SENDER)}}}\n"
+            f"  AI_MR: {{rules: {rules('mr-c', 'pacs')}}}\n",
+        )
+    )
+    spec = PhantomSpec(slices=2, rows=16, columns=16)
+    paths = write_phantom_ct(tmp_path / "ct", spec)
+    node = Node(config)
+    try:
+        for path, (calling, called) in zip(
+            paths, [("CT1", "AI_CT"), ("PACS1", "AI_ALL")], strict=True
+        ):
+            association = node.index.open_association(calling, called, "192.0.2.7")
+            node.index.add_instance(
+                InstanceRecord(
+                    path.stem,
+                    "1.2.840.10008.5.1.4.1.1.2",
+                    spec.series_instance_uid,
+                    spec.study_instance_uid,
+                    "CT",
+                    path,
+                    association,
+                )
+            )
+        node._route(PendingSeries(spec.series_instance_uid, 0.0, 0, None))
+        jobs = {(j.rule, j.destinations) for j in node.index.jobs()}
+    finally:
+        node.index.close()
+    assert jobs == {("ct-a", ("pacs",)), ("all-b", ("sender:PACS1",))}

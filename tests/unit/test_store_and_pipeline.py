@@ -73,7 +73,7 @@ def test_index_series_runs_jobs_and_deliveries(tmp_path: Path) -> None:
     index.close_association(association)
     (pending,) = index.pending_series()
     assert pending.open_associations == 0 and pending.last_closed_at is not None
-    assert index.series_sender("5.5") == ("SCANNER", "DICOM_AI", "127.0.0.1")
+    assert index.series_senders("5.5") == [("SCANNER", "DICOM_AI", "127.0.0.1")]
 
     (job_id,) = index.start_run("5.5", [RunPlan("ct", "ct-body", ("pacs",))], "ct: matched")
     assert index.pending_series() == []
