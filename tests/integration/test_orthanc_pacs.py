@@ -329,6 +329,12 @@ def test_orthanc_push_to_called_ae_returns_to_sender(tmp_path: Path) -> None:
             "SEG and SR back in Orthanc",
             0.5,
         )
+        # Orthanc has the SR a moment before the node records the delivery.
+        wait_until(
+            lambda: node.index_rows("SELECT state FROM deliveries") == [("delivered",)],
+            30,
+            "the delivery to be recorded",
+        )
         rows = node.index_rows("SELECT destination, state FROM deliveries")
         calling = node.index_rows("SELECT DISTINCT calling_ae, called_ae FROM associations")
         files = _download_results(orthanc, study_id, tmp_path / "results")

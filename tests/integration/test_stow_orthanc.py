@@ -94,6 +94,12 @@ def test_node_delivers_results_by_stow_rs(orthanc: Orthanc, tmp_path: Path) -> N
         sent = storescu(node.port, series)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(lambda: len(result_series()) == 2, 120, "SEG and SR by STOW-RS", 0.5)
+        # Orthanc lists them a moment before the node records the delivery.
+        wait_until(
+            lambda: node.index_rows("SELECT state FROM deliveries") == [("delivered",)],
+            30,
+            "the delivery to be recorded",
+        )
         rows = node.index_rows("SELECT destination, state FROM deliveries")
     finally:
         node.stop()
