@@ -1,9 +1,10 @@
 """Ingest: one 300-slice 512x512 CT from DCMTK storescu to the node, storescp and Orthanc.
 
-    .venv/bin/python -m benchmarks.ingest [--slices 300] [--runs 3] [--no-nodelay]
+    .venv/bin/python -m benchmarks.ingest [--slices 300] [--runs 3] [--no-nodelay] [--tls]
 
 Every receiver runs in the same invocation on loopback, with the same files and the same
-storescu settings (TCP_NODELAY=1 unless --no-nodelay). Prints img/s per run, the median,
+storescu settings (TCP_NODELAY=1 unless --no-nodelay; with --tls, DICOM TLS with client
+certificates on every receiver, certificates made for the run). Prints img/s per run, the median,
 and the node's ratio to each peer. The node keeps fsync-before-Success; Orthanc runs with its
 default (synchronous) storage; storescp does not fsync.
 """
@@ -20,37 +21,76 @@ from pathlib import Path
 
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, Orthanc, StoreSCP, free_port, node_config, storescu
+from tests.tls_certs import Pki
 
 
-def _timed_send(port: int, ae_title: str, files: list[Path], nodelay: bool) -> float:
+def _dcmtk_tls(pki: Pki | None, client: bool) -> list[str]:
+    if pki is None:
+        return []
+    key, cert = (
+        (pki.client_key, pki.client_certificate)
+        if client
+        else (pki.server_key, pki.server_certificate)
+    )
+    return ["+tls", str(key), str(cert), "+cf", str(pki.ca)]
+
+
+def _timed_send(
+    port: int, ae_title: str, files: list[Path], nodelay: bool, pki: Pki | None = None
+) -> float:
     started = time.perf_counter()
-    result = storescu(port, files, ae_title=ae_title, nodelay=nodelay)
+    options = _dcmtk_tls(pki, client=True)
+    result = storescu(port, files, ae_title=ae_title, nodelay=nodelay, options=options)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"storescu to {ae_title} failed:\n{result.stdout}{result.stderr}")
     return elapsed
 
 
-def _run(receiver: str, work: Path, files: list[Path], nodelay: bool) -> float:
+def _run(
+    receiver: str, work: Path, files: list[Path], nodelay: bool, pki: Pki | None = None
+) -> float:
     """Seconds for one storescu run against a freshly started receiver."""
     work.mkdir(parents=True)
     if receiver == "storescp":
-        scp = StoreSCP(work / "out").start()
+        scp = StoreSCP(work / "out", tls=_dcmtk_tls(pki, client=False)).start()
         try:
-            return _timed_send(scp.port, "PACS", files, nodelay)
+            return _timed_send(scp.port, "PACS", files, nodelay, pki)
         finally:
             scp.stop()
     if receiver == "orthanc":
-        orthanc = Orthanc(work).start(nodelay=True)
+        settings = {}
+        if pki is not None:
+            settings = {
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(pki.server_certificate),
+                "DicomTlsPrivateKey": str(pki.server_key),
+                "DicomTlsTrustedCertificates": str(pki.ca),
+                "DicomTlsRemoteCertificateRequired": True,
+            }
+        orthanc = Orthanc(work, settings=settings).start(nodelay=True)
         try:
-            return _timed_send(orthanc.dicom_port, "ORTHANC", files, nodelay)
+            return _timed_send(orthanc.dicom_port, "ORTHANC", files, nodelay, pki)
         finally:
             orthanc.stop()
     rules = work / "rules.yaml"
     rules.write_text("rules: []\n")  # receive only: no model competes for the 2 cores
-    node = NodeProcess(work, node_config(work, free_port(), rules=rules)).start()
+    overrides = {}
+    tls_port = free_port()
+    if pki is not None:
+        overrides["node"] = {
+            "tls": {
+                "port": tls_port,
+                "certificate": str(pki.server_certificate),
+                "private_key": str(pki.server_key),
+                "ca_certificates": str(pki.ca),
+                "require_client_certificate": True,
+            }
+        }
+    node = NodeProcess(work, node_config(work, free_port(), rules=rules, **overrides)).start()
     try:
-        return _timed_send(node.port, "DICOM_AI", files, nodelay)
+        port = tls_port if pki is not None else node.port
+        return _timed_send(port, "DICOM_AI", files, nodelay, pki)
     finally:
         node.stop()
 
@@ -62,6 +102,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-nodelay", action="store_true", help="storescu without TCP_NODELAY")
+    parser.add_argument("--tls", action="store_true", help="DICOM TLS with client certificates")
     args = parser.parse_args()
     nodelay = not args.no_nodelay
 
@@ -69,12 +110,17 @@ def main() -> None:
     try:
         files = write_phantom_ct(root / "ct", PhantomSpec(slices=args.slices))
         megabytes = sum(f.stat().st_size for f in files) / 1e6
+        pki = None
+        if args.tls:
+            from tests.tls_certs import make_pki
+
+            pki = make_pki(root / "pki")
         print(
             f"{len(files)} CT slices, {megabytes:.1f} MB; "
-            f"storescu TCP_NODELAY={'1' if nodelay else 'unset'}"
+            f"storescu TCP_NODELAY={'1' if nodelay else 'unset'}; TLS {'on' if pki else 'off'}"
         )
         receivers: dict[str, Callable[[int], float]] = {
-            name: (lambda i, name=name: _run(name, root / f"{name}-{i}", files, nodelay))
+            name: (lambda i, name=name: _run(name, root / f"{name}-{i}", files, nodelay, pki))
             for name in ("dicom-ai", "storescp", "orthanc")
         }
         rates: dict[str, list[float]] = {name: [] for name in receivers}
