@@ -24,22 +24,15 @@ from tests.peers import NodeProcess, Orthanc, StoreSCP, free_port, node_config, 
 from tests.tls_certs import Pki
 
 
-def _dcmtk_tls(pki: Pki | None, client: bool) -> list[str]:
-    if pki is None:
-        return []
-    key, cert = (
-        (pki.client_key, pki.client_certificate)
-        if client
-        else (pki.server_key, pki.server_certificate)
-    )
-    return ["+tls", str(key), str(cert), "+cf", str(pki.ca)]
+def _dcmtk_tls(pki: Pki | None, who: str) -> list[str]:
+    return pki.dcmtk(who) if pki is not None else []
 
 
 def _timed_send(
     port: int, ae_title: str, files: list[Path], nodelay: bool, pki: Pki | None = None
 ) -> float:
     started = time.perf_counter()
-    options = _dcmtk_tls(pki, client=True)
+    options = _dcmtk_tls(pki, "client")
     result = storescu(port, files, ae_title=ae_title, nodelay=nodelay, options=options)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
@@ -53,7 +46,7 @@ def _run(
     """Seconds for one storescu run against a freshly started receiver."""
     work.mkdir(parents=True)
     if receiver == "storescp":
-        scp = StoreSCP(work / "out", tls=_dcmtk_tls(pki, client=False)).start()
+        scp = StoreSCP(work / "out", tls=_dcmtk_tls(pki, "server")).start()
         try:
             return _timed_send(scp.port, "PACS", files, nodelay, pki)
         finally:
@@ -78,15 +71,7 @@ def _run(
     overrides = {}
     tls_port = free_port()
     if pki is not None:
-        overrides["node"] = {
-            "tls": {
-                "port": tls_port,
-                "certificate": str(pki.server_certificate),
-                "private_key": str(pki.server_key),
-                "ca_certificates": str(pki.ca),
-                "require_client_certificate": True,
-            }
-        }
+        overrides["node"] = {"tls": pki.node_tls(tls_port)}
     node = NodeProcess(work, node_config(work, free_port(), rules=rules, **overrides)).start()
     try:
         port = tls_port if pki is not None else node.port

@@ -151,7 +151,8 @@ class DicomWebDestination(_Strict):
     """A DICOMweb origin server: results go by STOW-RS to ``url`` (the service root)."""
 
     url: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")]
-    # For https: CA certificates to verify the server with; None: the system's store.
+    # For https: CA certificates to verify the server with; None: requests' default bundle
+    # (certifi, or REQUESTS_CA_BUNDLE when set).
     ca_certificates: Path | None = None
 
 

@@ -8,6 +8,7 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +26,25 @@ class Pki:
     # Signed by another CA: valid-looking, but not trusted by ours.
     rogue_certificate: Path
     rogue_key: Path
+
+    def dcmtk(self, who: str) -> list[str]:
+        """DCMTK TLS options for ``who`` ("server", "client" or "rogue"), trusting our CA."""
+        key, certificate = {
+            "server": (self.server_key, self.server_certificate),
+            "client": (self.client_key, self.client_certificate),
+            "rogue": (self.rogue_key, self.rogue_certificate),
+        }[who]
+        return ["+tls", str(key), str(certificate), "+cf", str(self.ca)]
+
+    def node_tls(self, port: int) -> dict[str, Any]:
+        """The node's `node.tls` config: our server certificate, client certificates required."""
+        return {
+            "port": port,
+            "certificate": str(self.server_certificate),
+            "private_key": str(self.server_key),
+            "ca_certificates": str(self.ca),
+            "require_client_certificate": True,
+        }
 
 
 def _name(common_name: str) -> x509.Name:

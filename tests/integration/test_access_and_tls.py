@@ -161,31 +161,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _dcmtk_tls(key: Path, certificate: Path, ca: Path) -> list[str]:
-    return ["+tls", str(key), str(certificate), "+cf", str(ca)]
-
-
 def test_tls_receive_and_send(
     tmp_path: Path, pki: Pki, small_ct: tuple[PhantomSpec, list[Path]]
 ) -> None:
     spec, series = small_ct
     # The PACS requires our client certificate (DCMTK's default -rc).
-    pacs = StoreSCP(
-        tmp_path / "pacs", tls=_dcmtk_tls(pki.server_key, pki.server_certificate, pki.ca)
-    ).start()
+    pacs = StoreSCP(tmp_path / "pacs", tls=pki.dcmtk("server")).start()
     tls_port = free_port()
     config = node_config(
         tmp_path / "node",
         pacs.port,
-        node={
-            "tls": {
-                "port": tls_port,
-                "certificate": str(pki.server_certificate),
-                "private_key": str(pki.server_key),
-                "ca_certificates": str(pki.ca),
-                "require_client_certificate": True,
-            }
-        },
+        node={"tls": pki.node_tls(tls_port)},
         called_aes={
             "DICOM_AI": {"rules": str(REPO / "rules" / "default.yaml"), "require_tls": True}
         },
@@ -209,9 +195,7 @@ def test_tls_receive_and_send(
         # The plain port is open, but this title takes TLS only.
         assert _rejected(echoscu(node.port), "Calling AE Title Not Recognized")
         assert storescu(node.port, series[:1]).returncode != 0
-        rogue = storescu(
-            tls_port, series[:1], options=_dcmtk_tls(pki.rogue_key, pki.rogue_certificate, pki.ca)
-        )
+        rogue = storescu(tls_port, series[:1], options=pki.dcmtk("rogue"))
         assert rogue.returncode != 0
         no_client_cert = storescu(tls_port, series[:1], options=["+tla", "+cf", str(pki.ca)])
         assert no_client_cert.returncode != 0
@@ -234,7 +218,7 @@ def test_tls_receive_and_send(
             sent = storescu(
                 tls_port,
                 series,
-                options=_dcmtk_tls(pki.client_key, pki.client_certificate, pki.ca),
+                options=pki.dcmtk("client"),
             )
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(lambda: len(pacs.files()) >= 2, DEADLINE, "results at the TLS PACS", 0.5)
