@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -231,8 +232,11 @@ def rules_test(
         header = headers[uid]
         evaluation = rules.evaluate(header, sender)
         table = Table(
-            title=f"series {uid} ({header.get('Modality', '?')}, {len(files)} instances, "
-            f"{header.get('SeriesDescription', '')!s})",
+            # Header values and regexes are data, not markup: "[sz]" must print as is.
+            title=escape(
+                f"series {uid} ({header.get('Modality', '?')}, {len(files)} instances, "
+                f"{header.get('SeriesDescription', '')!s})"
+            ),
             title_justify="left",
         )
         table.add_column("rule")
@@ -246,13 +250,14 @@ def rules_test(
             why = "; ".join(trace.reasons)
             if trace.shadowed_by:
                 why += f" (an earlier rule, {trace.shadowed_by}, already routed it)"
-            table.add_row(trace.rule, result, why)
+            table.add_row(escape(trace.rule), result, escape(why))
         console.print(table)
         if evaluation.decisions:
             for decision in evaluation.decisions:
                 console.print(
-                    f"  -> rule [bold]{decision.rule}[/bold]: model {decision.model}, "
-                    f"destinations {', '.join(decision.destinations) or '-'}"
+                    f"  -> rule [bold]{escape(decision.rule)}[/bold]: model "
+                    f"{escape(str(decision.model))}, "
+                    f"destinations {escape(', '.join(decision.destinations)) or '-'}"
                 )
         else:
             console.print("  -> no rule matched: the series is kept, not processed")
@@ -299,12 +304,23 @@ def models(config: ConfigOption = None) -> None:
     table = Table(title="models")
     table.add_column("id")
     table.add_column("source")
+    table.add_column("task")
+    table.add_column("threshold", justify="right")
     table.add_column("device")
     table.add_column("timeout s", justify="right")
     for model_id in sorted(cfg.known_models()):
         model = cfg.model(model_id)
+        if model.bundle is None:
+            task = "segmentation"  # both built-ins segment
+        else:
+            task = model.task or "from metadata.json"
         table.add_row(
-            model_id, str(model.bundle or "built in"), model.device, f"{model.timeout_seconds:g}"
+            model_id,
+            str(model.bundle or "built in"),
+            task,
+            f"{model.threshold:g}",
+            model.device,
+            f"{model.timeout_seconds:g}",
         )
     console.print(table)
 

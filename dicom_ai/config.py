@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 REPO_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
-BUILTIN_MODELS = frozenset({"ct-body"})
+BUILTIN_MODELS = frozenset({"ct-body", "mr-brain"})
 # The destination that means "whoever sent the series": resolved through `senders`. A job's
 # delivery records it bound to the calling AE that sent the series: "sender:CT_SCANNER_1".
 SENDER = "sender"
@@ -172,6 +172,10 @@ class ModelConfig(_Strict):
     bundle: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_seconds: float = Field(default=600.0, gt=0)
+    # What the model outputs; None: read from the bundle's metadata.json (outputs.pred).
+    task: Literal["segmentation", "classification", "detection"] | None = None
+    # Classes and detections with a probability at or above this are reported as found.
+    threshold: float = Field(default=0.5, ge=0, le=1)
 
 
 class PipelineConfig(_Strict):

@@ -250,8 +250,11 @@ class Node:
                 notes.append(f"{called}/{d.rule}: {', '.join(d.reasons)}")
                 if d.model:
                     destinations = tuple(bind_sender(name, calling) for name in d.destinations)
-                    plan = RunPlan(d.rule, d.model, destinations)
-                    if all((p.model, p.destinations) != (d.model, destinations) for p in plans):
+                    plan = RunPlan(d.rule, d.model, destinations, d.preview)
+                    if all(
+                        (p.model, p.destinations, p.preview) != (d.model, destinations, d.preview)
+                        for p in plans
+                    ):
                         plans.append(plan)
         note = "; ".join(notes) or "no rule matched"
         job_ids = self.index.start_run(uid, plans, note)
@@ -282,6 +285,9 @@ class Node:
             bundle=model.bundle,
             device=model.device,
             timeout_seconds=model.timeout_seconds,
+            task=model.task,
+            threshold=model.threshold,
+            preview=job.preview,
             instance_paths=tuple(self.index.series_instance_paths(job.series_instance_uid)),
             results_dir=self.spool.results_dir(job.id),
             device_serial_number=self.config.device_serial_number,

@@ -3,6 +3,10 @@
 Real CT headers (CT Image Storage, rescale to HU, patient position, geometry) over a
 phantom of air, body, fat, lungs, liver, spleen, kidneys and a spine, so the built-in
 threshold model and the bundles see plausible Hounsfield values. No real patient data.
+
+The slices can be laid out axial (the default), sagittal or coronal, and the series can be
+converted into one Legacy Converted Enhanced CT multi-frame image (highdicom), for tests of
+geometry and of enhanced sources.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -21,7 +26,24 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["PhantomSpec", "phantom_ct_datasets", "phantom_hu_volume", "write_phantom_ct"]
+__all__ = [
+    "Orientation",
+    "PhantomSpec",
+    "phantom_ct_datasets",
+    "phantom_enhanced_ct",
+    "phantom_hu_volume",
+    "write_phantom_ct",
+    "write_phantom_enhanced_ct",
+]
+
+Orientation = Literal["axial", "sagittal", "coronal"]
+
+# Row and column direction cosines (LPS) of each slice orientation, as scanners write them.
+_COSINES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +62,9 @@ class PhantomSpec:
     frame_of_reference_uid: str = field(default_factory=generate_uid)
     series_description: str = "Phantom CT chest-abdomen"
     seed: int = 1
+    # Slice k lies at -300 + k * slice_thickness_mm along x (sagittal), y (coronal) or z
+    # (axial); the pixels are the same whichever the orientation.
+    orientation: Orientation = "axial"
 
 
 def _ellipse(
@@ -104,8 +129,17 @@ def phantom_ct_datasets(spec: PhantomSpec) -> Iterator[Dataset]:
     ]
     half_width = spec.columns * spec.pixel_spacing_mm / 2
     half_height = spec.rows * spec.pixel_spacing_mm / 2
+    if spec.orientation not in _COSINES:
+        raise ValueError(f"orientation must be one of {sorted(_COSINES)}, got {spec.orientation!r}")
+    row_cosines, column_cosines = _COSINES[spec.orientation]
     for k in range(spec.slices):
-        z = -300.0 + k * spec.slice_thickness_mm
+        # Rounded: 3 * 0.8 is 2.4000000000000004, too long for a DS (16 characters).
+        z = round(-300.0 + k * spec.slice_thickness_mm, 6)
+        position = {
+            "axial": [-half_width, -half_height, z],
+            "sagittal": [z, -half_width, half_height],
+            "coronal": [-half_width, z, half_height],
+        }[spec.orientation]
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -113,7 +147,11 @@ def phantom_ct_datasets(spec: PhantomSpec) -> Iterator[Dataset]:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageType = (
+            ["ORIGINAL", "PRIMARY", "AXIAL"]
+            if spec.orientation == "axial"
+            else ["DERIVED", "SECONDARY", "REFORMATTED"]
+        )
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = sop_uids[k]
         ds.StudyDate = "20260101"
@@ -142,8 +180,10 @@ def phantom_ct_datasets(spec: PhantomSpec) -> Iterator[Dataset]:
         ds.SeriesNumber = 2
         ds.AcquisitionNumber = 1
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [-half_width, -half_height, z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = position
+        ds.ImageOrientationPatient = (
+            [1, 0, 0, 0, 1, 0] if spec.orientation == "axial" else [*row_cosines, *column_cosines]
+        )
         ds.FrameOfReferenceUID = spec.frame_of_reference_uid
         ds.PositionReferenceIndicator = ""
         ds.SliceLocation = z
@@ -175,3 +215,30 @@ def write_phantom_ct(directory: Path, spec: PhantomSpec) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def phantom_enhanced_ct(spec: PhantomSpec) -> Dataset:
+    """The phantom series as one Legacy Converted Enhanced CT image (frames in slice order),
+    in a series of its own whose UIDs derive from ``spec``'s series UID."""
+    # highdicom is imported here: the single-frame phantom does not need it.
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    enhanced = LegacyConvertedEnhancedCTImage(
+        list(phantom_ct_datasets(spec)),
+        series_instance_uid=generate_uid(entropy_srcs=[spec.series_instance_uid, "enhanced"]),
+        series_number=3,
+        sop_instance_uid=generate_uid(
+            entropy_srcs=[spec.series_instance_uid, "enhanced", "instance"]
+        ),
+        instance_number=1,
+    )
+    enhanced.SeriesDescription = f"{spec.series_description} (enhanced)"
+    return enhanced
+
+
+def write_phantom_enhanced_ct(directory: Path, spec: PhantomSpec) -> Path:
+    """Write :func:`phantom_enhanced_ct` as one Part 10 file; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "ECT0001.dcm"
+    phantom_enhanced_ct(spec).save_as(path, enforce_file_format=True)
+    return path

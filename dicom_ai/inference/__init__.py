@@ -8,21 +8,36 @@ from typing import TYPE_CHECKING, Any
 from dicom_ai.inference.findings import (
     AlgorithmFamily,
     AlgorithmIdentification,
+    ClassificationFindings,
+    ClassScore,
+    Detection,
+    DetectionFindings,
+    Findings,
+    ImageClassification,
     SegmentationFindings,
     SegmentLabel,
+    TaskKind,
 )
 
 if TYPE_CHECKING:
-    from dicom_ai.inference.model import SegmentationModel, load_model
-    from dicom_ai.inference.volume import SeriesVolume, load_series
+    from dicom_ai.inference.model import Model, load_model
+    from dicom_ai.inference.volume import PlanarImage, SeriesVolume, load_series
 
 __all__ = [
     "AlgorithmFamily",
     "AlgorithmIdentification",
+    "ClassScore",
+    "ClassificationFindings",
+    "Detection",
+    "DetectionFindings",
+    "Findings",
+    "ImageClassification",
+    "Model",
+    "PlanarImage",
     "SegmentLabel",
     "SegmentationFindings",
-    "SegmentationModel",
     "SeriesVolume",
+    "TaskKind",
     "load_model",
     "load_series",
 ]
@@ -30,8 +45,9 @@ __all__ = [
 # Loaded on first use: results/ imports the findings through this package, and the node's
 # main process must not pull in torch and MONAI with them.
 _LAZY = {
-    "SegmentationModel": "dicom_ai.inference.model",
+    "Model": "dicom_ai.inference.model",
     "load_model": "dicom_ai.inference.model",
+    "PlanarImage": "dicom_ai.inference.volume",
     "SeriesVolume": "dicom_ai.inference.volume",
     "load_series": "dicom_ai.inference.volume",
 }

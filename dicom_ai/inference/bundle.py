@@ -1,4 +1,4 @@
-"""Run a MONAI bundle (model-zoo layout) on a :class:`SeriesVolume`, config unchanged.
+"""Run a MONAI bundle (model-zoo layout) on a series, config unchanged.
 
 The layout is ``configs/inference.json``, ``configs/metadata.json`` and the weights under
 ``models/``. The config stays data: it is parsed with ``monai.bundle.ConfigParser`` and only
@@ -15,12 +15,32 @@ volume is fed in instead), ``inferer``, and ``postprocessing`` without file save
 (``SaveImage(d)``), keeping ``Invertd`` so the prediction comes back on the source grid
 (whether the bundle inverts before or after ``AsDiscreted``). Label names come from
 ``metadata.json`` (``network_data_format.outputs.pred.channel_def``).
+
+What the bundle outputs is read from ``outputs.pred`` too (or set in the node's model config):
+
+- ``format: segmentation`` -> a label volume (above);
+- ``type: probabilities`` or ``format: classes/classification`` -> one probability per
+  ``channel_def`` class; postprocessing runs without ``AsDiscrete(d)`` and ``Invertd`` (the
+  probabilities are the result), and logits are turned into probabilities with softmax;
+- ``type: object`` or ``format: box/boxes/bbox`` -> detections: the network (through the
+  inferer) returns MONAI's detector output, a dict or a one-item list of dicts with ``box``
+  (N, 6; ``xyzxyz`` in voxels of the preprocessed image: a box from 2 to 5 covers voxels
+  2, 3 and 4), ``label`` (N) and ``label_scores`` (N); the keys follow the config's
+  ``box_key``/``label_key``/``pred_score_key`` when it names them. Postprocessing is not
+  run: the boxes are mapped to patient space through the preprocessed image's affine,
+  which MONAI's transforms keep up to date.
+
+``inputs.image.spatial_shape`` with two entries makes a 2-D model: it gets each image of the
+series on its own (CR, DX; MONOCHROME1 already inverted by the loader). Segmentation and
+detection are 3-D only. Like MONAI's own bundle runner, the bundle root is put on
+``sys.path`` so configs can import the bundle's ``scripts``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -28,30 +48,42 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from monai.bundle.config_parser import ConfigParser
 from monai.data.meta_tensor import MetaTensor
 from monai.transforms.compose import Compose
 from monai.transforms.io.array import LoadImage, SaveImage
 from monai.transforms.io.dictionary import LoadImaged, SaveImaged
-from monai.transforms.post.dictionary import Invertd
+from monai.transforms.post.array import AsDiscrete
+from monai.transforms.post.dictionary import AsDiscreted, Invertd
 
 from dicom_ai.errors import ModelError
 from dicom_ai.inference.findings import (
     AlgorithmFamily,
     AlgorithmIdentification,
+    ClassificationFindings,
+    ClassScore,
+    Detection,
+    DetectionFindings,
+    Findings,
+    ImageClassification,
     SegmentationFindings,
     SegmentLabel,
+    TaskKind,
 )
-from dicom_ai.inference.model import limit_torch_threads, resolve_device
+from dicom_ai.inference.model import ModelInput, limit_torch_threads, resolve_device
 from dicom_ai.inference.volume import SeriesVolume
 
-__all__ = ["BundleModel", "read_bundle_labels"]
+__all__ = ["BundleModel", "read_bundle_classes", "read_bundle_labels", "read_bundle_task"]
 
 logger = logging.getLogger(__name__)
 
 _LOADERS = (LoadImage, LoadImaged)
 _SAVERS = (SaveImage, SaveImaged)
+# Classification keeps the probabilities: no argmax, and nothing to invert onto a grid.
+_NOT_FOR_SCORES = (AsDiscrete, AsDiscreted, Invertd)
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _PRED_KEY = "pred"
 _QUIET = (
     "Detected deprecated name 'optional_packages_version'",  # metadata schema rename
@@ -61,7 +93,7 @@ _QUIET = (
 
 
 class BundleModel:
-    """A MONAI bundle as a :class:`~dicom_ai.inference.model.SegmentationModel`.
+    """A MONAI bundle as a :class:`~dicom_ai.inference.model.Model`.
 
     Args:
         bundle_dir: the bundle's root (holds ``configs/`` and ``models/``).
@@ -70,6 +102,8 @@ class BundleModel:
         overrides: extra config ids to set before parsing (e.g.
             ``{"displayable_configs#highres": False}``); the file itself is never changed.
         max_threads: cap for torch's CPU threads (default: the CPUs this process may use).
+        task: what the bundle outputs, overriding its metadata (see the module docstring).
+        threshold: probability from which a class or a detection counts as found.
     """
 
     def __init__(
@@ -80,6 +114,8 @@ class BundleModel:
         model_id: str | None = None,
         overrides: Mapping[str, Any] | None = None,
         max_threads: int | None = None,
+        task: str | None = None,
+        threshold: float = 0.5,
     ) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
         self.model_id = model_id or self.bundle_dir.name
@@ -95,7 +131,19 @@ class BundleModel:
             metadata = json.loads(meta_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ModelError(f"bundle {self.bundle_dir}: unreadable metadata.json: {exc}") from exc
-        self.labels: tuple[SegmentLabel, ...] = read_bundle_labels(metadata)
+        self.task = TaskKind(task) if task else read_bundle_task(metadata)
+        self.spatial_dims = _spatial_dims(metadata)
+        self.threshold = threshold
+        if self.spatial_dims == 2 and self.task is not TaskKind.CLASSIFICATION:
+            raise ModelError(
+                f"bundle {self.bundle_dir}: 2-D {self.task.value} is not supported "
+                "(2-D bundles may classify; segmentation and detection need a 3-D volume)"
+            )
+        self.labels: tuple[SegmentLabel, ...] = (
+            read_bundle_labels(metadata)
+            if self.task is TaskKind.SEGMENTATION
+            else read_bundle_classes(metadata, required=self.task is TaskKind.CLASSIFICATION)
+        )
         self.algorithm = AlgorithmIdentification(
             name=str(metadata.get("name") or self.bundle_dir.name),
             version=str(metadata.get("version") or "0"),
@@ -121,6 +169,9 @@ class BundleModel:
         )
 
     def _setup(self, config_file: Path, meta_file: Path, overrides: Mapping[str, Any]) -> None:
+        root = str(self.bundle_dir)
+        if root not in sys.path:
+            sys.path.insert(1, root)  # as MONAI's runner does: configs may import scripts/
         parser = ConfigParser()
         parser.read_config(config_file)
         parser.read_meta(meta_file)
@@ -132,6 +183,9 @@ class BundleModel:
         for key, value in overrides.items():
             parser[key] = value
         self.image_key = str(parser.get("image_key", "image"))
+        self._box_key = str(parser.get("box_key", "box"))
+        self._label_key = str(parser.get("label_key", "label"))
+        self._score_key = str(parser.get("pred_score_key", f"{self._label_key}_scores"))
 
         network = cast(torch.nn.Module, parser.get_parsed_content("network_def"))
         weights = self._weights_path(parser)
@@ -149,7 +203,9 @@ class BundleModel:
         # transform id, and the bundle's own Invertd keeps pointing at ``parsed_pre``.
         self.preprocessing = Compose([t for t in _flat(parsed_pre) if not isinstance(t, _LOADERS)])
         post = [t for t in _flat(parsed_post) if not isinstance(t, _SAVERS)]
-        if not any(isinstance(t, Invertd) for t in post):
+        if self.task is not TaskKind.SEGMENTATION:
+            post = [t for t in post if not isinstance(t, _NOT_FOR_SCORES)]
+        elif not any(isinstance(t, Invertd) for t in post):
             # A bundle that saves on its own grid: bring the prediction back ourselves.
             post.append(
                 Invertd(
@@ -174,13 +230,22 @@ class BundleModel:
             raise ModelError(f"bundle {self.bundle_dir}: no weights at {path}")
         return path
 
-    def __call__(self, volume: SeriesVolume) -> SegmentationFindings:
+    def __call__(self, source: ModelInput) -> Findings:
         try:
-            pred = self.predict(volume)
+            if self.task is TaskKind.CLASSIFICATION:
+                return self._classify(source)
+            if not isinstance(source, SeriesVolume):
+                raise ModelError(f"bundle {self.model_id} is a 3-D model; it needs a volume")
+            if self.task is TaskKind.DETECTION:
+                return self._detect(source)
+            return self._segment(source)
         except ModelError:
             raise
         except Exception as exc:
             raise ModelError(f"bundle {self.model_id} failed on the series: {exc}") from exc
+
+    def _segment(self, volume: SeriesVolume) -> SegmentationFindings:
+        pred = self.predict(volume)
         label_map = volume.frames_from_volume(pred)
         del pred
         known = {label.value for label in self.labels}
@@ -194,7 +259,103 @@ class BundleModel:
             labels=self.labels,
             algorithm=self.algorithm,
             source_sop_instance_uids=volume.sop_instance_uids,
+            source_frame_numbers=volume.frame_numbers,
         )
+
+    def _classify(self, source: ModelInput) -> ClassificationFindings:
+        if self.spatial_dims == 2:
+            if isinstance(source, SeriesVolume):
+                raise ModelError(f"bundle {self.model_id} is a 2-D model; it needs 2-D images")
+            inputs: list[tuple[MetaTensor, tuple[str, ...]]] = [
+                (image.image, (image.sop_instance_uid,)) for image in source
+            ]
+            frames: list[tuple[int, ...] | None] = [None] * len(inputs)
+        else:
+            if not isinstance(source, SeriesVolume):
+                raise ModelError(f"bundle {self.model_id} is a 3-D model; it needs a volume")
+            inputs = [(source.image, source.sop_instance_uids)]
+            frames = [source.frame_numbers]
+        results = []
+        for (image, uids), frame_numbers in zip(inputs, frames, strict=True):
+            probabilities = self._probabilities(image)
+            if len(probabilities) != len(self.labels):
+                raise ModelError(
+                    f"bundle {self.model_id} gave {len(probabilities)} scores for "
+                    f"{len(self.labels)} classes in its channel_def"
+                )
+            scores = tuple(
+                ClassScore(label.name, float(p))
+                for label, p in zip(self.labels, probabilities, strict=True)
+            )
+            results.append(ImageClassification(scores, uids, frame_numbers))
+        return ClassificationFindings(tuple(results), self.algorithm, self.threshold)
+
+    def _probabilities(self, image: MetaTensor) -> npt.NDArray[np.float64]:
+        data = self._run_network(image)
+        data = self.postprocessing(data)
+        pred = torch.as_tensor(data[_PRED_KEY]).detach().float().cpu().flatten()
+        if pred.numel() and (pred.min() < 0 or pred.max() > 1):
+            # Logits: the bundle's postprocessing has no activation.
+            pred = torch.softmax(pred, dim=0)
+        return np.asarray(pred.numpy(), dtype=np.float64)
+
+    def _detect(self, volume: SeriesVolume) -> DetectionFindings:
+        data = self._run_network(volume.image, keep_raw=True)
+        raw = data[_PRED_KEY]
+        if isinstance(raw, list | tuple):
+            raw = raw[0]
+        if not isinstance(raw, Mapping) or self._box_key not in raw:
+            raise ModelError(
+                f"bundle {self.model_id}: a detector must return a dict with "
+                f"{self._box_key!r}, {self._label_key!r} and {self._score_key!r}"
+            )
+        boxes = torch.as_tensor(raw[self._box_key]).detach().double().cpu().reshape(-1, 6)
+        count = boxes.shape[0]
+        labels = torch.as_tensor(raw.get(self._label_key, torch.zeros(count))).cpu().flatten()
+        scores = torch.as_tensor(raw.get(self._score_key, torch.ones(count))).cpu().flatten()
+        affine = np.asarray(torch.as_tensor(data[self.image_key].affine), dtype=np.float64)
+        names = {label.value: label.name for label in self.labels}
+        detections = []
+        for box, label, score in zip(boxes.numpy(), labels.tolist(), scores.tolist(), strict=True):
+            if score < self.threshold:
+                continue
+            low, high = box[:3], box[3:]
+            if (high <= low).any():
+                logger.warning("bundle %s: empty box %s dropped", self.model_id, box.tolist())
+                continue
+            # Voxel v spans [v, v + 1) in box units; the affine maps voxel centres.
+            center_voxel = (low + high) / 2 - 0.5
+            center = _LPS_FROM_RAS @ (affine[:3, :3] @ center_voxel + affine[:3, 3])
+            edges = (_LPS_FROM_RAS @ affine[:3, :3] @ np.diag(high - low)).T
+            detections.append(
+                Detection(names.get(int(label), "finding"), float(score), center, edges)
+            )
+        return DetectionFindings(
+            detections=tuple(sorted(detections, key=lambda d: -d.score)),
+            algorithm=self.algorithm,
+            source_sop_instance_uids=volume.sop_instance_uids,
+            frame_of_reference_uid=str(volume.headers[0].get("FrameOfReferenceUID", "")),
+            source_frame_numbers=volume.frame_numbers,
+        )
+
+    def _run_network(self, image: MetaTensor, *, keep_raw: bool = False) -> dict[str, Any]:
+        """Preprocess a copy of ``image``, run the inferer; ``pred`` is the network's output
+        for the one batch item (raw when ``keep_raw``: a detector's dicts)."""
+        source = MetaTensor(
+            image.as_tensor().clone(),
+            affine=image.affine.clone(),
+            meta={k: v for k, v in image.meta.items() if k != "affine"},
+        )
+        with torch.no_grad():
+            data: dict[str, Any] = self.preprocessing({self.image_key: source})
+            batch = data[self.image_key].unsqueeze(0).to(self.device)
+            output = self.inferer(batch, self.network)
+        if keep_raw:
+            data[_PRED_KEY] = output
+            return data
+        pred = output[0]
+        data[_PRED_KEY] = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+        return data
 
     def predict(self, volume: SeriesVolume) -> torch.Tensor:
         """The bundle's label volume on the series grid, ``(1, columns, rows, slices)``."""
@@ -241,9 +402,7 @@ class BundleModel:
 
 def read_bundle_labels(metadata: Mapping[str, Any]) -> tuple[SegmentLabel, ...]:
     """Labels from ``network_data_format.outputs.pred.channel_def``, background dropped."""
-    outputs = metadata.get("network_data_format", {}).get("outputs", {})
-    output: Any = outputs.get(_PRED_KEY) or next(iter(outputs.values()), {})
-    channel_def = output.get("channel_def") if isinstance(output, Mapping) else None
+    channel_def = _pred_output(metadata).get("channel_def")
     if not isinstance(channel_def, Mapping) or not channel_def:
         raise ModelError(
             "bundle metadata has no network_data_format.outputs.pred.channel_def: "
@@ -259,6 +418,56 @@ def read_bundle_labels(metadata: Mapping[str, Any]) -> tuple[SegmentLabel, ...]:
             continue
         labels.append(SegmentLabel(value, str(name)))
     return tuple(sorted(labels, key=lambda label: label.value))
+
+
+def read_bundle_task(metadata: Mapping[str, Any]) -> TaskKind:
+    """Segmentation, classification or detection, from ``outputs.pred`` type and format
+    (neither given: segmentation)."""
+    output = _pred_output(metadata)
+    kind = str(output.get("type", "")).strip().lower()
+    form = str(output.get("format", "")).strip().lower()
+    if not kind and not form:
+        return TaskKind.SEGMENTATION  # what bundles meant before the node knew other kinds
+    if form == "segmentation" or (kind == "image" and form in ("", "labels", "label")):
+        return TaskKind.SEGMENTATION
+    if kind in ("probabilities", "probability") or form in ("classes", "classification"):
+        return TaskKind.CLASSIFICATION
+    if kind in ("object", "box", "boxes") or form in ("box", "boxes", "bbox", "dict"):
+        return TaskKind.DETECTION
+    raise ModelError(
+        f"bundle metadata outputs.pred (type {kind!r}, format {form!r}) names no task the "
+        "node knows; set `task:` (segmentation, classification, detection) in the model config"
+    )
+
+
+def read_bundle_classes(metadata: Mapping[str, Any], *, required: bool) -> tuple[SegmentLabel, ...]:
+    """Every ``channel_def`` entry in channel order (a classifier's class 0 is a class too)."""
+    channel_def = _pred_output(metadata).get("channel_def")
+    if not isinstance(channel_def, Mapping) or not channel_def:
+        if required:
+            raise ModelError(
+                "bundle metadata has no network_data_format.outputs.pred.channel_def: "
+                "the node needs the class names"
+            )
+        return ()
+    try:
+        classes = [SegmentLabel(int(key), str(name)) for key, name in channel_def.items()]
+    except ValueError as exc:
+        raise ModelError(f"channel_def has a key that is not a channel number: {exc}") from exc
+    return tuple(sorted(classes, key=lambda label: label.value))
+
+
+def _pred_output(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    outputs = metadata.get("network_data_format", {}).get("outputs", {})
+    output: Any = outputs.get(_PRED_KEY) or next(iter(outputs.values()), {})
+    return output if isinstance(output, Mapping) else {}
+
+
+def _spatial_dims(metadata: Mapping[str, Any]) -> int:
+    inputs = metadata.get("network_data_format", {}).get("inputs", {})
+    first: Any = next(iter(inputs.values()), {}) if isinstance(inputs, Mapping) else {}
+    shape = first.get("spatial_shape") if isinstance(first, Mapping) else None
+    return 2 if isinstance(shape, list) and len(shape) == 2 else 3
 
 
 def _flat(compose: Compose) -> list[Any]:

@@ -47,6 +47,9 @@ class SegmentationFindings:
     labels: tuple[SegmentLabel, ...]
     algorithm: AlgorithmIdentification
     source_sop_instance_uids: tuple[str, ...]
+    # 1-based frame numbers within the source instances, parallel to the UIDs, for
+    # multi-frame sources (the same UID repeats); None when every source is single-frame.
+    source_frame_numbers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.label_map.ndim != 3:
@@ -58,8 +61,99 @@ class SegmentationFindings:
                 f"label_map has {self.label_map.shape[0]} frames for "
                 f"{len(self.source_sop_instance_uids)} source instances"
             )
+        if self.source_frame_numbers is not None and len(self.source_frame_numbers) != len(
+            self.source_sop_instance_uids
+        ):
+            raise ValueError("source_frame_numbers must parallel source_sop_instance_uids")
 
     def present_labels(self) -> tuple[SegmentLabel, ...]:
         """Labels with at least one voxel, in label-value order."""
         present = set(np.unique(self.label_map).tolist())
         return tuple(label for label in self.labels if label.value in present and label.value != 0)
+
+
+class TaskKind(Enum):
+    """What a model's output is, as MONAI bundle metadata describes ``outputs.pred``."""
+
+    SEGMENTATION = "segmentation"
+    CLASSIFICATION = "classification"
+    DETECTION = "detection"
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class of a classifier and the probability the model gave it (0..1)."""
+
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class ImageClassification:
+    """A classifier's scores for some source images: one image for a 2-D model, the series'
+    images for a 3-D one."""
+
+    scores: tuple[ClassScore, ...]
+    source_sop_instance_uids: tuple[str, ...]
+    source_frame_numbers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.source_sop_instance_uids:
+            raise ValueError("a classification must name the images it is about")
+        for score in self.scores:
+            if not 0.0 <= score.probability <= 1.0:
+                raise ValueError(f"probability of {score.name!r} is {score.probability}")
+
+
+@dataclass(frozen=True)
+class ClassificationFindings:
+    """Class probabilities; a class counts as found at or above ``threshold``."""
+
+    results: tuple[ImageClassification, ...]
+    algorithm: AlgorithmIdentification
+    threshold: float = 0.5
+
+    def found(self, result: ImageClassification) -> tuple[ClassScore, ...]:
+        """The classes of ``result`` at or above the threshold, most probable first."""
+        hits = [score for score in result.scores if score.probability >= self.threshold]
+        return tuple(sorted(hits, key=lambda score: -score.probability))
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: an oriented box in patient space (DICOM LPS, mm).
+
+    ``center`` is the box centre; ``edges`` holds the box's three full edge vectors as rows
+    (along the image's row, column and slice directions), so a box drawn on an oblique
+    series stays exact.
+    """
+
+    name: str
+    score: float
+    center: npt.NDArray[np.float64]
+    edges: npt.NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        if self.center.shape != (3,) or self.edges.shape != (3, 3):
+            raise ValueError("a detection needs a centre (3,) and three edge vectors (3, 3)")
+
+    @property
+    def size_mm(self) -> tuple[float, float, float]:
+        """Edge lengths along the row, column and slice directions."""
+        lengths = np.linalg.norm(self.edges, axis=1)
+        return (float(lengths[0]), float(lengths[1]), float(lengths[2]))
+
+
+@dataclass(frozen=True)
+class DetectionFindings:
+    """Detections on one series, in its frame of reference."""
+
+    detections: tuple[Detection, ...]
+    algorithm: AlgorithmIdentification
+    source_sop_instance_uids: tuple[str, ...]
+    frame_of_reference_uid: str
+    source_frame_numbers: tuple[int, ...] | None = None
+
+
+Findings = SegmentationFindings | ClassificationFindings | DetectionFindings
+"""Whatever a model returns."""

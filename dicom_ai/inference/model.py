@@ -1,9 +1,11 @@
 """What the pipeline calls a model, and how one is picked from the config.
 
-A model is anything with ``model_id``, ``algorithm``, ``labels`` and
-``__call__(volume) -> SegmentationFindings`` (:class:`SegmentationModel`); the node ships
-:class:`~dicom_ai.inference.builtin.ct_body.CTBodyModel` and runs MONAI bundles through
-:class:`~dicom_ai.inference.bundle.BundleModel`.
+A model (:class:`Model`) has ``model_id``, ``algorithm``, ``task`` (what it finds),
+``spatial_dims`` (3: it takes the series as one volume; 2: each image on its own) and
+``__call__(source) -> Findings``. The node ships
+:class:`~dicom_ai.inference.builtin.ct_body.CTBodyModel` and ``mr-brain``
+(:class:`~dicom_ai.inference.builtin.mr_brain.MRBrainModel`), and runs MONAI bundles
+through :class:`~dicom_ai.inference.bundle.BundleModel`.
 """
 
 from __future__ import annotations
@@ -16,25 +18,31 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from dicom_ai.errors import ModelError
-from dicom_ai.inference.findings import AlgorithmIdentification, SegmentationFindings, SegmentLabel
-from dicom_ai.inference.volume import SeriesVolume
+from dicom_ai.inference.findings import AlgorithmIdentification, Findings, TaskKind
+from dicom_ai.inference.volume import PlanarImage, SeriesVolume
 
 __all__ = [
     "BUILTIN_MODELS",
-    "SegmentationModel",
+    "Model",
+    "ModelInput",
     "cpu_budget",
     "limit_torch_threads",
     "load_model",
+    "require_volume",
     "resolve_device",
 ]
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("ct-body",)
+BUILTIN_MODELS = ("ct-body", "mr-brain")
+
+
+ModelInput = SeriesVolume | tuple[PlanarImage, ...]
+"""A 3-D model gets the series as one volume, a 2-D model its images."""
 
 
 @runtime_checkable
-class SegmentationModel(Protocol):
+class Model(Protocol):
     """A loaded model: settings fixed at construction, one series per call."""
 
     @property
@@ -44,15 +52,27 @@ class SegmentationModel(Protocol):
     def algorithm(self) -> AlgorithmIdentification: ...
 
     @property
-    def labels(self) -> tuple[SegmentLabel, ...]: ...
+    def task(self) -> TaskKind: ...
 
-    def __call__(self, volume: SeriesVolume) -> SegmentationFindings: ...
+    @property
+    def spatial_dims(self) -> int: ...
+
+    def __call__(self, source: ModelInput) -> Findings: ...
 
 
-def load_model(model_id: str, bundle: Path | None, device: str = "auto") -> SegmentationModel:
+def load_model(
+    model_id: str,
+    bundle: Path | None,
+    device: str = "auto",
+    *,
+    task: str | None = None,
+    threshold: float = 0.5,
+) -> Model:
     """The model for ``model_id``: a MONAI bundle when ``bundle`` is given, else a built-in.
 
-    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (``cuda:N``).
+    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (``cuda:N``); ``task``
+    overrides what the bundle's metadata says it outputs; ``threshold`` is the probability
+    from which a class or detection counts as found.
     Raises :class:`ModelError` for an unknown built-in or a bundle that cannot be loaded.
     """
     # Imported here: bundle.py uses this module's helpers.
@@ -60,14 +80,25 @@ def load_model(model_id: str, bundle: Path | None, device: str = "auto") -> Segm
     from dicom_ai.inference.bundle import BundleModel
 
     if bundle is not None:
-        return BundleModel(bundle, device, model_id=model_id)
+        return BundleModel(bundle, device, model_id=model_id, task=task, threshold=threshold)
     resolve_device(device)  # a bad device string is a config error for built-ins too
     if model_id == "ct-body":
         return CTBodyModel()
+    if model_id == "mr-brain":
+        from dicom_ai.inference.builtin.mr_brain import MRBrainModel
+
+        return MRBrainModel(device=device)
     raise ModelError(
         f"unknown model {model_id!r}: no bundle given and no built-in of that name "
         f"(built-ins: {', '.join(BUILTIN_MODELS)})"
     )
+
+
+def require_volume(source: ModelInput, model_id: str) -> SeriesVolume:
+    """The volume a 3-D model needs; a 2-D input is a routing mistake, said as such."""
+    if not isinstance(source, SeriesVolume):
+        raise ModelError(f"{model_id} is a 3-D model; it needs a series volume, not 2-D images")
+    return source
 
 
 def resolve_device(device: str) -> torch.device:

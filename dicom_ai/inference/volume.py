@@ -14,11 +14,23 @@ The pixels are stored once, as a C-contiguous ``(slices, rows, columns)`` float3
 frames as they are in the files); the ``MetaTensor`` is a transposed view of it, so loading
 costs one float32 volume and no copies.
 
+A slice is a single-frame instance (CT, MR, PET Image Storage, ...) or one frame of an
+enhanced multi-frame instance (Enhanced CT/MR Image, Legacy Converted Enhanced ...). A
+frame's geometry and rescale come from its Per-Frame Functional Groups item, else from the
+Shared Functional Groups: Plane Position (Patient), Plane Orientation (Patient), Pixel
+Measures and Pixel Value Transformation. Frames are then sorted and checked exactly like
+single-frame slices; ``frame_numbers`` records which frame each slice is. A series is either
+all single-frame or all multi-frame instances.
+
 Refused, with :class:`~dicom_ai.errors.GeometryError`: fewer than two slices (no slice
 spacing can be measured and no 3-D model applies), mixed orientation, size or pixel spacing,
-gantry tilt (slices shifted in-plane along the stack), duplicate positions, gaps and
-non-uniform spacing. Multi-frame and colour images are refused with
+gantry tilt (slices shifted in-plane along the stack), duplicate positions (several stacks,
+echoes or temporal positions in one series), gaps and non-uniform spacing, and multi-frame
+images without per-frame geometry. Colour images are refused with
 :class:`~dicom_ai.errors.InputError`.
+
+:func:`load_planar_images` reads 2-D images (CR, DX, MG, single-frame SC/US, ...) one by one,
+for 2-D models.
 """
 
 from __future__ import annotations
@@ -36,11 +48,12 @@ import torch
 from monai.data.meta_tensor import MetaTensor
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels.utils import pixel_array
+from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.utils import iter_pixels, pixel_array
 
 from dicom_ai.errors import GeometryError, InputError
 
-__all__ = ["SeriesVolume", "load_series"]
+__all__ = ["PlanarImage", "SeriesVolume", "load_planar_images", "load_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +66,7 @@ _SPACING_TOLERANCE = 0.2
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Elements dropped from the kept headers: the pixels live in the volume.
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +82,9 @@ class SeriesVolume:
     sop_instance_uids: tuple[str, ...]
     headers: tuple[Dataset, ...]
     paths: tuple[Path, ...]
+    # For multi-frame sources: slice k is frame ``frame_numbers[k]`` (1-based) of
+    # ``sop_instance_uids[k]``; None when every instance is single-frame.
+    frame_numbers: tuple[int, ...] | None = None
 
     @property
     def frames(self) -> npt.NDArray[np.float32]:
@@ -107,17 +124,43 @@ class SeriesVolume:
         return np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.uint16)
 
 
+@dataclass(frozen=True, eq=False)
+class PlanarImage:
+    """One 2-D image (CR, DX, MG, a single-frame SC/US...) for a 2-D model.
+
+    ``image`` is ``(1, columns, rows)`` float32: rescaled (Modality LUT) values, with
+    MONOCHROME1 inverted so that higher is brighter, as for MONOCHROME2. Projection images
+    have no patient frame of reference: the 3x3 ``affine`` carries only the pixel size
+    (``i`` along a row, ``j`` down a column, as displayed), so orientation transforms leave
+    the image as it is shown.
+    """
+
+    image: MetaTensor
+    sop_instance_uid: str
+    header: Dataset  # pixels dropped
+    path: Path
+
+
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
     """Read one series' instances into a :class:`SeriesVolume` (see the module docstring)."""
     if not paths:
         raise InputError("no instances given")
-    headers = [_read_header(Path(p)) for p in paths]
+    files = [Path(p) for p in paths]
+    headers = [_read_header(p) for p in files]
     _check_same_series(headers)
-    if len(headers) < 2:
+    multiframe = [_is_multiframe(h) for h in headers]
+    if any(multiframe) and not all(multiframe):
+        raise InputError("the series mixes single-frame and multi-frame instances")
+    count = sum(_number_of_frames(h) for h in headers)
+    if count < 2:
         raise GeometryError(
-            f"a volume needs at least 2 slices to measure the slice spacing; got {len(headers)}"
+            f"a volume needs at least 2 slices to measure the slice spacing; got {count}"
         )
-    geometry = _Geometry.from_headers(headers)
+    if all(multiframe):
+        slices = [s for h, p in zip(headers, files, strict=True) for s in _frame_slices(h, p)]
+    else:
+        slices = _single_frame_slices(headers, files)
+    geometry = _Geometry.from_slices(slices)
     order = np.argsort(geometry.positions, kind="stable")
     positions = geometry.positions[order]
     slice_spacing = _check_spacing(positions)
@@ -126,11 +169,9 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
 
     rows, columns = geometry.rows, geometry.columns
     # Frames as stored: (slices, rows, columns), C-contiguous; the MetaTensor is a view.
-    frames = np.empty((len(headers), rows, columns), dtype=np.float32)
-    sorted_headers = [headers[int(n)] for n in order]
-    sorted_paths = [Path(paths[int(n)]) for n in order]
-    for k, (header, path) in enumerate(zip(sorted_headers, sorted_paths, strict=True)):
-        _decode_into(frames[k], path, header)
+    frames = np.empty((len(slices), rows, columns), dtype=np.float32)
+    ordered = [slices[int(n)] for n in order]
+    _decode(frames, ordered)
 
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = geometry.row_cosines * geometry.column_spacing
@@ -138,7 +179,7 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     affine_lps[:3, 2] = geometry.normal * slice_spacing
     affine_lps[:3, 3] = ipps[0]
     affine = torch.as_tensor(_LPS_TO_RAS @ affine_lps, dtype=torch.float64)
-    spatial_shape = np.array([columns, rows, len(headers)])
+    spatial_shape = np.array([columns, rows, len(slices)])
     meta: dict[str, Any] = {
         "original_affine": affine.clone(),
         "spatial_shape": spatial_shape,
@@ -146,25 +187,37 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
         "original_channel_dim": 0,
         "space": "RAS",
         # Savers and Invertd expect a source name; no path leaves the process through it.
-        "filename_or_obj": str(sorted_headers[0].get("SeriesInstanceUID", "series")),
+        "filename_or_obj": str(ordered[0].header.get("SeriesInstanceUID", "series")),
     }
     data = torch.from_numpy(frames).permute(2, 1, 0).unsqueeze(0)
     image = MetaTensor(data, affine=affine, meta=meta)
     logger.debug(
-        "loaded %d slices %dx%d, spacing %.3f/%.3f/%.3f mm",
-        len(headers),
+        "loaded %d slices %dx%d from %d instance(s), spacing %.3f/%.3f/%.3f mm",
+        len(slices),
         rows,
         columns,
+        len(headers),
         geometry.column_spacing,
         geometry.row_spacing,
         slice_spacing,
     )
+    frame_numbers = tuple(s.frame_number for s in ordered if s.frame_number is not None)
     return SeriesVolume(
         image=image,
-        sop_instance_uids=tuple(str(h.SOPInstanceUID) for h in sorted_headers),
-        headers=tuple(sorted_headers),
-        paths=tuple(sorted_paths),
+        sop_instance_uids=tuple(str(s.header.SOPInstanceUID) for s in ordered),
+        headers=tuple(s.header for s in ordered),
+        paths=tuple(s.path for s in ordered),
+        frame_numbers=frame_numbers if all(multiframe) else None,
     )
+
+
+def load_planar_images(paths: Sequence[Path]) -> tuple[PlanarImage, ...]:
+    """Read 2-D grayscale images, each on its own, in the order given (see
+    :class:`PlanarImage`); colour, multi-frame and undecodable images are refused with
+    :class:`~dicom_ai.errors.InputError`."""
+    if not paths:
+        raise InputError("no instances given")
+    return tuple(_load_planar(Path(p)) for p in paths)
 
 
 def _read_header(path: Path) -> Dataset:
@@ -175,14 +228,21 @@ def _read_header(path: Path) -> Dataset:
     for keyword in ("SOPInstanceUID", "Rows", "Columns"):
         if keyword not in ds:
             raise InputError(f"{path.name}: no {keyword}")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise InputError(f"{path.name}: multi-frame images are not supported")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{path.name}: only single-sample (grayscale) images are supported")
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
     return ds
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames") or 1)
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    # An enhanced instance with one frame still keeps its geometry in functional groups.
+    return _number_of_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
 
 
 def _check_same_series(headers: Sequence[Dataset]) -> None:
@@ -195,6 +255,138 @@ def _check_same_series(headers: Sequence[Dataset]) -> None:
     frames_of_reference = {str(h.get("FrameOfReferenceUID", "")) for h in headers}
     if len(frames_of_reference) > 1:
         raise GeometryError("the instances have different frames of reference")
+
+
+@dataclass(frozen=True, eq=False)
+class _Slice:
+    """One slice to be: a single-frame instance, or one frame of a multi-frame instance."""
+
+    header: Dataset
+    path: Path
+    frame_number: int | None  # 1-based; None for a single-frame instance
+    orientation: tuple[float, ...]  # ImageOrientationPatient
+    position: tuple[float, ...]  # ImagePositionPatient
+    pixel_spacing: tuple[float, ...]  # PixelSpacing: between rows, between columns
+    slope: float
+    intercept: float
+
+
+def _floats(value: Any, count: int, keyword: str, where: str) -> tuple[float, ...]:
+    sequence = isinstance(value, Sequence | np.ndarray) and not isinstance(value, str)
+    values = list(value) if sequence else [value]
+    if len(values) != count:
+        raise GeometryError(f"{where}: {keyword} must have {count} values, got {len(values)}")
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise GeometryError(f"{where}: {keyword} is not numeric: {values}") from exc
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return slope, intercept
+
+
+def _single_frame_slices(headers: Sequence[Dataset], paths: Sequence[Path]) -> list[_Slice]:
+    missing = [
+        kw
+        for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+        if any(kw not in h or h.get(kw) is None or len(h.get(kw)) == 0 for h in headers)
+    ]
+    if missing:
+        raise GeometryError(f"some instances have no {', '.join(missing)}")
+    slices = []
+    for header, path in zip(headers, paths, strict=True):
+        slope, intercept = _rescale(header)
+        slices.append(
+            _Slice(
+                header=header,
+                path=path,
+                frame_number=None,
+                orientation=_floats(
+                    header.ImageOrientationPatient, 6, "ImageOrientationPatient", path.name
+                ),
+                position=_floats(header.ImagePositionPatient, 3, "ImagePositionPatient", path.name),
+                pixel_spacing=_floats(header.PixelSpacing, 2, "PixelSpacing", path.name),
+                slope=slope,
+                intercept=intercept,
+            )
+        )
+    return slices
+
+
+def _functional_group(item: Dataset, shared: Dataset, sequence: str) -> Dataset | None:
+    """A frame's item of a functional group macro: its own, else the shared one."""
+    for group in (item, shared):
+        value = group.get(sequence)
+        if value:
+            found: Dataset = value[0]
+            return found
+    return None
+
+
+def _frame_slices(header: Dataset, path: Path) -> list[_Slice]:
+    """One slice per frame of an enhanced multi-frame instance, geometry from its
+    functional groups."""
+    count = _number_of_frames(header)
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        raise GeometryError(
+            f"{path.name}: a multi-frame image of {count} frames without Per-Frame Functional "
+            "Groups: no position for each frame, so no volume can be built from it"
+        )
+    if len(per_frame) != count:
+        raise GeometryError(
+            f"{path.name}: {len(per_frame)} Per-Frame Functional Groups items for "
+            f"NumberOfFrames {count}"
+        )
+    shared_sequence = header.get("SharedFunctionalGroupsSequence")
+    shared = shared_sequence[0] if shared_sequence else Dataset()
+    top_slope, top_intercept = _rescale(header)
+    slices = []
+    for number, item in enumerate(per_frame, start=1):
+        where = f"{path.name} frame {number}"
+        found: dict[str, Dataset] = {}
+        for sequence, keyword in (
+            ("PlanePositionSequence", "ImagePositionPatient"),
+            ("PlaneOrientationSequence", "ImageOrientationPatient"),
+            ("PixelMeasuresSequence", "PixelSpacing"),
+        ):
+            group = _functional_group(item, shared, sequence)
+            if group is None or not group.get(keyword):
+                raise GeometryError(
+                    f"{where}: no {keyword} ({sequence}) in the Per-Frame or Shared "
+                    "Functional Groups"
+                )
+            found[keyword] = group
+        transformation = _functional_group(item, shared, "PixelValueTransformationSequence")
+        slope, intercept = (
+            _rescale(transformation) if transformation is not None else (top_slope, top_intercept)
+        )
+        slices.append(
+            _Slice(
+                header=header,
+                path=path,
+                frame_number=number,
+                orientation=_floats(
+                    found["ImageOrientationPatient"].ImageOrientationPatient,
+                    6,
+                    "ImageOrientationPatient",
+                    where,
+                ),
+                position=_floats(
+                    found["ImagePositionPatient"].ImagePositionPatient,
+                    3,
+                    "ImagePositionPatient",
+                    where,
+                ),
+                pixel_spacing=_floats(found["PixelSpacing"].PixelSpacing, 2, "PixelSpacing", where),
+                slope=slope,
+                intercept=intercept,
+            )
+        )
+    return slices
 
 
 @dataclass(frozen=True)
@@ -212,26 +404,17 @@ class _Geometry:
     positions: npt.NDArray[np.float64]  # (n,), IPP . normal
 
     @classmethod
-    def from_headers(cls, headers: Sequence[Dataset]) -> _Geometry:
-        missing = [
-            kw
-            for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
-            if any(kw not in h or h.get(kw) is None or len(h.get(kw)) == 0 for h in headers)
-        ]
-        if missing:
-            raise GeometryError(f"some instances have no {', '.join(missing)}")
-        iops = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
-        if iops.shape[1] != 6:
-            raise GeometryError("ImageOrientationPatient must have 6 values")
+    def from_slices(cls, slices: Sequence[_Slice]) -> _Geometry:
+        iops = np.array([s.orientation for s in slices])
         if np.abs(iops - iops[0]).max() > _COSINE_TOLERANCE:
             raise GeometryError(
                 "mixed orientations in one series (ImageOrientationPatient differs)"
             )
-        sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+        sizes = {(int(s.header.Rows), int(s.header.Columns)) for s in slices}
         if len(sizes) > 1:
             raise GeometryError(f"mixed image sizes in one series: {sorted(sizes)}")
-        spacings = np.array([[float(v) for v in h.PixelSpacing] for h in headers])
-        if spacings.shape[1] != 2 or np.abs(spacings - spacings[0]).max() > 1e-4:
+        spacings = np.array([s.pixel_spacing for s in slices])
+        if np.abs(spacings - spacings[0]).max() > 1e-4:
             raise GeometryError("mixed PixelSpacing in one series")
         if (spacings[0] <= 0).any():
             raise GeometryError(f"PixelSpacing must be positive, got {spacings[0].tolist()}")
@@ -243,9 +426,7 @@ class _Geometry:
         row_cosines = row_cosines / np.linalg.norm(row_cosines)
         column_cosines = column_cosines / np.linalg.norm(column_cosines)
         normal = np.cross(row_cosines, column_cosines)
-        ipps = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
-        if ipps.shape[1] != 3:
-            raise GeometryError("ImagePositionPatient must have 3 values")
+        ipps = np.array([s.position for s in slices])
         rows, columns = sizes.pop()
         return cls(
             row_cosines=row_cosines,
@@ -265,7 +446,8 @@ def _check_spacing(positions: npt.NDArray[np.float64]) -> float:
     steps = np.diff(positions)
     if (steps <= 1e-3).any():
         raise GeometryError(
-            "two or more slices share a position (several acquisitions or echoes in one series?)"
+            "two or more slices share a position (several stacks, acquisitions, echoes or "
+            "temporal positions in one series?)"
         )
     spacing = float(positions[-1] - positions[0]) / (len(positions) - 1)
     grid = positions[0] + spacing * np.arange(len(positions))
@@ -294,16 +476,129 @@ def _check_tilt(ipps: npt.NDArray[np.float64], geometry: _Geometry, slice_spacin
         )
 
 
-def _decode_into(out: npt.NDArray[np.float32], path: Path, header: Dataset) -> None:
-    """Decode one frame into ``out`` and apply its own rescale (values in output units)."""
+def _decode(frames: npt.NDArray[np.float32], ordered: Sequence[_Slice]) -> None:
+    """Decode every instance once, each frame into its slice of ``frames``, rescaled."""
+    by_instance: dict[Path, list[tuple[int, _Slice]]] = {}
+    for k, piece in enumerate(ordered):
+        by_instance.setdefault(piece.path, []).append((k, piece))
+    for path, pieces in by_instance.items():
+        k, first = pieces[0]
+        if first.frame_number is None:
+            _rescale_into(frames[k], _decode_single(path), first)
+        else:
+            targets = {s.frame_number: (i, s) for i, s in pieces if s.frame_number is not None}
+            _decode_frames(frames, path, targets)
+
+
+def _decode_single(path: Path) -> npt.NDArray[Any]:
     try:
-        stored = pixel_array(path)
+        stored: npt.NDArray[Any] = pixel_array(path)
     except Exception as exc:  # decoders raise many types; the boundary is "cannot decode"
         raise InputError(f"{path.name}: pixel data cannot be decoded: {exc}") from exc
+    return stored
+
+
+def _decode_frames(
+    frames: npt.NDArray[np.float32], path: Path, targets: dict[int, tuple[int, _Slice]]
+) -> None:
+    """Frame by frame (``iter_pixels``): one decode of the instance, one frame in memory."""
+    decoded = 0
+    try:
+        for number, stored in enumerate(iter_pixels(path), start=1):
+            decoded = number
+            target = targets.get(number)
+            if target is not None:
+                k, piece = target
+                _rescale_into(frames[k], stored, piece)
+    except InputError:
+        raise
+    except Exception as exc:  # decoders raise many types; the boundary is "cannot decode"
+        raise InputError(f"{path.name}: pixel data cannot be decoded: {exc}") from exc
+    if decoded < max(targets):
+        raise InputError(f"{path.name}: pixel data holds {decoded} frames, fewer than the header")
+
+
+def _rescale_into(out: npt.NDArray[np.float32], stored: npt.NDArray[Any], piece: _Slice) -> None:
+    """Write ``stored`` into ``out`` with its own rescale applied (values in output units)."""
     if stored.shape != out.shape:
-        raise InputError(f"{path.name}: pixel data is {stored.shape}, header says {out.shape}")
-    slope = float(header.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
-    np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
+        where = piece.path.name + (f" frame {piece.frame_number}" if piece.frame_number else "")
+        raise InputError(f"{where}: pixel data is {stored.shape}, header says {out.shape}")
+    np.multiply(stored, np.float32(piece.slope), out=out, casting="unsafe")
+    if piece.intercept:
+        out += np.float32(piece.intercept)
+
+
+def _load_planar(path: Path) -> PlanarImage:
+    header = _read_header(path)
+    if _is_multiframe(header):
+        raise InputError(
+            f"{path.name}: a multi-frame image ({_number_of_frames(header)} frames) is not "
+            "one 2-D image"
+        )
+    photometric = str(header.get("PhotometricInterpretation", "")).strip()
+    if photometric not in _GRAYSCALE:
+        raise InputError(
+            f"{path.name}: PhotometricInterpretation {photometric or 'missing'}; only "
+            "MONOCHROME1 and MONOCHROME2 images are supported"
+        )
+    stored = _decode_single(path)
+    shape = (int(header.Rows), int(header.Columns))
+    if stored.shape != shape:
+        raise InputError(f"{path.name}: pixel data is {stored.shape}, header says {shape}")
+    values, low, high = _modality_values(stored, header)
+    if photometric == "MONOCHROME1":
+        # Mirror within the representable range, not the data's: an image's own min/max
+        # would make its brightness depend on its content.
+        np.subtract(np.float32(low + high), values, out=values)
+    row_spacing, column_spacing = _planar_spacing(header, path)
+    affine = torch.diag(torch.tensor([column_spacing, row_spacing, 1.0], dtype=torch.float64))
+    meta: dict[str, Any] = {
+        "original_affine": affine.clone(),
+        "spatial_shape": np.array([shape[1], shape[0]]),
+        "original_channel_dim": 0,
+        "filename_or_obj": str(header.SOPInstanceUID),
+    }
+    data = torch.from_numpy(values).permute(1, 0).unsqueeze(0)
+    return PlanarImage(
+        image=MetaTensor(data, affine=affine, meta=meta),
+        sop_instance_uid=str(header.SOPInstanceUID),
+        header=header,
+        path=path,
+    )
+
+
+def _modality_values(
+    stored: npt.NDArray[Any], header: Dataset
+) -> tuple[npt.NDArray[np.float32], float, float]:
+    """Rescaled (or Modality LUT) values as float32, plus the lowest and highest value the
+    stored bits can represent after that transformation."""
+    bits = int(header.get("BitsStored") or stored.dtype.itemsize * 8)
+    if int(header.get("PixelRepresentation", 0)) == 1:
+        stored_range = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1], dtype=np.int64)
+    else:
+        stored_range = np.array([0, (1 << bits) - 1], dtype=np.int64)
+    if header.get("ModalityLUTSequence"):
+        try:
+            values = np.asarray(apply_modality_lut(stored, header), dtype=np.float32)
+            table = apply_modality_lut(np.arange(stored_range[0], stored_range[1] + 1), header)
+        except Exception as exc:  # a malformed LUT raises many types
+            raise InputError(f"Modality LUT cannot be applied: {exc}") from exc
+        return values, float(table.min()), float(table.max())
+    slope, intercept = _rescale(header)
+    values = np.empty(stored.shape, dtype=np.float32)
+    np.multiply(stored, np.float32(slope), out=values, casting="unsafe")
     if intercept:
-        out += np.float32(intercept)
+        values += np.float32(intercept)
+    ends = stored_range * slope + intercept
+    return values, float(ends.min()), float(ends.max())
+
+
+def _planar_spacing(header: Dataset, path: Path) -> tuple[float, float]:
+    """(between rows, between columns) in mm: PixelSpacing, else ImagerPixelSpacing, else 1."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if header.get(keyword):
+            row, column = _floats(header.get(keyword), 2, keyword, path.name)
+            if row > 0 and column > 0:
+                return row, column
+    logger.debug("%s: no PixelSpacing or ImagerPixelSpacing; assuming 1 mm pixels", path.name)
+    return 1.0, 1.0

@@ -17,7 +17,19 @@ from io import BytesIO
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    from pydicom.dataset import Dataset
+
+    from dicom_ai.inference.findings import (
+        ClassificationFindings,
+        DetectionFindings,
+        SegmentationFindings,
+    )
+    from dicom_ai.results import DeviceIdentity, ResultUIDs
 
 __all__ = ["JobOutcome", "JobSpec", "WorkerPool", "run_job"]
 
@@ -38,6 +50,9 @@ class JobSpec:
     results_dir: Path
     device_serial_number: str
     min_free_bytes: int = 0
+    task: str | None = None  # None: the model (bundle metadata) says
+    threshold: float = 0.5
+    preview: bool = False  # a Secondary Capture preview of a segmentation too
 
 
 @dataclass(frozen=True)
@@ -52,47 +67,100 @@ class JobOutcome:
     retry: bool = False
 
 
-_models: dict[tuple[str, Path | None, str], Any] = {}
+_models: dict[tuple[str, Path | None, str, str | None, float], Any] = {}
 
 
 def run_job(spec: JobSpec) -> tuple[Path, ...]:
-    """Load the series, run the model, write SEG and SR durably; returns their paths."""
+    """Load the series, run the model, write its results durably; returns their paths.
+
+    Segmentation gives a SEG and its SR (and, with ``preview``, Secondary Capture images);
+    classification and detection give an SR.
+    """
     # Imported here so the node's main process never loads torch or MONAI.
+    from dicom_ai.inference.findings import SegmentationFindings
     from dicom_ai.inference.model import load_model
-    from dicom_ai.inference.volume import load_series
-    from dicom_ai.results import DeviceIdentity, build_seg, build_sr, result_uids
+    from dicom_ai.inference.volume import load_planar_images, load_series
+    from dicom_ai.results import DeviceIdentity, result_uids
     from dicom_ai.store.spool import Spool
 
-    key = (spec.model_id, spec.bundle, spec.device)
+    key = (spec.model_id, spec.bundle, spec.device, spec.task, spec.threshold)
     if key not in _models:
-        _models[key] = load_model(spec.model_id, spec.bundle, spec.device)
+        _models[key] = load_model(
+            spec.model_id, spec.bundle, spec.device, task=spec.task, threshold=spec.threshold
+        )
     model = _models[key]
     started = time.monotonic()
-    volume = load_series(spec.instance_paths)
-    findings = model(volume)
+    if model.spatial_dims == 2:
+        images = load_planar_images(spec.instance_paths)
+        findings = model(images)
+        headers = [image.header for image in images]
+        frames = None
+    else:
+        volume = load_series(spec.instance_paths)
+        findings = model(volume)
+        headers = list(volume.headers)
+        frames = volume.frames
     inferred = time.monotonic()
     uids = result_uids(spec.series_instance_uid, spec.model_id, findings.algorithm.version)
     device = DeviceIdentity.for_node(spec.device_serial_number)
-    seg = build_seg(volume.headers, findings, uids, device)
-    sr = build_sr(volume.headers, seg, findings, uids, device)
+    if isinstance(findings, SegmentationFindings):
+        results = _segmentation_results(headers, frames, findings, uids, device, spec.preview)
+    else:
+        results = [("sr.dcm", _report(headers, findings, uids, device))]
     spool = Spool(spec.results_dir.parent.parent, spec.min_free_bytes)
     files = []
-    for name, dataset in (("seg.dcm", seg), ("sr.dcm", sr)):
+    for name, dataset in results:
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         path = spec.results_dir / name
         spool.write_atomic(path, buffer.getvalue())
         files.append(path)
     log.info(
-        "job %d: %s on series %s: %d segments, infer %.1f s, encode %.1f s",
+        "job %d: %s (%s) on series %s: %d result object(s), infer %.1f s, encode %.1f s",
         spec.job_id,
         spec.model_id,
+        model.task.value,
         spec.series_instance_uid,
-        len(seg.SegmentSequence),
+        len(files),
         inferred - started,
         time.monotonic() - inferred,
     )
     return tuple(files)
+
+
+def _segmentation_results(
+    headers: list[Dataset],
+    frames: npt.NDArray[np.float32] | None,
+    findings: SegmentationFindings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    preview: bool,
+) -> list[tuple[str, Dataset]]:
+    from dicom_ai.results import build_seg, build_sr, link_related_series
+    from dicom_ai.results.preview import build_preview
+
+    seg = build_seg(headers, findings, uids, device)
+    sr = build_sr(headers, seg, findings, uids, device)
+    link_related_series(seg, sr)
+    results: list[tuple[str, Dataset]] = [("seg.dcm", seg), ("sr.dcm", sr)]
+    if preview and frames is not None:
+        images = build_preview(frames, headers, findings, uids, device)
+        results += [(f"preview-{k:04d}.dcm", image) for k, image in enumerate(images, start=1)]
+    return results
+
+
+def _report(
+    headers: list[Dataset],
+    findings: ClassificationFindings | DetectionFindings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+) -> Dataset:
+    from dicom_ai.inference.findings import ClassificationFindings
+    from dicom_ai.results import build_classification_sr, build_detection_sr
+
+    if isinstance(findings, ClassificationFindings):
+        return build_classification_sr(headers, findings, uids, device)
+    return build_detection_sr(headers, findings, uids, device)
 
 
 def _worker_main(conn: Connection, log_level: int) -> None:

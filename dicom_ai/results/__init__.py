@@ -15,8 +15,14 @@ from dicom_ai.results.codes import (
     segment_coding,
 )
 from dicom_ai.results.device import DeviceIdentity
+from dicom_ai.results.links import link_related_series
 from dicom_ai.results.seg import algorithm_family_code, build_seg
-from dicom_ai.results.sr import build_sr, procedure_reported
+from dicom_ai.results.sr import (
+    build_classification_sr,
+    build_detection_sr,
+    build_sr,
+    procedure_reported,
+)
 from dicom_ai.results.uids import ResultUIDs, result_uids
 
 __all__ = [
@@ -25,8 +31,11 @@ __all__ = [
     "ResultUIDs",
     "SegmentCoding",
     "algorithm_family_code",
+    "build_classification_sr",
+    "build_detection_sr",
     "build_seg",
     "build_sr",
+    "link_related_series",
     "normalize_label_name",
     "procedure_reported",
     "result_uids",

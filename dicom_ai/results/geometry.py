@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +25,10 @@ __all__ = [
 def order_like_findings(
     source_images: Sequence[Dataset], findings: SegmentationFindings
 ) -> list[Dataset]:
-    """The source headers in ``findings.source_sop_instance_uids`` order (frame k <-> image k)."""
+    """The source headers in ``findings.source_sop_instance_uids`` order (frame k <-> image k).
+
+    For a multi-frame source the same header repeats, once per frame of the label map.
+    """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_images}
     missing = [uid for uid in findings.source_sop_instance_uids if uid not in by_uid]
     if missing:
@@ -92,9 +96,16 @@ def _slice_normal(ds: Dataset) -> npt.NDArray[np.float64]:
 
 def slice_spacing_mm(ordered: Sequence[Dataset]) -> float:
     """Distance between adjacent slices along the slice normal (median, so one gap in a
-    series does not skew it); SliceThickness for a single slice."""
+    series does not skew it); SliceThickness for a single slice.
+
+    For multi-frame sources (the same header repeated, one per frame) the slices are the
+    frames of each distinct instance, positioned by their functional groups.
+    """
     if not ordered:
         raise EncodingError("no source images")
+    multiframe = _distinct_multiframe(ordered)
+    if multiframe is not None:
+        return _frames_slice_spacing(multiframe)
     if len(ordered) == 1:
         thickness = ordered[0].get("SliceThickness")
         if thickness is None or float(thickness) <= 0.0:
@@ -109,19 +120,105 @@ def slice_spacing_mm(ordered: Sequence[Dataset]) -> float:
             ]
         )
     )
-    spacing = float(np.median(np.diff(positions)))
+    return _median_spacing(positions)
+
+
+def voxel_volume_mm3(ordered: Sequence[Dataset]) -> float:
+    """PixelSpacing[0] x PixelSpacing[1] x slice spacing, in mm^3."""
+    multiframe = _distinct_multiframe(ordered)
+    if multiframe is not None:
+        spacings = {
+            tuple(
+                float(v) for v in _frame_value(ds, index, "PixelMeasuresSequence", "PixelSpacing")
+            )
+            for ds in multiframe
+            for index in range(_number_of_frames(ds))
+        }
+    else:
+        spacings = {tuple(float(v) for v in ds.PixelSpacing) for ds in ordered}
+    if len(spacings) != 1:
+        raise EncodingError(f"source images differ in PixelSpacing: {sorted(spacings)}")
+    row_spacing, column_spacing = next(iter(spacings))
+    return row_spacing * column_spacing * slice_spacing_mm(ordered)
+
+
+def _median_spacing(sorted_positions: npt.NDArray[np.float64]) -> float:
+    spacing = float(np.median(np.diff(sorted_positions)))
     if spacing <= 0.0:
         raise EncodingError("source images share one position: no slice spacing")
     return spacing
 
 
-def voxel_volume_mm3(ordered: Sequence[Dataset]) -> float:
-    """PixelSpacing[0] x PixelSpacing[1] x slice spacing, in mm^3."""
-    spacings = {tuple(float(v) for v in ds.PixelSpacing) for ds in ordered}
-    if len(spacings) != 1:
-        raise EncodingError(f"source images differ in PixelSpacing: {sorted(spacings)}")
-    row_spacing, column_spacing = next(iter(spacings))
-    return row_spacing * column_spacing * slice_spacing_mm(ordered)
+def _number_of_frames(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames") or 1)
+
+
+def _distinct_multiframe(ordered: Sequence[Dataset]) -> list[Dataset] | None:
+    """The distinct multi-frame (enhanced) instances among ``ordered``; None if there are
+    none. Enhanced images keep their geometry in functional groups, not in the top level."""
+    enhanced = ["PerFrameFunctionalGroupsSequence" in ds for ds in ordered]
+    if not any(enhanced):
+        return None
+    if not all(enhanced):
+        raise EncodingError("the source images mix single-frame and multi-frame instances")
+    distinct: dict[str, Dataset] = {}
+    for ds in ordered:
+        distinct.setdefault(str(ds.SOPInstanceUID), ds)
+    return list(distinct.values())
+
+
+def _frame_value(ds: Dataset, index: int, sequence: str, keyword: str) -> Any:
+    """An attribute of frame ``index`` (0-based) of an enhanced image: from its Per-Frame
+    Functional Groups item, else from the Shared Functional Groups."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    for group in (
+        per_frame[index] if index < len(per_frame) else None,
+        shared[0] if shared else None,
+    ):
+        if group is None:
+            continue
+        items = group.get(sequence)
+        if items and items[0].get(keyword) is not None:
+            return items[0].get(keyword)
+    raise EncodingError(
+        f"frame {index + 1} of {ds.SOPInstanceUID} has no {keyword} ({sequence}) in its "
+        "functional groups"
+    )
+
+
+def _frames_slice_spacing(images: Sequence[Dataset]) -> float:
+    frames = [(ds, index) for ds in images for index in range(_number_of_frames(ds))]
+    if len(frames) == 1:
+        ds, index = frames[0]
+        thickness = _frame_value(ds, index, "PixelMeasuresSequence", "SliceThickness")
+        if float(thickness) <= 0.0:
+            raise EncodingError("single-frame source without SliceThickness: no voxel depth")
+        return float(thickness)
+    first, first_index = frames[0]
+    orientation = np.asarray(
+        _frame_value(first, first_index, "PlaneOrientationSequence", "ImageOrientationPatient"),
+        dtype=np.float64,
+    )
+    normal = np.cross(orientation[:3], orientation[3:])
+    norm = float(np.linalg.norm(normal))
+    if norm == 0.0:
+        raise EncodingError(f"degenerate ImageOrientationPatient in {first.SOPInstanceUID}")
+    positions = np.sort(
+        np.array(
+            [
+                np.dot(
+                    np.asarray(
+                        _frame_value(ds, index, "PlanePositionSequence", "ImagePositionPatient"),
+                        dtype=np.float64,
+                    ),
+                    normal / norm,
+                )
+                for ds, index in frames
+            ]
+        )
+    )
+    return _median_spacing(positions)
 
 
 def default_series_number(source: Dataset, offset: int) -> int:

@@ -3,6 +3,11 @@
 BINARY, not LABELMAP: the label-map SOP class is rejected by DCMTK 3.6.7 and Orthanc 1.10
 (FIELD-NOTES "DICOM objects"). One segment per label with voxels, numbered 1..n in
 label-value order; frames without any voxel of a segment are omitted.
+
+Sources are single-frame images (any number) or one enhanced multi-frame image; for the
+latter the findings' ``source_frame_numbers`` say which source frame each label-map plane
+belongs to, and highdicom gets the planes in source frame order (frame 1..N), so each SEG
+frame references its source frame by Referenced Frame Number.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from highdicom.seg import (
     SegmentDescription,
 )
 from highdicom.sr import CodedConcept
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 
 from dicom_ai.errors import EncodingError
 from dicom_ai.inference.findings import (
@@ -88,9 +95,11 @@ def build_seg(
     """Encode ``findings`` as a BINARY SEG referencing ``source_images``.
 
     ``source_images`` are the source series' headers; Pixel Data is not needed (highdicom
-    takes geometry from Image Position/Orientation (Patient), Pixel Spacing, Rows, Columns).
-    They may come in any order: frame k of ``findings.label_map`` belongs to the image whose
-    SOP Instance UID is ``findings.source_sop_instance_uids[k]``.
+    takes geometry from Image Position/Orientation (Patient), Pixel Spacing, Rows, Columns,
+    or for a multi-frame image from its functional groups). They may come in any order, and
+    may repeat: frame k of ``findings.label_map`` belongs to the image whose SOP Instance UID
+    is ``findings.source_sop_instance_uids[k]`` (its frame ``source_frame_numbers[k]`` for a
+    multi-frame source).
 
     Raises :class:`EncodingError` when the findings and sources disagree, when there is no
     labelled voxel at all (a SEG needs at least one segment), or when highdicom refuses.
@@ -101,6 +110,10 @@ def build_seg(
     if not labels:
         raise EncodingError("the label map has no labelled voxel: nothing to encode as SEG")
     pixel_array = _segment_number_map(findings.label_map, labels)
+    if findings.source_frame_numbers is not None or _is_multiframe(ordered[0]):
+        sources, pixel_array = _multiframe_source(ordered, findings, pixel_array)
+    else:
+        sources = ordered
     descriptions = [
         _segment_description(number, label, findings.algorithm, uids)
         for number, label in enumerate(labels, start=1)
@@ -110,7 +123,7 @@ def build_seg(
     name = findings.algorithm.name
     try:
         seg = Segmentation(
-            source_images=ordered,
+            source_images=sources,
             pixel_array=pixel_array,
             segmentation_type=SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
@@ -144,6 +157,107 @@ def content_label(model_name: str) -> str:
     """Content Label (CS, 16 chars of A-Z 0-9 space underscore) from a model name."""
     label = re.sub(r"[^A-Z0-9_ ]", "_", model_name.upper()).strip()[:16].rstrip()
     return label or "SEGMENTATION"
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _multiframe_source(
+    ordered: Sequence[Dataset],
+    findings: SegmentationFindings,
+    planes: npt.NDArray[np.uint8] | npt.NDArray[np.uint16],
+) -> tuple[list[Dataset], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]:
+    """The one multi-frame source, and the planes reordered to its frames 1..N.
+
+    highdicom derives a SEG from one multi-frame image only, with one input plane per
+    source frame in frame order; source frames without a plane get an empty one (omitted
+    from the SEG as empty frames).
+    """
+    numbers = findings.source_frame_numbers
+    if numbers is None:
+        raise EncodingError(
+            f"source {ordered[0].SOPInstanceUID} is a multi-frame image but the findings "
+            "carry no source_frame_numbers"
+        )
+    if not all(_is_multiframe(ds) for ds in ordered):
+        raise EncodingError("findings with source_frame_numbers need multi-frame source images")
+    instances = {str(ds.SOPInstanceUID) for ds in ordered}
+    if len(instances) != 1:
+        raise EncodingError(
+            f"the findings span {len(instances)} multi-frame source instances; a SEG is "
+            "derived from one multi-frame image"
+        )
+    source = ordered[0]
+    count = int(source.get("NumberOfFrames") or 1)
+    index = np.asarray(numbers, dtype=np.int64) - 1
+    if len(set(numbers)) != len(numbers) or index.min() < 0 or index.max() >= count:
+        raise EncodingError(
+            f"source frame numbers must be distinct and within 1..{count} "
+            f"(NumberOfFrames of {source.SOPInstanceUID})"
+        )
+    if len(index) == count and bool((index == np.arange(count)).all()):
+        frames = planes
+    else:
+        frames = np.zeros((count, *planes.shape[1:]), dtype=planes.dtype)
+        frames[index] = planes
+    return [_with_shared_geometry(source)], frames
+
+
+# Functional groups highdicom reads from the Shared Functional Groups of a multi-frame source.
+_SHARED_FOR_HIGHDICOM = ("PlaneOrientationSequence", "PixelMeasuresSequence")
+
+
+def _with_shared_geometry(source: Dataset) -> Dataset:
+    """``source``, or a copy of its header with orientation and pixel measures moved into
+    the Shared Functional Groups where they are per-frame but equal in every frame.
+
+    highdicom takes both from the shared groups only; scanners (Philips MR among them) often
+    repeat them per frame. The copy shares the element objects with ``source`` and is only
+    handed to highdicom; the SEG references the source by its UIDs, which are unchanged.
+    """
+    shared_sequence = source.get("SharedFunctionalGroupsSequence")
+    shared = shared_sequence[0] if shared_sequence else Dataset()
+    missing = [name for name in _SHARED_FOR_HIGHDICOM if not shared.get(name)]
+    if not missing:
+        return source
+    per_frame = source.PerFrameFunctionalGroupsSequence
+    hoisted = Dataset()
+    for element in shared:
+        hoisted.add(element)
+    for name in missing:
+        items = [item.get(name) for item in per_frame]
+        if not all(items):
+            raise EncodingError(f"source {source.SOPInstanceUID} has no {name} for every frame")
+        if any(not _same_item(items[0][0], other[0]) for other in items[1:]):
+            raise EncodingError(
+                f"source {source.SOPInstanceUID}: {name} differs between frames; a SEG needs "
+                "one orientation and pixel spacing"
+            )
+        hoisted[name] = DataElement(Tag(name), "SQ", [items[0][0]])
+    view = Dataset()
+    for element in source:
+        if element.keyword != "SharedFunctionalGroupsSequence":
+            view.add(element)
+    view.SharedFunctionalGroupsSequence = [hoisted]
+    if hasattr(source, "file_meta"):
+        view.file_meta = source.file_meta
+    return view
+
+
+def _same_item(first: Dataset, other: Dataset) -> bool:
+    """Orientation and pixel spacing equal within the loader's tolerance (1e-4)."""
+    for keyword in ("ImageOrientationPatient", "PixelSpacing"):
+        a, b = first.get(keyword), other.get(keyword)
+        if (a is None) != (b is None):
+            return False
+        if a is not None and (
+            len(a) != len(b)
+            or np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max()
+            > 1e-4
+        ):
+            return False
+    return True
 
 
 def _segment_number_map(

@@ -1,37 +1,71 @@
-"""A SEG plus its findings -> TID 1500 Imaging Measurement Report (Comprehensive 3D SR).
+"""Findings -> TID 1500 Imaging Measurement Report (Comprehensive 3D SR).
 
-One TID 1411 Volumetric ROI group per SEG segment: tracking identifier (same UID as the
-segment's Tracking UID), finding type (the segment's property type), finding site where the
-label implies one, and the segment's volume in ml.
+- Segmentation (:func:`build_sr`): one TID 1411 Volumetric ROI group per SEG segment:
+  tracking identifier (same UID as the segment's Tracking UID), finding type (the segment's
+  property type), finding site where the label implies one, and the segment's volume in ml.
+- Classification (:func:`build_classification_sr`): one TID 1501 group per classified image
+  (or series) referencing its source images: a qualitative evaluation "<class>: Present" per
+  class at or above the threshold, plus its probability as a numeric measurement.
+- Detection (:func:`build_detection_sr`): one TID 1410 Planar ROI group per finding: the
+  bounding box's cross-section through its centre as a closed SCOORD3D POLYGON, its score
+  (probability) and its size (width, height, depth in mm).
+
+Every report follows the IHE AI Results profile's header: title "Imaging Measurement
+Report", procedure reported, language (English, US), the node as observer device
+(manufacturer, model name, serial number = node id; the software version is in Software
+Versions and the algorithm's in each group's algorithm identification), and the model's
+intended use as a TEXT comment.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+import numpy as np
 from highdicom.seg import Segmentation
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
+    ImageRegion3D,
+    LanguageOfContentItemAndDescendants,
     Measurement,
     MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
     ReferencedSegment,
+    SourceImageForMeasurementGroup,
     SourceSeriesForSegmentation,
+    TextContentItem,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
+from highdicom.sr.enum import GraphicTypeValues3D, RelationshipTypeValues
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_ai.errors import EncodingError
-from dicom_ai.inference.findings import SegmentationFindings, SegmentLabel
+from dicom_ai.inference.findings import (
+    AlgorithmIdentification as FindingsAlgorithm,
+)
+from dicom_ai.inference.findings import (
+    ClassificationFindings,
+    Detection,
+    DetectionFindings,
+    ImageClassification,
+    SegmentationFindings,
+    SegmentLabel,
+)
 from dicom_ai.results.codes import SegmentCoding, is_local_code, local_coding_scheme, segment_coding
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.geometry import (
@@ -42,9 +76,17 @@ from dicom_ai.results.geometry import (
     voxel_volume_mm3,
 )
 from dicom_ai.results.seg import algorithm_family_code
-from dicom_ai.results.uids import ResultUIDs, device_observer_uid
+from dicom_ai.results.uids import ResultUIDs, derived_uid, device_observer_uid
 
-__all__ = ["MILLILITER", "SR_SERIES_NUMBER_OFFSET", "build_sr", "procedure_reported"]
+__all__ = [
+    "MILLILITER",
+    "SR_SERIES_NUMBER_OFFSET",
+    "box_polygon",
+    "build_classification_sr",
+    "build_detection_sr",
+    "build_sr",
+    "procedure_reported",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +96,8 @@ SR_SERIES_NUMBER_OFFSET = 2000
 MILLILITER = Code("ml", "UCUM", "milliliter")
 """UCUM unit of the volume measurements (not in pydicom's UCUM dictionary)."""
 
+_LANGUAGE = CodedConcept("en-US", "RFC5646", "English (United States)")
+
 # CID 100 Quantitative Diagnostic Imaging Procedures, by source Modality.
 _PROCEDURES: dict[str, Code] = {
     "CT": codes.cid100.CTUnspecifiedBodyRegion,
@@ -61,6 +105,8 @@ _PROCEDURES: dict[str, Code] = {
     "PT": codes.cid100.PETUnspecifiedBodyRegion,
     "NM": codes.cid100.NMUnspecifiedBodyRegion,
 }
+# "XR unspecified body region" is in CID 100 since 2023, but PixelMed (2022) refuses it:
+# radiographs report "Imaging procedure".
 
 
 def procedure_reported(modality: str) -> CodedConcept:
@@ -94,13 +140,9 @@ def build_sr(
     source_series = SourceSeriesForSegmentation(str(source.SeriesInstanceUID))
     # highdicom capitalises this meaning; PS3.16 (and PixelMed's check) has it in lower case.
     source_series.ConceptNameCodeSequence[0].CodeMeaning = "Source series for segmentation"
-    algorithm = AlgorithmIdentification(
-        name=findings.algorithm.name[:64],
-        version=findings.algorithm.version[:64],
-        family=algorithm_family_code(findings.algorithm.family),
-    )
+    algorithm = _algorithm_item(findings.algorithm)
     codings = [segment_coding(label.name) for label in labels]
-    try:
+    with _refused_by_highdicom(findings.algorithm):
         groups = [
             _volumetric_group(
                 number,
@@ -114,42 +156,324 @@ def build_sr(
             )
             for number, (label, coding) in enumerate(zip(labels, codings, strict=True), start=1)
         ]
-        report = MeasurementReport(
-            observation_context=_observation_context(device),
-            procedure_reported=procedure_reported(str(source.get("Modality", ""))),
-            imaging_measurements=groups,
+        sr = _document(
+            ordered,
+            [seg],
+            groups,
+            findings.algorithm,
+            uids,
+            device,
+            [label.name for label in labels],
+            series_number,
+            instance_number,
         )
-        local = any(is_local_code(coding.property_type) for coding in codings)
-        sr = Comprehensive3DSR(
-            # The source images first: highdicom takes patient, study and the acquisition
-            # equipment from evidence[0], which must be the scanner's image, not our SEG.
-            evidence=[*ordered, seg],
-            content=report[0],
-            series_instance_uid=uids.sr_series_instance_uid,
-            series_number=(
-                series_number
-                if series_number is not None
-                else default_series_number(source, SR_SERIES_NUMBER_OFFSET)
-            ),
-            sop_instance_uid=uids.sr_sop_instance_uid,
-            instance_number=instance_number,
-            manufacturer=device.manufacturer,
-            manufacturer_model_name=device.model_name,
-            software_versions=device.software_version,
-            device_serial_number=device.device_serial_number,
-            series_description=f"AI SR {findings.algorithm.name}"[:64],
-            # Every segment with voxels is reported; nobody has verified it.
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            coding_schemes=[local_coding_scheme()] if local else None,
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodingError(
-            f"highdicom refused the SR for {findings.algorithm.name}: {exc}"
-        ) from exc
     logger.debug("SR %s: %d measurement group(s)", sr.SOPInstanceUID, len(groups))
     return sr
+
+
+def build_classification_sr(
+    source_images: Sequence[Dataset],
+    findings: ClassificationFindings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    *,
+    series_number: int | None = None,
+    instance_number: int = 1,
+) -> Comprehensive3DSR:
+    """TID 1501 groups referencing the source images: per class at or above the threshold,
+    one with that class as finding type, "<class>: Present" and its probability.
+
+    A result with no class above the threshold still gets a group (tracking identifier
+    and source images, nothing else): the report then says the model ran and found none.
+    """
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_images}
+    algorithm = _algorithm_item(findings.algorithm)
+    with _refused_by_highdicom(findings.algorithm):
+        groups = [
+            group
+            for number, result in enumerate(findings.results, start=1)
+            for group in _classification_groups(number, result, findings, by_uid, algorithm, uids)
+        ]
+        if not groups:
+            raise EncodingError("classification findings without a result")
+        referenced = _referenced(
+            source_images,
+            [uid for result in findings.results for uid in result.source_sop_instance_uids],
+        )
+        names = [score.name for result in findings.results for score in findings.found(result)]
+        return _document(
+            referenced,
+            [],
+            groups,
+            findings.algorithm,
+            uids,
+            device,
+            names,
+            series_number,
+            instance_number,
+        )
+
+
+def build_detection_sr(
+    source_images: Sequence[Dataset],
+    findings: DetectionFindings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    *,
+    series_number: int | None = None,
+    instance_number: int = 1,
+) -> Comprehensive3DSR:
+    """One TID 1410 Planar ROI group per detection: the box's cross-section through its
+    centre (SCOORD3D POLYGON in the series' frame of reference), its probability and size.
+
+    Without any detection the report holds one group that names the images and nothing
+    else: the model ran on them and found nothing.
+    """
+    algorithm = _algorithm_item(findings.algorithm)
+    with _refused_by_highdicom(findings.algorithm):
+        referenced = _referenced(source_images, list(findings.source_sop_instance_uids))
+        groups: list[
+            PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+        ] = [
+            _detection_group(number, detection, findings, algorithm, uids)
+            for number, detection in enumerate(findings.detections, start=1)
+        ]
+        if not groups:
+            groups.append(_nothing_found(referenced, algorithm, uids))
+        names = [detection.name for detection in findings.detections]
+        return _document(
+            referenced,
+            [],
+            groups,
+            findings.algorithm,
+            uids,
+            device,
+            names,
+            series_number,
+            instance_number,
+        )
+
+
+def box_polygon(detection: Detection) -> np.ndarray:
+    """The box's cross-section through its centre, spanned by its row and column edges:
+    a closed polygon of 5 points (first = last), in patient coordinates (mm)."""
+    half_row, half_column = detection.edges[0] / 2, detection.edges[1] / 2
+    corners = [
+        detection.center - half_row - half_column,
+        detection.center + half_row - half_column,
+        detection.center + half_row + half_column,
+        detection.center - half_row + half_column,
+    ]
+    return np.array([*corners, corners[0]], dtype=np.float64)
+
+
+def _document(
+    source_images: Sequence[Dataset],
+    derived: Sequence[Dataset],
+    groups: Sequence[
+        VolumetricROIMeasurementsAndQualitativeEvaluations
+        | PlanarROIMeasurementsAndQualitativeEvaluations
+        | MeasurementsAndQualitativeEvaluations
+    ],
+    algorithm: FindingsAlgorithm,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    finding_names: Sequence[str],
+    series_number: int | None,
+    instance_number: int,
+) -> Comprehensive3DSR:
+    """The TID 1500 document around ``groups`` (IHE AI Results header items included);
+    ``finding_names`` tell whether the local coding scheme must be declared."""
+    source = source_images[0]
+    local = any(is_local_code(segment_coding(name).property_type) for name in finding_names)
+    report = MeasurementReport(
+        observation_context=_observation_context(device),
+        procedure_reported=procedure_reported(str(source.get("Modality", ""))),
+        imaging_measurements=list(groups),
+        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(_LANGUAGE),
+    )
+    content = report[0]
+    if algorithm.intended_use.strip():
+        content.ContentSequence.append(
+            _qualitative_evaluations(
+                [f"Intended use of {algorithm.name} {algorithm.version}: {algorithm.intended_use}"]
+            )
+        )
+    # Each instance once (a multi-frame source repeats per frame).
+    unique = {str(ds.SOPInstanceUID): ds for ds in [*source_images, *derived]}
+    return Comprehensive3DSR(
+        # The source images first: highdicom takes patient, study and the acquisition
+        # equipment from evidence[0], which must be the scanner's image, not our SEG.
+        evidence=list(unique.values()),
+        content=content,
+        series_instance_uid=uids.sr_series_instance_uid,
+        series_number=(
+            series_number
+            if series_number is not None
+            else default_series_number(source, SR_SERIES_NUMBER_OFFSET)
+        ),
+        sop_instance_uid=uids.sr_sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=device.manufacturer,
+        manufacturer_model_name=device.model_name,
+        software_versions=device.software_version,
+        device_serial_number=device.device_serial_number,
+        series_description=f"AI SR {algorithm.name}"[:64],
+        # Everything the model found is reported; nobody has verified it.
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        coding_schemes=[local_coding_scheme()] if local else None,
+    )
+
+
+@contextmanager
+def _refused_by_highdicom(algorithm: FindingsAlgorithm) -> Iterator[None]:
+    """highdicom's constructors validate and raise plain errors: they become EncodingError."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise EncodingError(f"highdicom refused the SR for {algorithm.name}: {exc}") from exc
+
+
+def _qualitative_evaluations(comments: Sequence[str]) -> ContainerContentItem:
+    # PS3.16 has no concept for a model's intended use (nor for "nothing found"): they go as
+    # TEXT comments into the report's Qualitative Evaluations container (TID 1500 row 14).
+    container = ContainerContentItem(
+        name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = ContentSequence(
+        [
+            TextContentItem(
+                name=codes.DCM.Comment,
+                value=comment,
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+            for comment in comments
+        ]
+    )
+    return container
+
+
+def _algorithm_item(algorithm: FindingsAlgorithm) -> AlgorithmIdentification:
+    return AlgorithmIdentification(
+        name=algorithm.name[:64],
+        version=algorithm.version[:64],
+        family=algorithm_family_code(algorithm.family),
+    )
+
+
+def _referenced(
+    source_images: Sequence[Dataset], sop_instance_uids: Sequence[str]
+) -> list[Dataset]:
+    """The source headers named by ``sop_instance_uids``, each once, in first-named order."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_images}
+    missing = [uid for uid in sop_instance_uids if uid not in by_uid]
+    if missing or not sop_instance_uids:
+        raise EncodingError(
+            f"{len(missing)} source instance(s) of the findings are not among the "
+            f"{len(source_images)} source images"
+        )
+    return [by_uid[uid] for uid in dict.fromkeys(sop_instance_uids)]
+
+
+def _classification_groups(
+    number: int,
+    result: ImageClassification,
+    findings: ClassificationFindings,
+    by_uid: dict[str, Dataset],
+    algorithm: AlgorithmIdentification,
+    uids: ResultUIDs,
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    """One group per class found (its finding type, "<class>: Present", its probability);
+    one bare group, naming the images, when no class reaches the threshold."""
+    frames = result.source_frame_numbers
+    sources = [
+        SourceImageForMeasurementGroup.from_source_image(
+            by_uid[uid], referenced_frame_numbers=[frames[k]] if frames else None
+        )
+        for k, uid in enumerate(result.source_sop_instance_uids)
+    ]
+    groups = []
+    for score in findings.found(result) or (None,):
+        name = "no class above threshold" if score is None else score.name
+        tracking = TrackingIdentifier(
+            uid=derived_uid(uids.sr_sop_instance_uid, "classification", str(number), name),
+            identifier=f"{number}: {name}"[:64],
+        )
+        if score is None:
+            groups.append(
+                MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking, algorithm_id=algorithm, source_images=sources
+                )
+            )
+            continue
+        finding = segment_coding(score.name).property_type
+        probability = Measurement(
+            name=codes.DCM.Probability,
+            value=score.probability,
+            unit=codes.UCUM.NoUnits,
+            algorithm_id=algorithm,
+        )
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                finding_type=finding,
+                algorithm_id=algorithm,
+                measurements=[probability],
+                qualitative_evaluations=[QualitativeEvaluation(finding, codes.SCT.Present)],
+                source_images=sources,
+            )
+        )
+    return groups
+
+
+def _nothing_found(
+    images: Sequence[Dataset], algorithm: AlgorithmIdentification, uids: ResultUIDs
+) -> MeasurementsAndQualitativeEvaluations:
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(uids.sr_sop_instance_uid, "nothing found"),
+            identifier="nothing found at or above the threshold",
+        ),
+        algorithm_id=algorithm,
+        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in images],
+    )
+
+
+def _detection_group(
+    number: int,
+    detection: Detection,
+    findings: DetectionFindings,
+    algorithm: AlgorithmIdentification,
+    uids: ResultUIDs,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    coding = segment_coding(detection.name)
+    width, height, depth = detection.size_mm
+    millimeter = codes.UCUM.Millimeter
+    measurements = [
+        Measurement(
+            codes.DCM.Probability, detection.score, codes.UCUM.NoUnits, algorithm_id=algorithm
+        ),
+        Measurement(codes.SCT.Width, width, millimeter, algorithm_id=algorithm),
+        Measurement(codes.DCM.Height, height, millimeter, algorithm_id=algorithm),
+        Measurement(codes.SCT.Depth, depth, millimeter, algorithm_id=algorithm),
+    ]
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(uids.sr_sop_instance_uid, "detection", str(number)),
+            identifier=f"{detection.name} {number}"[:64],
+        ),
+        referenced_region=ImageRegion3D(
+            graphic_type=GraphicTypeValues3D.POLYGON,
+            graphic_data=box_polygon(detection),
+            frame_of_reference_uid=findings.frame_of_reference_uid,
+        ),
+        finding_type=coding.property_type,
+        finding_sites=[FindingSite(coding.anatomic_region)] if coding.anatomic_region else None,
+        measurements=measurements,
+    )
 
 
 def _concept(code: Code) -> CodedConcept:

@@ -84,6 +84,7 @@ class RouteDecision:
     model: str | None
     destinations: tuple[str, ...]
     reasons: tuple[str, ...]  # why it matched, e.g. "Modality 'CT' equals 'CT'"
+    preview: bool = False  # also a Secondary Capture preview of a segmentation
 
 
 @dataclass(frozen=True)
@@ -480,7 +481,9 @@ class RuleSet:
             )
             if routed:
                 decisions.append(
-                    RouteDecision(rule.name, rule.model, rule.destinations, outcome.reasons)
+                    RouteDecision(
+                        rule.name, rule.model, rule.destinations, outcome.reasons, rule.preview
+                    )
                 )
                 if not rule.continue_:
                     taken_by = rule.name
@@ -492,7 +495,13 @@ class RuleSet:
             else:
                 reasons = ("no rule matched",)
                 decisions.append(
-                    RouteDecision(fallback.name, fallback.model, fallback.destinations, reasons)
+                    RouteDecision(
+                        fallback.name,
+                        fallback.model,
+                        fallback.destinations,
+                        reasons,
+                        fallback.preview,
+                    )
                 )
                 trace.append(RuleTrace(fallback.name, None, True, True, reasons))
         return Evaluation(tuple(decisions), tuple(trace))

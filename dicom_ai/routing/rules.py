@@ -363,6 +363,9 @@ class Rule(StrictModel):
     model: Name | None  # required, so that "run nothing" is always written down
     destinations: tuple[Name, ...] = ()
     continue_: _BoolT = Field(False, alias="continue")
+    # Also send an RGB Secondary Capture series with the segment outlines burned in, for
+    # viewers that cannot show SEG.
+    preview: _BoolT = False
 
     @field_validator("match", mode="before")
     @classmethod
@@ -384,6 +387,7 @@ class Fallback(StrictModel):
     name: RuleName
     model: Name | None
     destinations: tuple[Name, ...] = ()
+    preview: _BoolT = False
 
     @model_validator(mode="after")
     def _route_fits(self) -> Fallback:

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     model TEXT NOT NULL, destinations TEXT NOT NULL,
     state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
     result_files TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    preview INTEGER NOT NULL DEFAULT 0,
     UNIQUE (series_instance_uid, run, rule)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -74,7 +75,8 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt_at
 
 
 _JOB_COLUMNS = (
-    "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error "
+    "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error, "
+    "preview "
     "FROM jobs"
 )
 
@@ -107,6 +109,7 @@ class RunPlan:
     rule: str
     model: str
     destinations: tuple[str, ...]
+    preview: bool = False  # also make a Secondary Capture preview of a segmentation
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class JobRecord:
     state: str
     attempts: int
     error: str | None
+    preview: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,9 @@ class Index:
         # power loss took out of the index, so nothing acknowledged is lost.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "preview" not in columns:  # an index written before the preview switch existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN preview INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -297,7 +304,7 @@ class Index:
             for plan in plans:
                 cur = db.execute(
                     "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    "created_at, updated_at, preview) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
                     (
                         series_uid,
                         run,
@@ -306,6 +313,7 @@ class Index:
                         json.dumps(plan.destinations),
                         now,
                         now,
+                        int(plan.preview),
                     ),
                 )
                 job_ids.append(int(cur.lastrowid or 0))
@@ -453,6 +461,7 @@ def _job(row: tuple[Any, ...]) -> JobRecord:
         state=str(row[6]),
         attempts=int(row[7]),
         error=None if row[8] is None else str(row[8]),
+        preview=bool(row[9]),
     )
 
 

@@ -42,8 +42,11 @@ def segment_voxel_counts(seg: Dataset) -> dict[int, int]:
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     counts: dict[int, int] = {}
+    shared = seg.SharedFunctionalGroupsSequence[0]
     for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        # With one segment highdicom puts the segment identification in the shared groups.
+        identification = item if "SegmentIdentificationSequence" in item else shared
+        number = int(identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         counts[number] = counts.get(number, 0) + int(np.count_nonzero(frame))
     return counts
 

@@ -86,3 +86,48 @@ def test_random_bytes_on_the_port_then_next_association_served(
     _, paths = ct_series
     assert _c_store(node.port, CTImageStorage, dcmread(paths[0])) == 0x0000
     assert echoscu(node.port).returncode == 0
+
+
+def test_tilted_and_mixed_orientation_series_are_refused_with_a_log_line(
+    node: NodeProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
+    """Geometry the models would mis-segment fails its job with the reason in the log, and
+    nothing is sent; the node keeps serving."""
+    import numpy as np
+
+    from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets
+    from tests.peers import storescu, wait_until
+
+    def write(name: str, spec: PhantomSpec, edit: object) -> list[Path]:
+        directory = tmp_path / name
+        directory.mkdir()
+        paths = []
+        for k, ds in enumerate(phantom_ct_datasets(spec)):
+            edit(k, ds)  # type: ignore[operator]
+            paths.append(directory / f"{k}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+        return paths
+
+    spec = PhantomSpec(slices=10, rows=64, columns=64, pixel_spacing_mm=4.0)
+
+    def tilt(k: int, ds: Dataset) -> None:  # 15 degrees: y shifts with z
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, round(y + k * 2.5 * np.tan(np.radians(15)), 4), z]
+
+    def mix(k: int, ds: Dataset) -> None:  # every other slice rotated 90 degrees in-plane
+        if k % 2:
+            ds.ImageOrientationPatient = [0, 1, 0, -1, 0, 0]
+
+    tilted = write("tilted", spec, tilt)
+    mixed = write("mixed", PhantomSpec(slices=10, rows=64, columns=64, pixel_spacing_mm=4.0), mix)
+    for paths in (tilted, mixed):
+        sent = storescu(node.port, paths)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(
+        lambda: node.log_text().count(") failed: GeometryError") >= 2, 120, "two refused jobs", 0.5
+    )
+    log = node.log_text()
+    assert "gantry tilt about 15.0 degrees" in log
+    assert "mixed orientations in one series" in log
+    assert pacs.files() == []
+    assert echoscu(node.port).returncode == 0

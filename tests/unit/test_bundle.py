@@ -15,7 +15,7 @@ from scipy import ndimage
 from dicom_ai.errors import ModelError
 from dicom_ai.inference.bundle import BundleModel, read_bundle_labels
 from dicom_ai.inference.findings import AlgorithmFamily, SegmentationFindings, SegmentLabel
-from dicom_ai.inference.model import SegmentationModel, load_model
+from dicom_ai.inference.model import Model, load_model
 from dicom_ai.inference.volume import SeriesVolume, load_series
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets, phantom_hu_volume, write_phantom_ct
 from tests.bundles import (
@@ -88,7 +88,7 @@ def test_wholebody_runs_unchanged_with_metadata_labels(
     assert findings.algorithm.version == "0.2.5"
     assert findings.algorithm.family is AlgorithmFamily.ARTIFICIAL_INTELLIGENCE
     assert "not to be used for diagnostic" in findings.algorithm.intended_use
-    assert isinstance(model, SegmentationModel)
+    assert isinstance(model, Model)
     assert model.model_id == WHOLEBODY
     assert model.inferer.device == torch.device("cpu")  # the config's own expression overridden
     assert _checksum(volume) == before  # NormalizeIntensityd did not write into the volume

@@ -12,7 +12,7 @@ import pytest
 from dicom_ai.errors import ModelError
 from dicom_ai.inference.builtin.ct_body import CTBodyModel
 from dicom_ai.inference.findings import AlgorithmFamily, SegmentLabel
-from dicom_ai.inference.model import SegmentationModel, load_model, resolve_device
+from dicom_ai.inference.model import Model, load_model, resolve_device
 from dicom_ai.inference.volume import load_series
 from dicom_ai.synthetic import PhantomSpec, phantom_hu_volume, write_phantom_ct
 
@@ -88,7 +88,7 @@ def test_findings_contract_through_dicom(tmp_path: Path) -> None:
     spec = PhantomSpec(slices=12, rows=128, columns=96, pixel_spacing_mm=3.0, seed=2)
     volume = load_series(write_phantom_ct(tmp_path, spec)[::-1])
     model = load_model("ct-body", None, "cpu")
-    assert isinstance(model, SegmentationModel)
+    assert isinstance(model, Model)
     assert model.model_id == "ct-body"
     findings = model(volume)
     assert findings.label_map.shape == (12, 128, 96)

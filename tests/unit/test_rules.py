@@ -438,7 +438,7 @@ def test_typo_in_rule_field_is_refused_with_line() -> None:
     message = config_error(rules_yaml(extra="    priorty: 5\n"))
     assert message == (
         "test.yaml:5: rules[0].priorty: unknown field 'priorty'; did you mean 'priority'? "
-        "expected: name, priority, match, model, destinations, continue"
+        "expected: name, priority, match, model, destinations, continue, preview"
     )
 
 
@@ -634,7 +634,7 @@ def test_load_validated_is_generic(tmp_path: Path) -> None:
 
 def test_default_rules_route_ct_to_ct_body() -> None:
     ruleset = load_rules(DEFAULT_RULES)
-    assert ruleset.models == frozenset({"ct-body"})
+    assert ruleset.models == frozenset({"ct-body", "mr-brain"})
     assert ruleset.destinations == frozenset({"pacs"})
     phantom = next(phantom_ct_datasets(PhantomSpec(slices=1, rows=8, columns=8)))
     evaluation = ruleset.evaluate(phantom, SENDER)
@@ -644,9 +644,18 @@ def test_default_rules_route_ct_to_ct_body() -> None:
     assert evaluation.decisions[0].reasons[0] == "Modality 'CT' equals 'CT'"
 
 
-def test_default_rules_leave_mr_and_localizers_unrouted() -> None:
+def test_default_rules_route_head_t1_to_mr_brain_only() -> None:
     ruleset = load_rules(DEFAULT_RULES)
-    assert ruleset.evaluate(mr_header(), SENDER).decisions == ()
+    (decision,) = ruleset.evaluate(mr_header(), SENDER).decisions
+    assert (decision.rule, decision.model) == ("mr-brain-t1", "mr-brain")
+    t2 = ct_header(Modality="MR", SeriesDescription="T2 TSE AX BRAIN", BodyPartExamined="HEAD")
+    knee = ct_header(Modality="MR", SeriesDescription="T1 SAG KNEE", BodyPartExamined="KNEE")
+    for header in (t2, knee):
+        assert ruleset.evaluate(header, SENDER).decisions == ()
+
+
+def test_default_rules_leave_localizers_unrouted() -> None:
+    ruleset = load_rules(DEFAULT_RULES)
     scout = ct_header(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
     evaluation = ruleset.evaluate(scout, SENDER)
     assert evaluation.decisions == ()
@@ -676,3 +685,15 @@ def test_default_rules_examples_are_valid() -> None:
     assert routed(ruleset, ct_header(SeriesDescription="DOSE REPORT")) == [
         "example-skip-dose-reports"
     ]
+
+
+def test_preview_switch_reaches_the_decision() -> None:
+    ruleset = parse_rules(rules_yaml("Modality: {equals: CT}", extra="    preview: true\n"), "t")
+    (decision,) = ruleset.evaluate(ct_header(), SENDER).decisions
+    assert decision.preview is True
+    (plain,) = parse_rules(rules_yaml("Modality: {equals: CT}"), "t").evaluate(
+        ct_header(), SENDER
+    ).decisions
+    assert plain.preview is False
+    message = config_error(rules_yaml(extra="    preview: maybe\n"))
+    assert message.startswith("test.yaml:5: rules[0].preview")

@@ -98,6 +98,38 @@ def test_index_series_runs_jobs_and_deliveries(tmp_path: Path) -> None:
     index.close()
 
 
+def test_preview_switch_is_kept_with_the_job_and_old_indexes_gain_it(tmp_path: Path) -> None:
+    import sqlite3
+
+    # An index written before the preview column existed.
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, series_instance_uid TEXT NOT NULL, "
+        "run INTEGER NOT NULL, rule TEXT NOT NULL, model TEXT NOT NULL, destinations TEXT "
+        "NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT, "
+        "result_files TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL, "
+        "UNIQUE (series_instance_uid, run, rule))"
+    )
+    old.execute(
+        "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
+        "created_at, updated_at) VALUES ('4.4', 1, 'ct', 'ct-body', '[\"pacs\"]', "
+        "'pending', 0, 0)"
+    )
+    old.commit()
+    old.close()
+    index = Index(path)
+    (legacy,) = index.jobs()
+    assert legacy.preview is False
+    association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+    _add(index, "2.1", "6.6", association)
+    plans = [RunPlan("a", "ct-body", ("pacs",), preview=True), RunPlan("b", "m", ("pacs",))]
+    index.start_run("6.6", plans, "")
+    jobs = {job.rule: job.preview for job in index.jobs() if job.series_instance_uid == "6.6"}
+    assert jobs == {"a": True, "b": False}
+    index.close()
+
+
 def test_assembly_quiet_time_and_release_grace() -> None:
     policy = AssemblyPolicy(quiet_seconds=5, release_grace_seconds=1)
     open_series = PendingSeries("1", last_received=100.0, open_associations=1, last_closed_at=None)

@@ -1,22 +1,35 @@
-"""DICOM series -> MetaTensor: geometry, slice order, rescale, refusals, and the way back."""
+"""DICOM series -> MetaTensor: geometry, slice order, rescale, refusals, and the way back;
+compressed series; 2-D images for 2-D models."""
 
 from __future__ import annotations
 
 import random
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pydicom
 import pytest
 import torch
 from monai.transforms.compose import Compose
 from monai.transforms.spatial.dictionary import Orientationd, Spacingd
 from monai.transforms.utility.dictionary import EnsureChannelFirstd
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from dicom_ai.errors import GeometryError, InputError
-from dicom_ai.inference.volume import SeriesVolume, load_series
+from dicom_ai.inference.volume import SeriesVolume, load_planar_images, load_series
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets, phantom_hu_volume
 
 # Non-square, unequal row/column spacing: a swapped axis or spacing cannot pass unnoticed.
@@ -279,3 +292,202 @@ def test_instances_of_two_series_are_refused(tmp_path: Path) -> None:
     other = _write(tmp_path / "b", spec=PhantomSpec(slices=2, rows=40, columns=56))
     with pytest.raises(InputError, match="different series"):
         load_series([*first, *other])
+
+
+# --- compressed single-frame series ---------------------------------------------------
+
+
+def _compress(source: Path, target: Path, transfer_syntax: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if transfer_syntax == JPEGLosslessSV1:
+        # pydicom has no JPEG Lossless encoder; DCMTK's default lossless mode is process 14 SV1.
+        done = subprocess.run(
+            ["dcmcjpeg", "+e1", str(source), str(target)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return
+    ds = pydicom.dcmread(source)
+    ds.compress(transfer_syntax, generate_instance_uid=False)  # lossless: the same image
+    ds.save_as(target, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [
+        pytest.param(JPEG2000Lossless, id="jpeg2000-lossless"),
+        pytest.param(JPEGLSLossless, id="jpeg-ls-lossless"),
+        pytest.param(RLELossless, id="rle-lossless"),
+        pytest.param(JPEGLosslessSV1, id="jpeg-lossless-process14-sv1"),
+    ],
+)
+def test_compressed_series_load_to_the_same_voxels(tmp_path: Path, transfer_syntax: str) -> None:
+    raw = _write(tmp_path / "raw")
+    compressed = [tmp_path / "compressed" / p.name for p in raw]
+    for source, target in zip(raw, compressed, strict=True):
+        _compress(source, target, transfer_syntax)
+    syntaxes = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        for p in compressed
+    }
+    assert syntaxes == {transfer_syntax}
+    expected = load_series(raw)
+    volume = load_series(list(reversed(compressed)))
+    np.testing.assert_array_equal(volume.frames, phantom_hu_volume(SPEC).astype(np.float32))
+    np.testing.assert_array_equal(volume.frames, expected.frames)
+    np.testing.assert_array_equal(
+        np.asarray(volume.image.affine), np.asarray(expected.image.affine)
+    )
+    assert volume.sop_instance_uids == expected.sop_instance_uids
+    assert volume.frame_numbers is None
+
+
+# --- 2-D images -----------------------------------------------------------------------
+
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+PLANAR_ROWS, PLANAR_COLUMNS = 6, 9
+
+
+def _planar(
+    path: Path,
+    stored: npt.NDArray[np.integer[Any]],
+    *,
+    sop_class: UID = CR_IMAGE_STORAGE,
+    modality: str = "CR",
+    photometric: str = "MONOCHROME1",
+    bits_stored: int = 10,
+    signed: bool = False,
+    **attributes: Any,
+) -> Path:
+    """A minimal CR/DX file; ``attributes`` are set on the dataset as given."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[path.name])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.2001"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2002"
+    ds.Modality = modality
+    ds.PatientName = "PLANAR^TEST"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _stored(low: int, high: int) -> npt.NDArray[np.int64]:
+    """Rows x columns of distinct values from ``low`` up, ending at ``high``."""
+    values = np.linspace(low, high, PLANAR_ROWS * PLANAR_COLUMNS).round().astype(np.int64)
+    return values.reshape(PLANAR_ROWS, PLANAR_COLUMNS)
+
+
+def test_cr_monochrome1_is_inverted_within_the_rescaled_range(tmp_path: Path) -> None:
+    stored = _stored(0, 1023)  # BitsStored 10: 0 is white, 1023 black
+    path = _planar(
+        tmp_path / "cr.dcm",
+        stored,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        PixelSpacing=[0.2, 0.3],
+        ImagerPixelSpacing=[0.25, 0.35],
+    )
+    (planar,) = load_planar_images([path])
+    image = planar.image
+    assert tuple(image.shape) == (1, PLANAR_COLUMNS, PLANAR_ROWS)
+    assert image.dtype == torch.float32
+    # rescaled range: 0 * 2 - 100 = -100 .. 1023 * 2 - 100 = 1946; inverted lo + hi - value
+    expected = (-100 + 1946) - (stored * 2 - 100)
+    np.testing.assert_array_equal(image[0].numpy().T, expected.astype(np.float32))
+    assert image[0, 0, 0].item() == 1946.0  # stored 0 (white) is now the brightest
+    assert image[0, -1, -1].item() == -100.0  # stored 1023 (black) the darkest
+    assert image[0, 1, 0].item() > image[0, 2, 0].item()  # more stored = darker = lower
+    # PixelSpacing wins over ImagerPixelSpacing; i runs along a row (column spacing)
+    np.testing.assert_allclose(np.asarray(image.affine), np.diag([0.3, 0.2, 1.0]))
+    assert planar.sop_instance_uid == str(planar.header.SOPInstanceUID)
+    assert planar.path == path
+    assert "PixelData" not in planar.header
+
+
+def test_signed_monochrome1_uses_the_signed_range(tmp_path: Path) -> None:
+    stored = _stored(-2048, 2047)
+    path = _planar(tmp_path / "cr.dcm", stored, bits_stored=12, signed=True)
+    (planar,) = load_planar_images([path])
+    # no rescale: lo + hi = -2048 + 2047 = -1
+    np.testing.assert_array_equal(planar.image[0].numpy().T, (-1 - stored).astype(np.float32))
+
+
+def test_monochrome1_with_a_modality_lut(tmp_path: Path) -> None:
+    stored = _stored(0, 4095)
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.ModalityLUTType = "US"
+    lut.add_new("LUTData", "US", [2 * v for v in range(4096)])  # stored -> 2 x stored
+    path = _planar(tmp_path / "cr.dcm", stored, bits_stored=12, ModalityLUTSequence=[lut])
+    (planar,) = load_planar_images([path])
+    np.testing.assert_array_equal(planar.image[0].numpy().T, (8190 - 2 * stored).astype(np.float32))
+
+
+def test_dx_monochrome2_is_kept_and_spaced_by_the_detector(tmp_path: Path) -> None:
+    stored = _stored(0, 4095)
+    dx = _planar(
+        tmp_path / "dx.dcm",
+        stored,
+        sop_class=DX_FOR_PRESENTATION,
+        modality="DX",
+        photometric="MONOCHROME2",
+        bits_stored=12,
+        ImagerPixelSpacing=[0.15, 0.1],
+    )
+    plain = _planar(tmp_path / "plain.dcm", stored, photometric="MONOCHROME2", bits_stored=12)
+    first, second = load_planar_images([dx, plain])
+    np.testing.assert_array_equal(first.image[0].numpy().T, stored.astype(np.float32))
+    assert first.image[0, 8, 5].item() == stored[5, 8]  # image[0, i, j] is row j, column i
+    np.testing.assert_allclose(np.asarray(first.image.affine), np.diag([0.1, 0.15, 1.0]))
+    # neither PixelSpacing nor ImagerPixelSpacing: 1 mm
+    np.testing.assert_allclose(np.asarray(second.image.affine), np.eye(3))
+    assert first.sop_instance_uid != second.sop_instance_uid
+    # MONAI's spatial transforms take it as a 2-D channel-first image
+    resampled = Spacingd("image", pixdim=(0.2, 0.3), mode="nearest")({"image": first.image})
+    # columns: (9 - 1) x 0.1 / 0.2 + 1 = 5; rows: (6 - 1) x 0.15 / 0.3 + 1 = 3.5 -> 4
+    assert tuple(resampled["image"].shape) == (1, 5, 4)
+
+
+def test_colour_multiframe_and_undecodable_planar_images_are_refused(tmp_path: Path) -> None:
+    stored = _stored(0, 255)
+    rgb = tmp_path / "rgb.dcm"
+    _planar(rgb, stored, photometric="MONOCHROME2")
+    ds = pydicom.dcmread(rgb)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = np.repeat(stored.astype(np.uint8)[..., None], 3, axis=2).tobytes()
+    ds.save_as(rgb, enforce_file_format=True)
+    with pytest.raises(InputError, match="grayscale"):
+        load_planar_images([rgb])
+    palette = _planar(tmp_path / "palette.dcm", stored, photometric="PALETTE COLOR")
+    with pytest.raises(InputError, match="PALETTE COLOR"):
+        load_planar_images([palette])
+    frames = np.concatenate([stored, stored])
+    multiframe = _planar(tmp_path / "mf.dcm", frames, photometric="MONOCHROME2")
+    ds = pydicom.dcmread(multiframe)
+    ds.Rows, ds.NumberOfFrames = PLANAR_ROWS, 2
+    ds.save_as(multiframe, enforce_file_format=True)
+    with pytest.raises(InputError, match="multi-frame"):
+        load_planar_images([multiframe])
+    truncated = _planar(tmp_path / "short.dcm", stored, photometric="MONOCHROME2")
+    ds = pydicom.dcmread(truncated)
+    ds.PixelData = ds.PixelData[:20]
+    ds.save_as(truncated, enforce_file_format=True)
+    with pytest.raises(InputError, match="cannot be decoded"):
+        load_planar_images([truncated])
+    with pytest.raises(InputError, match="no instances"):
+        load_planar_images([])

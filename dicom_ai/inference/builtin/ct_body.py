@@ -29,8 +29,9 @@ from dicom_ai.inference.findings import (
     AlgorithmIdentification,
     SegmentationFindings,
     SegmentLabel,
+    TaskKind,
 )
-from dicom_ai.inference.volume import SeriesVolume
+from dicom_ai.inference.model import ModelInput, require_volume
 
 __all__ = ["CT_BODY_LABELS", "CTBodyModel"]
 
@@ -67,6 +68,8 @@ class CTBodyModel:
     """
 
     model_id = MODEL_ID
+    task = TaskKind.SEGMENTATION
+    spatial_dims = 3
 
     def __init__(
         self,
@@ -95,13 +98,15 @@ class CTBodyModel:
         )
         self._largest = KeepLargestConnectedComponent(connectivity=1)
 
-    def __call__(self, volume: SeriesVolume) -> SegmentationFindings:
+    def __call__(self, source: ModelInput) -> SegmentationFindings:
+        volume = require_volume(source, self.model_id)
         label_map = self.segment(volume.frames, volume.spacing_mm[::-1])
         return SegmentationFindings(
             label_map=label_map,
             labels=self.labels,
             algorithm=self.algorithm,
             source_sop_instance_uids=volume.sop_instance_uids,
+            source_frame_numbers=volume.frame_numbers,
         )
 
     def segment(
