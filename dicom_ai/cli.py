@@ -310,10 +310,8 @@ def models(config: ConfigOption = None) -> None:
     table.add_column("timeout s", justify="right")
     for model_id in sorted(cfg.known_models()):
         model = cfg.model(model_id)
-        if model.bundle is None:
-            task = "segmentation"  # both built-ins segment
-        else:
-            task = model.task or "from metadata.json"
+        # Both built-ins segment; a bundle's metadata says, unless the config overrides it.
+        task = "segmentation" if model.bundle is None else model.task or "from metadata.json"
         table.add_row(
             model_id,
             str(model.bundle or "built in"),

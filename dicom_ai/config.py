@@ -223,6 +223,12 @@ class Config(_Strict):
                     f"model {model_id!r} has no bundle and is not built in "
                     f"(built in: {', '.join(sorted(BUILTIN_MODELS))})"
                 )
+            bundle_only = sorted({"task", "threshold"} & model.model_fields_set)
+            if model.bundle is None and bundle_only:
+                raise ValueError(
+                    f"model {model_id!r}: {', '.join(bundle_only)} apply to bundles; the "
+                    "built-in models are segmentations with fixed settings"
+                )
         for name in self.destinations:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
                 raise ValueError(f"destination name {name!r}: use letters, digits, '_', '.', '-'")

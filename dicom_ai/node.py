@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom import dcmread
@@ -250,12 +250,16 @@ class Node:
                 notes.append(f"{called}/{d.rule}: {', '.join(d.reasons)}")
                 if d.model:
                     destinations = tuple(bind_sender(name, calling) for name in d.destinations)
-                    plan = RunPlan(d.rule, d.model, destinations, d.preview)
-                    if all(
-                        (p.model, p.destinations, p.preview) != (d.model, destinations, d.preview)
-                        for p in plans
-                    ):
-                        plans.append(plan)
+                    same = [
+                        n
+                        for n, p in enumerate(plans)
+                        if (p.model, p.destinations) == (d.model, destinations)
+                    ]
+                    if not same:
+                        plans.append(RunPlan(d.rule, d.model, destinations, d.preview))
+                    elif d.preview and not plans[same[0]].preview:
+                        # One run serves both rules (same UIDs): it makes the preview too.
+                        plans[same[0]] = replace(plans[same[0]], preview=True)
         note = "; ".join(notes) or "no rule matched"
         job_ids = self.index.start_run(uid, plans, note)
         if job_ids:

@@ -216,11 +216,12 @@ def expected_box_lps(
     """Centre and (width, height, depth) in LPS of a box given on the RAS-oriented image of
     an axial, head-first-supine series (rows along +x, columns along +y in LPS).
 
-    Orientationd(RAS) flips the first two axes of such a series (LPS x, y -> RAS -x, -y):
-    RAS voxel a along the first axis is source column ``columns - 1 - a``.
+    MONAI's box convention: coordinate i is voxel i's centre. Orientationd(RAS) flips the
+    first two axes of such a series (LPS x, y -> RAS -x, -y): RAS coordinate a along the
+    first axis is source column ``columns - 1 - a``.
     """
     low, high = np.array(box[:3], dtype=np.float64), np.array(box[3:], dtype=np.float64)
-    centre = (low + high) / 2 - 0.5  # voxel v spans [v, v + 1)
+    centre = (low + high) / 2
     column = columns - 1 - centre[0]
     row = rows - 1 - centre[1]
     lps = np.array(

@@ -21,14 +21,17 @@ What the bundle outputs is read from ``outputs.pred`` too (or set in the node's 
 - ``format: segmentation`` -> a label volume (above);
 - ``type: probabilities`` or ``format: classes/classification`` -> one probability per
   ``channel_def`` class; postprocessing runs without ``AsDiscrete(d)`` and ``Invertd`` (the
-  probabilities are the result), and logits are turned into probabilities with softmax;
+  probabilities are the result). Without ``Activations(d)`` in the postprocessing the
+  outputs are logits: sigmoid for one channel, softmax for several (multi-label bundles
+  must name their sigmoid);
 - ``type: object`` or ``format: box/boxes/bbox`` -> detections: the network (through the
   inferer) returns MONAI's detector output, a dict or a one-item list of dicts with ``box``
-  (N, 6; ``xyzxyz`` in voxels of the preprocessed image: a box from 2 to 5 covers voxels
-  2, 3 and 4), ``label`` (N) and ``label_scores`` (N); the keys follow the config's
-  ``box_key``/``label_key``/``pred_score_key`` when it names them. Postprocessing is not
+  (N, 6; ``xyzxyz`` in voxel coordinates of the preprocessed image), ``label`` (N) and
+  ``label_scores`` (N); the keys follow the config's ``box_key``/``label_key``/
+  ``pred_score_key`` when it names them. Postprocessing is not
   run: the boxes are mapped to patient space through the preprocessed image's affine,
-  which MONAI's transforms keep up to date.
+  which MONAI's transforms keep up to date, in MONAI's convention (corners through the
+  affine as they are), and their edges reordered along the series' rows, columns, slices.
 
 ``inputs.image.spatial_shape`` with two entries makes a 2-D model: it gets each image of the
 series on its own (CR, DX; MONOCHROME1 already inverted by the loader). Segmentation and
@@ -44,6 +47,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
+from itertools import permutations
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,8 +59,8 @@ from monai.data.meta_tensor import MetaTensor
 from monai.transforms.compose import Compose
 from monai.transforms.io.array import LoadImage, SaveImage
 from monai.transforms.io.dictionary import LoadImaged, SaveImaged
-from monai.transforms.post.array import AsDiscrete
-from monai.transforms.post.dictionary import AsDiscreted, Invertd
+from monai.transforms.post.array import Activations, AsDiscrete
+from monai.transforms.post.dictionary import Activationsd, AsDiscreted, Invertd
 
 from dicom_ai.errors import ModelError
 from dicom_ai.inference.findings import (
@@ -216,6 +220,7 @@ class BundleModel:
                 )
             )
         self.postprocessing = Compose(post)
+        self._activated = any(isinstance(t, Activations | Activationsd) for t in post)
         amp = bool(parser.get("evaluator#amp", True))
         self.amp = amp and self.device.type == "cuda"  # mixed precision only on CUDA
 
@@ -294,9 +299,16 @@ class BundleModel:
         data = self._run_network(image)
         data = self.postprocessing(data)
         pred = torch.as_tensor(data[_PRED_KEY]).detach().float().cpu().flatten()
-        if pred.numel() and (pred.min() < 0 or pred.max() > 1):
-            # Logits: the bundle's postprocessing has no activation.
-            pred = torch.softmax(pred, dim=0)
+        if not self._activated:
+            # Logits. Multi-label (sigmoid) bundles say so with Activations(d) in their
+            # postprocessing, as zoo bundles do; without one, one channel is a binary
+            # sigmoid head and several are mutually exclusive classes.
+            pred = torch.sigmoid(pred) if pred.numel() == 1 else torch.softmax(pred, dim=0)
+        if pred.numel() and (pred.min() < 0 or pred.max() > 1 or not torch.isfinite(pred).all()):
+            raise ModelError(
+                f"bundle {self.model_id}: its postprocessing gives values outside 0..1 "
+                f"({pred.min():.3g}..{pred.max():.3g}), not probabilities"
+            )
         return np.asarray(pred.numpy(), dtype=np.float64)
 
     def _detect(self, volume: SeriesVolume) -> DetectionFindings:
@@ -314,6 +326,8 @@ class BundleModel:
         labels = torch.as_tensor(raw.get(self._label_key, torch.zeros(count))).cpu().flatten()
         scores = torch.as_tensor(raw.get(self._score_key, torch.ones(count))).cpu().flatten()
         affine = np.asarray(torch.as_tensor(data[self.image_key].affine), dtype=np.float64)
+        # The series' row, column and slice directions in LPS.
+        source_axes = (_LPS_FROM_RAS @ np.asarray(volume.image.affine, dtype=np.float64)[:3, :3]).T
         names = {label.value: label.name for label in self.labels}
         detections = []
         for box, label, score in zip(boxes.numpy(), labels.tolist(), scores.tolist(), strict=True):
@@ -323,10 +337,11 @@ class BundleModel:
             if (high <= low).any():
                 logger.warning("bundle %s: empty box %s dropped", self.model_id, box.tolist())
                 continue
-            # Voxel v spans [v, v + 1) in box units; the affine maps voxel centres.
-            center_voxel = (low + high) / 2 - 0.5
-            center = _LPS_FROM_RAS @ (affine[:3, :3] @ center_voxel + affine[:3, 3])
+            # MONAI's box convention (AffineBoxToWorldCoordinated): corners go through the
+            # image affine as they are, voxel i's centre at coordinate i.
+            center = _LPS_FROM_RAS @ (affine[:3, :3] @ ((low + high) / 2) + affine[:3, 3])
             edges = (_LPS_FROM_RAS @ affine[:3, :3] @ np.diag(high - low)).T
+            edges = edges[_along_source_axes(edges, source_axes)]
             detections.append(
                 Detection(names.get(int(label), "finding"), float(score), center, edges)
             )
@@ -418,6 +433,18 @@ def read_bundle_labels(metadata: Mapping[str, Any]) -> tuple[SegmentLabel, ...]:
             continue
         labels.append(SegmentLabel(value, str(name)))
     return tuple(sorted(labels, key=lambda label: label.value))
+
+
+def _along_source_axes(
+    edges: npt.NDArray[np.float64], source_axes: npt.NDArray[np.float64]
+) -> list[int]:
+    """The order of the box's edges that best follows the series' row, column and slice
+    directions (preprocessing may have permuted and flipped the axes)."""
+    unit = edges / np.linalg.norm(edges, axis=1, keepdims=True)
+    axes = source_axes / np.linalg.norm(source_axes, axis=1, keepdims=True)
+    alignment = np.abs(axes @ unit.T)  # [source axis, edge]
+    best = max(permutations(range(3)), key=lambda p: sum(alignment[a, p[a]] for a in range(3)))
+    return list(best)
 
 
 def read_bundle_task(metadata: Mapping[str, Any]) -> TaskKind:

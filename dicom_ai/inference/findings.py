@@ -123,9 +123,10 @@ class ClassificationFindings:
 class Detection:
     """One detected object: an oriented box in patient space (DICOM LPS, mm).
 
-    ``center`` is the box centre; ``edges`` holds the box's three full edge vectors as rows
-    (along the image's row, column and slice directions), so a box drawn on an oblique
-    series stays exact.
+    ``center`` is the box centre; ``edges`` holds the box's three full edge vectors as rows,
+    ordered along the source series' row, column and slice directions (the box's own axes
+    are those of the grid the model ran on, which may be the series' own or a reoriented
+    one), so a box on an oblique series stays exact.
     """
 
     name: str

@@ -51,6 +51,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.pixels.utils import iter_pixels, pixel_array
 
+from dicom_ai.enhanced import frame_macro, is_multiframe, number_of_frames
 from dicom_ai.errors import GeometryError, InputError
 
 __all__ = ["PlanarImage", "SeriesVolume", "load_planar_images", "load_series"]
@@ -148,10 +149,10 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     files = [Path(p) for p in paths]
     headers = [_read_header(p) for p in files]
     _check_same_series(headers)
-    multiframe = [_is_multiframe(h) for h in headers]
+    multiframe = [is_multiframe(h) for h in headers]
     if any(multiframe) and not all(multiframe):
         raise InputError("the series mixes single-frame and multi-frame instances")
-    count = sum(_number_of_frames(h) for h in headers)
+    count = sum(number_of_frames(h) for h in headers)
     if count < 2:
         raise GeometryError(
             f"a volume needs at least 2 slices to measure the slice spacing; got {count}"
@@ -236,15 +237,6 @@ def _read_header(path: Path) -> Dataset:
     return ds
 
 
-def _number_of_frames(ds: Dataset) -> int:
-    return int(ds.get("NumberOfFrames") or 1)
-
-
-def _is_multiframe(ds: Dataset) -> bool:
-    # An enhanced instance with one frame still keeps its geometry in functional groups.
-    return _number_of_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
-
-
 def _check_same_series(headers: Sequence[Dataset]) -> None:
     uids = [str(h.SOPInstanceUID) for h in headers]
     if len(set(uids)) != len(uids):
@@ -316,20 +308,10 @@ def _single_frame_slices(headers: Sequence[Dataset], paths: Sequence[Path]) -> l
     return slices
 
 
-def _functional_group(item: Dataset, shared: Dataset, sequence: str) -> Dataset | None:
-    """A frame's item of a functional group macro: its own, else the shared one."""
-    for group in (item, shared):
-        value = group.get(sequence)
-        if value:
-            found: Dataset = value[0]
-            return found
-    return None
-
-
 def _frame_slices(header: Dataset, path: Path) -> list[_Slice]:
     """One slice per frame of an enhanced multi-frame instance, geometry from its
     functional groups."""
-    count = _number_of_frames(header)
+    count = number_of_frames(header)
     per_frame = header.get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
         raise GeometryError(
@@ -341,11 +323,9 @@ def _frame_slices(header: Dataset, path: Path) -> list[_Slice]:
             f"{path.name}: {len(per_frame)} Per-Frame Functional Groups items for "
             f"NumberOfFrames {count}"
         )
-    shared_sequence = header.get("SharedFunctionalGroupsSequence")
-    shared = shared_sequence[0] if shared_sequence else Dataset()
     top_slope, top_intercept = _rescale(header)
     slices = []
-    for number, item in enumerate(per_frame, start=1):
+    for number in range(1, count + 1):
         where = f"{path.name} frame {number}"
         found: dict[str, Dataset] = {}
         for sequence, keyword in (
@@ -353,14 +333,14 @@ def _frame_slices(header: Dataset, path: Path) -> list[_Slice]:
             ("PlaneOrientationSequence", "ImageOrientationPatient"),
             ("PixelMeasuresSequence", "PixelSpacing"),
         ):
-            group = _functional_group(item, shared, sequence)
+            group = frame_macro(header, number, sequence)
             if group is None or not group.get(keyword):
                 raise GeometryError(
                     f"{where}: no {keyword} ({sequence}) in the Per-Frame or Shared "
                     "Functional Groups"
                 )
             found[keyword] = group
-        transformation = _functional_group(item, shared, "PixelValueTransformationSequence")
+        transformation = frame_macro(header, number, "PixelValueTransformationSequence")
         slope, intercept = (
             _rescale(transformation) if transformation is not None else (top_slope, top_intercept)
         )
@@ -530,9 +510,9 @@ def _rescale_into(out: npt.NDArray[np.float32], stored: npt.NDArray[Any], piece:
 
 def _load_planar(path: Path) -> PlanarImage:
     header = _read_header(path)
-    if _is_multiframe(header):
+    if is_multiframe(header):
         raise InputError(
-            f"{path.name}: a multi-frame image ({_number_of_frames(header)} frames) is not "
+            f"{path.name}: a multi-frame image ({number_of_frames(header)} frames) is not "
             "one 2-D image"
         )
     photometric = str(header.get("PhotometricInterpretation", "")).strip()

@@ -17,7 +17,7 @@ from io import BytesIO
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         DetectionFindings,
         SegmentationFindings,
     )
+    from dicom_ai.inference.model import Model
     from dicom_ai.results import DeviceIdentity, ResultUIDs
 
 __all__ = ["JobOutcome", "JobSpec", "WorkerPool", "run_job"]
@@ -67,7 +68,7 @@ class JobOutcome:
     retry: bool = False
 
 
-_models: dict[tuple[str, Path | None, str, str | None, float], Any] = {}
+_models: dict[tuple[str, Path | None, str, str | None, float], Model] = {}
 
 
 def run_job(spec: JobSpec) -> tuple[Path, ...]:
@@ -77,7 +78,8 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
     classification and detection give an SR.
     """
     # Imported here so the node's main process never loads torch or MONAI.
-    from dicom_ai.inference.findings import SegmentationFindings
+    from dicom_ai.errors import InputError
+    from dicom_ai.inference.findings import SegmentationFindings, TaskKind
     from dicom_ai.inference.model import load_model
     from dicom_ai.inference.volume import load_planar_images, load_series
     from dicom_ai.results import DeviceIdentity, result_uids
@@ -97,6 +99,14 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
         frames = None
     else:
         volume = load_series(spec.instance_paths)
+        if model.task is TaskKind.SEGMENTATION and volume.frame_numbers is not None:
+            instances = len(set(volume.sop_instance_uids))
+            if instances > 1:
+                # Said before inference: a SEG derives from one multi-frame source at most.
+                raise InputError(
+                    f"the series has {instances} multi-frame instances; a SEG can reference "
+                    "the frames of one only"
+                )
         findings = model(volume)
         headers = list(volume.headers)
         frames = volume.frames
@@ -136,6 +146,7 @@ def _segmentation_results(
     device: DeviceIdentity,
     preview: bool,
 ) -> list[tuple[str, Dataset]]:
+    from dicom_ai.errors import EncodingError
     from dicom_ai.results import build_seg, build_sr, link_related_series
     from dicom_ai.results.preview import build_preview
 
@@ -144,7 +155,13 @@ def _segmentation_results(
     link_related_series(seg, sr)
     results: list[tuple[str, Dataset]] = [("seg.dcm", seg), ("sr.dcm", sr)]
     if preview and frames is not None:
-        images = build_preview(frames, headers, findings, uids, device)
+        try:
+            images = build_preview(frames, headers, findings, uids, device)
+        except EncodingError as exc:
+            # The preview is a picture of the results, not a result: SEG and SR still go.
+            series = headers[0].get("SeriesInstanceUID", "?")
+            log.warning("preview of series %s not made: %s", series, exc)
+            return results
         results += [(f"preview-{k:04d}.dcm", image) for k, image in enumerate(images, start=1)]
     return results
 

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from dicom_ai.enhanced import frame_macro, number_of_frames
 from dicom_ai.errors import EncodingError
 from dicom_ai.inference.findings import SegmentationFindings, SegmentLabel
 
@@ -132,7 +133,7 @@ def voxel_volume_mm3(ordered: Sequence[Dataset]) -> float:
                 float(v) for v in _frame_value(ds, index, "PixelMeasuresSequence", "PixelSpacing")
             )
             for ds in multiframe
-            for index in range(_number_of_frames(ds))
+            for index in range(number_of_frames(ds))
         }
     else:
         spacings = {tuple(float(v) for v in ds.PixelSpacing) for ds in ordered}
@@ -147,10 +148,6 @@ def _median_spacing(sorted_positions: npt.NDArray[np.float64]) -> float:
     if spacing <= 0.0:
         raise EncodingError("source images share one position: no slice spacing")
     return spacing
-
-
-def _number_of_frames(ds: Dataset) -> int:
-    return int(ds.get("NumberOfFrames") or 1)
 
 
 def _distinct_multiframe(ordered: Sequence[Dataset]) -> list[Dataset] | None:
@@ -168,27 +165,19 @@ def _distinct_multiframe(ordered: Sequence[Dataset]) -> list[Dataset] | None:
 
 
 def _frame_value(ds: Dataset, index: int, sequence: str, keyword: str) -> Any:
-    """An attribute of frame ``index`` (0-based) of an enhanced image: from its Per-Frame
-    Functional Groups item, else from the Shared Functional Groups."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    shared = ds.get("SharedFunctionalGroupsSequence") or []
-    for group in (
-        per_frame[index] if index < len(per_frame) else None,
-        shared[0] if shared else None,
-    ):
-        if group is None:
-            continue
-        items = group.get(sequence)
-        if items and items[0].get(keyword) is not None:
-            return items[0].get(keyword)
-    raise EncodingError(
-        f"frame {index + 1} of {ds.SOPInstanceUID} has no {keyword} ({sequence}) in its "
-        "functional groups"
-    )
+    """An attribute of frame ``index`` (0-based) of an enhanced image, from its functional
+    groups (per-frame, else shared)."""
+    item = frame_macro(ds, index + 1, sequence)
+    if item is None or item.get(keyword) is None:
+        raise EncodingError(
+            f"frame {index + 1} of {ds.SOPInstanceUID} has no {keyword} ({sequence}) in its "
+            "functional groups"
+        )
+    return item.get(keyword)
 
 
 def _frames_slice_spacing(images: Sequence[Dataset]) -> float:
-    frames = [(ds, index) for ds in images for index in range(_number_of_frames(ds))]
+    frames = [(ds, index) for ds in images for index in range(number_of_frames(ds))]
     if len(frames) == 1:
         ds, index = frames[0]
         thickness = _frame_value(ds, index, "PixelMeasuresSequence", "SliceThickness")

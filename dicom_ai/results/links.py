@@ -1,8 +1,8 @@
 """SEG and SR of one run point at each other (IHE AI Results: results stay together).
 
-The SR already references the SEG in its content and evidence; the SEG gets the SR's series
-in Related Series Sequence (General Series Module), so a viewer opening the SEG can find the
-report without a query by content.
+The SR references the SEG in its content and lists it in its evidence; the SEG gets the SR's
+series in Related Series Sequence (General Series Module), so a viewer opening the SEG can
+find the report. The SR gets no such sequence: its SR Document Series Module has none.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ __all__ = ["link_related_series"]
 
 
 def link_related_series(seg: Dataset, sr: Dataset) -> None:
-    """Add each result's series to the other's Related Series Sequence (same study)."""
-    for this, other in ((seg, sr), (sr, seg)):
-        item = Dataset()
-        item.StudyInstanceUID = other.StudyInstanceUID
-        item.SeriesInstanceUID = other.SeriesInstanceUID
-        # Type 2: CID 7210 has no concept for "results of the same run".
-        item.PurposeOfReferenceCodeSequence = DicomSequence()
-        this.RelatedSeriesSequence = DicomSequence([item])
+    """Name the SR's series (same study) in the SEG's Related Series Sequence."""
+    item = Dataset()
+    item.StudyInstanceUID = sr.StudyInstanceUID
+    item.SeriesInstanceUID = sr.SeriesInstanceUID
+    # Type 2: CID 7210 has no concept for "results of the same run".
+    item.PurposeOfReferenceCodeSequence = DicomSequence()
+    seg.RelatedSeriesSequence = DicomSequence([item])

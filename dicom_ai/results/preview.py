@@ -23,6 +23,7 @@ from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_ai.enhanced import frame_macro
 from dicom_ai.errors import EncodingError
 from dicom_ai.inference.findings import SegmentationFindings, SegmentLabel
 from dicom_ai.results.codes import segment_coding
@@ -252,19 +253,11 @@ def _draw(
 
 
 def _frame_value(header: Dataset, frame_number: int | None, macro: str, keyword: str) -> Any | None:
-    """``keyword`` of one frame: from the per-frame or shared functional group ``macro``
+    """``keyword`` of one frame: from functional group ``macro`` (per-frame, else shared)
     of an enhanced multi-frame header, else the top-level attribute."""
-    groups: list[Dataset] = []
-    per_frame = header.get("PerFrameFunctionalGroupsSequence")
-    if frame_number is not None and per_frame is not None and 0 < frame_number <= len(per_frame):
-        groups.append(per_frame[frame_number - 1])
-    shared = header.get("SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for group in groups:
-        items = group.get(macro)
-        if items and keyword in items[0]:
-            return items[0].get(keyword)
+    item = frame_macro(header, frame_number or 0, macro)
+    if item is not None and keyword in item:
+        return item.get(keyword)
     return header.get(keyword)
 
 

@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 
+from dicom_ai.enhanced import is_multiframe
 from dicom_ai.errors import EncodingError
 from dicom_ai.inference.findings import (
     AlgorithmFamily,
@@ -110,7 +111,7 @@ def build_seg(
     if not labels:
         raise EncodingError("the label map has no labelled voxel: nothing to encode as SEG")
     pixel_array = _segment_number_map(findings.label_map, labels)
-    if findings.source_frame_numbers is not None or _is_multiframe(ordered[0]):
+    if findings.source_frame_numbers is not None or is_multiframe(ordered[0]):
         sources, pixel_array = _multiframe_source(ordered, findings, pixel_array)
     else:
         sources = ordered
@@ -159,10 +160,6 @@ def content_label(model_name: str) -> str:
     return label or "SEGMENTATION"
 
 
-def _is_multiframe(ds: Dataset) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in ds
-
-
 def _multiframe_source(
     ordered: Sequence[Dataset],
     findings: SegmentationFindings,
@@ -180,7 +177,7 @@ def _multiframe_source(
             f"source {ordered[0].SOPInstanceUID} is a multi-frame image but the findings "
             "carry no source_frame_numbers"
         )
-    if not all(_is_multiframe(ds) for ds in ordered):
+    if not all(is_multiframe(ds) for ds in ordered):
         raise EncodingError("findings with source_frame_numbers need multi-frame source images")
     instances = {str(ds.SOPInstanceUID) for ds in ordered}
     if len(instances) != 1:

@@ -3,9 +3,10 @@
 - Segmentation (:func:`build_sr`): one TID 1411 Volumetric ROI group per SEG segment:
   tracking identifier (same UID as the segment's Tracking UID), finding type (the segment's
   property type), finding site where the label implies one, and the segment's volume in ml.
-- Classification (:func:`build_classification_sr`): one TID 1501 group per classified image
-  (or series) referencing its source images: a qualitative evaluation "<class>: Present" per
-  class at or above the threshold, plus its probability as a numeric measurement.
+- Classification (:func:`build_classification_sr`): per classified image (or series) and
+  class at or above the threshold, one TID 1501 group referencing the source images: the
+  class as finding type, a qualitative evaluation "<class>: Present" and the probability
+  as a numeric measurement (one bare group for an image where no class reaches it).
 - Detection (:func:`build_detection_sr`): one TID 1410 Planar ROI group per finding: the
   bounding box's cross-section through its centre as a closed SCOORD3D POLYGON, its score
   (probability) and its size (width, height, depth in mm).
@@ -24,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
+import numpy.typing as npt
 from highdicom.seg import Segmentation
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -254,7 +256,7 @@ def build_detection_sr(
         )
 
 
-def box_polygon(detection: Detection) -> np.ndarray:
+def box_polygon(detection: Detection) -> npt.NDArray[np.float64]:
     """The box's cross-section through its centre, spanned by its row and column edges:
     a closed polygon of 5 points (first = last), in patient coordinates (mm)."""
     half_row, half_column = detection.edges[0] / 2, detection.edges[1] / 2

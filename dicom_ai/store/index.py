@@ -150,9 +150,14 @@ class Index:
         # power loss took out of the index, so nothing acknowledged is lost.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "preview" not in columns:  # an index written before the preview switch existed
-            self._db.execute("ALTER TABLE jobs ADD COLUMN preview INTEGER NOT NULL DEFAULT 0")
+        self._add_column("jobs", "preview", "INTEGER NOT NULL DEFAULT 0")
+
+    def _add_column(self, table: str, column: str, declaration: str) -> None:
+        """Bring an index written by an older version up to the current schema."""
+        with self._tx() as db:  # BEGIN IMMEDIATE: a second process opening it waits
+            columns = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:

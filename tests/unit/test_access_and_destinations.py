@@ -104,6 +104,9 @@ def test_config_called_aes_replace_the_single_title(tmp_path: Path) -> None:
             ":2: called_aes.A.allowed_addresses",
         ),
         ("called_aes:\n  THIS_TITLE_IS_TOO_LONG: {rules: r.yaml}\n", "called_aes"),
+        ("models:\n  mr-brain: {threshold: 0.3}\n", "threshold apply to bundles"),
+        ("models:\n  m: {bundle: b, task: detect}\n", "models.m.task"),
+        ("models:\n  m: {bundle: b, threshold: 1.5}\n", "models.m.threshold"),
     ],
 )
 def test_config_refuses(tmp_path: Path, text: str, message: str) -> None:

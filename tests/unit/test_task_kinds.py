@@ -14,6 +14,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import torch
+from monai.apps.detection.transforms.box_ops import apply_affine_to_boxes
+from monai.transforms.spatial.array import Orientation
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -37,9 +40,14 @@ from dicom_ai.results import (
     result_uids,
     segment_coding,
 )
+from dicom_ai.results.sr import box_polygon
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.bundles import shared_bundle
-from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
+from tests.dicom_validation import (
+    assert_dciodvfy_clean,
+    assert_sr_template_valid,
+    dciodvfy_output,
+)
 from tests.task_bundles import (
     CXR_CLASSES,
     DETECTOR_BOXES,
@@ -246,6 +254,11 @@ def test_detector_boxes_land_in_patient_space_and_in_the_sr(
         np.testing.assert_allclose(detection.center, centre, atol=1e-6)
         np.testing.assert_allclose(detection.size_mm, size, atol=1e-6)
         assert detection.name == "lung nodule"
+        # The same corners through MONAI's own box transform (RAS world), flipped to LPS.
+        oriented = Orientation(axcodes="RAS", labels=None)(volume.image)
+        world = apply_affine_to_boxes(torch.tensor([box], dtype=torch.float64), oriented.affine)
+        corners = world[0].numpy().reshape(2, 3) * np.array([-1.0, -1.0, 1.0])
+        np.testing.assert_allclose(detection.center, corners.mean(axis=0), atol=1e-6)
 
     headers = [_header(p) for p in paths]
     uids = result_uids(SPEC.series_instance_uid, "boxes", findings.algorithm.version)
@@ -317,8 +330,8 @@ def test_segmentation_sr_has_the_ihe_header_and_seg_and_sr_reference_each_other(
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == SPEC.study_instance_uid
     (related,) = seg.RelatedSeriesSequence
     assert related.SeriesInstanceUID == sr.SeriesInstanceUID
-    (back,) = reread.RelatedSeriesSequence
-    assert back.SeriesInstanceUID == seg.SeriesInstanceUID
+    assert "RelatedSeriesSequence" not in reread  # not in the SR Document Series Module
+    assert "not present in standard DICOM IOD" not in dciodvfy_output(tmp_path / "sr.dcm")
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in reread.CurrentRequestedProcedureEvidenceSequence
@@ -326,3 +339,26 @@ def test_segmentation_sr_has_the_ihe_header_and_seg_and_sr_reference_each_other(
         for item in series.ReferencedSOPSequence
     }
     assert seg.SOPInstanceUID in evidence
+
+
+def test_detection_on_a_sagittal_series_is_drawn_in_its_image_plane(
+    detector_bundle: Path, tmp_path: Path
+) -> None:
+    """Orientationd(RAS) turns a sagittal stack's slice axis into the box's first axis; the
+    finding's edges and polygon still follow the series' rows, columns and slices."""
+    spec = PhantomSpec(
+        slices=8,
+        rows=64,
+        columns=64,
+        pixel_spacing_mm=5.0,
+        slice_thickness_mm=4.0,
+        orientation="sagittal",
+    )
+    paths = write_phantom_ct(tmp_path / "sag", spec)
+    findings = BundleModel(detector_bundle, "cpu", threshold=0.5)(load_series(paths))
+    assert isinstance(findings, DetectionFindings)
+    first = findings.detections[0]  # DETECTOR_BOXES[0]: 20 x 16 x 4 voxels on the RAS grid
+    # RAS axis 0 (R-L) is the slice direction, axis 1 (A-P) the rows, axis 2 (S-I) columns.
+    np.testing.assert_allclose(first.size_mm, (16 * 5.0, 4 * 5.0, 20 * 4.0), atol=1e-6)
+    polygon = box_polygon(first)
+    assert np.allclose(polygon[:, 0], first.center[0])  # one sagittal plane: constant x

@@ -91,7 +91,8 @@ def deepbet_weights() -> tuple[str, Path, Path]:
             raise ModelError(f"deepbet {dist.version}: {name} is missing at {path}")
         if entry.hash is not None and entry.hash.mode == "sha256":
             # A truncated or replaced file would load as a different (or broken) network.
-            digest = urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest())
+            with path.open("rb") as weights:
+                digest = urlsafe_b64encode(hashlib.file_digest(weights, "sha256").digest())
             if digest.rstrip(b"=").decode() != entry.hash.value:
                 raise ModelError(f"deepbet {dist.version}: {path} does not match its wheel")
         paths.append(path)
@@ -178,7 +179,8 @@ class MRBrainModel:
             # The image's meta says space=RAS, which is what labels=None reads.
             warnings.filterwarnings("ignore", message=r".*Orientation.__init__:labels")
             oriented = orientation(volume.image)
-        assert isinstance(oriented, MetaTensor)
+        if not isinstance(oriented, MetaTensor):  # MONAI keeps the type; the trace needs it
+            raise ModelError("mr-brain: Orientation lost the image's metadata")
         mask = self.segment(oriented.as_tensor()[0])
         # The mask carries the orientation's trace, so inverting it restores the series grid.
         traced = MetaTensor(
@@ -223,7 +225,8 @@ class MRBrainModel:
     def _infer(self, network: torch.jit.ScriptModule, image: torch.Tensor) -> torch.Tensor:
         """Brain probability (channel 1 of the two-class output) of a ``(1, x, y, z)`` image."""
         output = self._inferer(image[None], network)
-        assert isinstance(output, torch.Tensor)  # one network, one tensor out
+        if not isinstance(output, torch.Tensor):
+            raise ModelError(f"mr-brain: the network returned {type(output).__name__}")
         return output[0, 1]
 
     def _bbox(self, coarse: torch.Tensor, shape: tuple[int, ...]) -> tuple[slice, ...]:
