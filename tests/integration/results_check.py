@@ -118,13 +118,17 @@ def check_delivered(
             volumes[number],
             expected,
         )
-    evidence = {
-        str(i.ReferencedSOPInstanceUID)
-        for s in sr.CurrentRequestedProcedureEvidenceSequence
-        for r in s.ReferencedSeriesSequence
-        for i in r.ReferencedSOPSequence
-    }
-    assert str(seg.SOPInstanceUID) in evidence
+    assert str(seg.SOPInstanceUID) in sr_evidence_uids(sr)
+
+
+def sr_evidence_uids(sr: Dataset) -> list[str]:
+    """SOP Instance UIDs in the SR's Current Requested Procedure Evidence, in order."""
+    return [
+        str(instance.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    ]
 
 
 def source_headers(paths: list[Path]) -> dict[str, Dataset]:

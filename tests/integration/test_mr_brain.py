@@ -18,7 +18,13 @@ import pytest
 from pydicom import dcmread
 
 from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
-from tests.integration.results_check import Delivered, source_headers, split_results, sr_volumes_ml
+from tests.integration.results_check import (
+    Delivered,
+    source_headers,
+    split_results,
+    sr_evidence_uids,
+    sr_volumes_ml,
+)
 from tests.nifti_dicom import MRSeriesSpec, write_nifti_as_mr_series
 from tests.peers import NodeProcess, StoreSCP, node_config, storescu, wait_until
 from tests.unit.test_mr_brain import MIN_DICE, SKULL_STRIP, T1, deepbet_reference, dice
@@ -62,13 +68,7 @@ def _check_references(delivered: Delivered, paths: list[Path]) -> None:
         expected = [float(v) for v in sources[uid].ImagePositionPatient]
         assert np.allclose(position, expected, atol=1e-3)
     assert referenced <= set(sources)
-    evidence = {
-        str(i.ReferencedSOPInstanceUID)
-        for s in sr.CurrentRequestedProcedureEvidenceSequence
-        for r in s.ReferencedSeriesSequence
-        for i in r.ReferencedSOPSequence
-    }
-    assert str(seg.SOPInstanceUID) in evidence
+    assert str(seg.SOPInstanceUID) in sr_evidence_uids(sr)
 
 
 def test_t1_series_to_brain_seg_and_sr(

@@ -41,6 +41,7 @@ from dicom_ai.results import (
 from dicom_ai.results.geometry import slice_spacing_mm
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets, phantom_hu_volume
 from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
+from tests.integration.results_check import sr_evidence_uids
 
 SLICES = 24
 SPEC = PhantomSpec(
@@ -395,12 +396,7 @@ def test_sr_header_observer_and_evidence(case: Case) -> None:
     assert top[("121016", "DCM")].TextValue == "node-test-1"  # Device Observer Serial Number
     assert UID_RE.match(top[("121012", "DCM")].UID)  # Device Observer UID
     assert _code(top[("121058", "DCM")].ConceptCodeSequence[0]) == ("25045-6", "LN")
-    evidence = {
-        str(instance.ReferencedSOPInstanceUID)
-        for study in sr.CurrentRequestedProcedureEvidenceSequence
-        for series in study.ReferencedSeriesSequence
-        for instance in series.ReferencedSOPSequence
-    }
+    evidence = set(sr_evidence_uids(sr))
     assert str(seg.SOPInstanceUID) in evidence
     assert set(case.findings.source_sop_instance_uids) <= evidence
     # Acquisition equipment is the scanner's, not this node's.

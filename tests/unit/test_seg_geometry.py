@@ -50,6 +50,7 @@ from dicom_ai.synthetic import (
     phantom_enhanced_ct,
 )
 from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
+from tests.integration.results_check import sr_evidence_uids
 
 DEVICE = DeviceIdentity.for_node("node-geometry-1")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -329,12 +330,7 @@ def test_sr_volumes_use_the_source_spacing(case: Case, tmp_path: Path) -> None:
     # PixelMed takes ~10 s a run; test_results.py already runs it on single-frame sources.
     if volume.frame_numbers is not None:
         assert "Found Root Template TID_1500" in assert_sr_template_valid(path)
-    evidence = [
-        str(i.ReferencedSOPInstanceUID)
-        for study in sr.CurrentRequestedProcedureEvidenceSequence
-        for series in study.ReferencedSeriesSequence
-        for i in series.ReferencedSOPSequence
-    ]
+    evidence = sr_evidence_uids(sr)
     assert sorted(evidence) == sorted({*volume.sop_instance_uids, str(seg.SOPInstanceUID)})
     report = hd.sr.srread(path).content
     assert isinstance(report, hd.sr.MeasurementReport)

@@ -48,6 +48,7 @@ from tests.dicom_validation import (
     assert_sr_template_valid,
     dciodvfy_output,
 )
+from tests.integration.results_check import sr_evidence_uids
 from tests.task_bundles import (
     CXR_CLASSES,
     DETECTOR_BOXES,
@@ -332,13 +333,7 @@ def test_segmentation_sr_has_the_ihe_header_and_seg_and_sr_reference_each_other(
     assert related.SeriesInstanceUID == sr.SeriesInstanceUID
     assert "RelatedSeriesSequence" not in reread  # not in the SR Document Series Module
     assert "not present in standard DICOM IOD" not in dciodvfy_output(tmp_path / "sr.dcm")
-    evidence = {
-        item.ReferencedSOPInstanceUID
-        for study in reread.CurrentRequestedProcedureEvidenceSequence
-        for series in study.ReferencedSeriesSequence
-        for item in series.ReferencedSOPSequence
-    }
-    assert seg.SOPInstanceUID in evidence
+    assert seg.SOPInstanceUID in sr_evidence_uids(reread)
 
 
 def test_detection_on_a_sagittal_series_is_drawn_in_its_image_plane(
