@@ -1,12 +1,16 @@
-"""Ingest: one 300-slice 512x512 CT from DCMTK storescu to the node, storescp and Orthanc.
+"""Ingest: 300-slice 512x512 CTs from DCMTK storescu to the node, storescp and Orthanc.
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--runs 3] [--no-nodelay] [--tls]
+                                          [--associations N] [--receivers N]
 
 Every receiver runs in the same invocation on loopback, with the same files and the same
 storescu settings (TCP_NODELAY=1 unless --no-nodelay; with --tls, DICOM TLS with client
-certificates on every receiver, certificates made for the run). Prints img/s per run, the median,
-and the node's ratio to each peer. The node keeps fsync-before-Success; Orthanc runs with its
-default (synchronous) storage; storescp does not fsync.
+certificates on every receiver, certificates made for the run). With --associations N, N
+storescu processes send N different series at once (img/s = all images / wall time); the
+node runs with --receivers receiver processes (default: as many as associations). Prints
+img/s per run, the median, and the node's ratio to each peer. The node keeps
+fsync-before-Success; Orthanc runs with its default (synchronous) storage; storescp does
+not fsync.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
@@ -29,19 +34,35 @@ def _dcmtk_tls(pki: Pki | None, who: str) -> list[str]:
 
 
 def _timed_send(
-    port: int, ae_title: str, files: list[Path], nodelay: bool, pki: Pki | None = None
+    port: int,
+    ae_title: str,
+    series: Sequence[list[Path]],
+    nodelay: bool,
+    pki: Pki | None = None,
 ) -> float:
-    started = time.perf_counter()
+    """Seconds until every series has been sent, one storescu (association) per series."""
     options = _dcmtk_tls(pki, "client")
-    result = storescu(port, files, ae_title=ae_title, nodelay=nodelay, options=options)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"storescu to {ae_title} failed:\n{result.stdout}{result.stderr}")
+    with ThreadPoolExecutor(len(series)) as pool:
+        started = time.perf_counter()
+        futures = [
+            pool.submit(storescu, port, files, ae_title=ae_title, nodelay=nodelay, options=options)
+            for files in series
+        ]
+        results = [f.result() for f in futures]
+        elapsed = time.perf_counter() - started
+    for result in results:
+        if result.returncode != 0:
+            raise RuntimeError(f"storescu to {ae_title} failed:\n{result.stdout}{result.stderr}")
     return elapsed
 
 
 def _run(
-    receiver: str, work: Path, files: list[Path], nodelay: bool, pki: Pki | None = None
+    receiver: str,
+    work: Path,
+    files: Sequence[list[Path]],
+    nodelay: bool,
+    pki: Pki | None = None,
+    receivers: int = 1,
 ) -> float:
     """Seconds for one storescu run against a freshly started receiver."""
     work.mkdir(parents=True)
@@ -68,10 +89,10 @@ def _run(
             orthanc.stop()
     rules = work / "rules.yaml"
     rules.write_text("rules: []\n")  # receive only: no model competes for the 2 cores
-    overrides = {}
+    overrides: dict[str, dict[str, object]] = {"node": {"receivers": receivers}}
     tls_port = free_port()
     if pki is not None:
-        overrides["node"] = {"tls": pki.node_tls(tls_port)}
+        overrides["node"]["tls"] = pki.node_tls(tls_port)
     node = NodeProcess(work, node_config(work, free_port(), rules=rules, **overrides)).start()
     try:
         port = tls_port if pki is not None else node.port
@@ -88,30 +109,42 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-nodelay", action="store_true", help="storescu without TCP_NODELAY")
     parser.add_argument("--tls", action="store_true", help="DICOM TLS with client certificates")
+    parser.add_argument("--associations", type=int, default=1, help="concurrent senders")
+    parser.add_argument("--receivers", type=int, default=None, help="node receiver processes")
     args = parser.parse_args()
     nodelay = not args.no_nodelay
+    receivers = args.receivers or args.associations
 
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-bench-"))
     try:
-        files = write_phantom_ct(root / "ct", PhantomSpec(slices=args.slices))
-        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        series = [
+            write_phantom_ct(root / f"ct{n}", PhantomSpec(slices=args.slices, seed=n + 1))
+            for n in range(args.associations)
+        ]
+        images = sum(len(files) for files in series)
+        megabytes = sum(f.stat().st_size for files in series for f in files) / 1e6
         pki = None
         if args.tls:
             from tests.tls_certs import make_pki
 
             pki = make_pki(root / "pki")
         print(
-            f"{len(files)} CT slices, {megabytes:.1f} MB; "
-            f"storescu TCP_NODELAY={'1' if nodelay else 'unset'}; TLS {'on' if pki else 'off'}"
+            f"{args.associations} association(s) x {args.slices} CT slices = {images} images, "
+            f"{megabytes:.1f} MB; storescu TCP_NODELAY={'1' if nodelay else 'unset'}; "
+            f"TLS {'on' if pki else 'off'}; node receiver processes: {receivers}"
         )
-        receivers: dict[str, Callable[[int], float]] = {
-            name: (lambda i, name=name: _run(name, root / f"{name}-{i}", files, nodelay, pki))
+        runners: dict[str, Callable[[int], float]] = {
+            name: (
+                lambda i, name=name: _run(
+                    name, root / f"{name}-{i}", series, nodelay, pki, receivers
+                )
+            )
             for name in ("dicom-ai", "storescp", "orthanc")
         }
-        rates: dict[str, list[float]] = {name: [] for name in receivers}
+        rates: dict[str, list[float]] = {name: [] for name in runners}
         for i in range(args.runs):  # interleaved, so drift in machine load hits all alike
-            for name, run in receivers.items():
-                rates[name].append(len(files) / run(i))
+            for name, run in runners.items():
+                rates[name].append(images / run(i))
         print(f"{'receiver':<10} {'runs (img/s)':<32} {'median img/s':>12}")
         medians = {}
         for name, values in rates.items():

@@ -112,6 +112,13 @@ class NodeConfig(_Strict):
     tls: ServerTLSConfig | None = None
     data_dir: Path = Path("./dicom-ai-data")
     max_associations: int = Field(default=10, ge=1)
+    # Processes that receive: above 1, they share the listening port(s) (SO_REUSEPORT) and
+    # concurrent associations are decoded on several cores.
+    receivers: int = Field(default=1, ge=1, le=32)
+    # An association silent this long is aborted; a connection that sends no association
+    # request within acse_timeout_seconds is closed (the ARTIM timer).
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
     # C-STORE answers 0xA700 below this much free space on the spool's filesystem.
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Device Serial Number of the results; default is the AE title.

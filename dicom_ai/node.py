@@ -17,17 +17,15 @@ from pydicom import dcmread
 
 from dicom_ai.assembly import AssemblyPolicy
 from dicom_ai.config import SENDER, Config, bind_sender
-from dicom_ai.dimse.scp import AccessPolicy, CalledAE, StorageSCP
-from dicom_ai.dimse.tls import server_context
 from dicom_ai.errors import ConfigError, InputError
 from dicom_ai.pipeline.delivery import Deliverer
 from dicom_ai.pipeline.worker import JobOutcome, JobSpec, WorkerPool
+from dicom_ai.receivers import ReceiverProcesses, access_policy, make_scp, open_store
 from dicom_ai.routing import RuleSet, SenderContext, load_rules
 from dicom_ai.store.header import parse_header
-from dicom_ai.store.index import Index, InstanceRecord, JobRecord, PendingSeries, RunPlan
-from dicom_ai.store.spool import Spool
+from dicom_ai.store.index import InstanceRecord, JobRecord, PendingSeries, RunPlan
 
-__all__ = ["Node", "check_rules_against_config"]
+__all__ = ["Node", "access_policy", "check_rules_against_config"]
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +52,10 @@ class _LoadedRules:
     rules: RuleSet
 
 
-def access_policy(config: Config) -> AccessPolicy:
-    return AccessPolicy(
-        {
-            title: CalledAE(
-                title,
-                frozenset(called.allowed_calling_aes),
-                tuple(called.allowed_addresses),
-                called.require_tls,
-            )
-            for title, called in config.called_ae_table().items()
-        }
-    )
-
-
 class Node:
     def __init__(self, config: Config, log_level: int = logging.INFO) -> None:
         self.config = config
-        data_dir = config.node.data_dir
-        self.spool = Spool(data_dir / "spool", config.node.min_free_bytes)
-        self.index = Index(data_dir / "index.sqlite3")
+        self.spool, self.index = open_store(config)
         self.rules: dict[str, _LoadedRules] = {}
         for title, called in config.called_ae_table().items():
             rules = load_rules(called.rules)
@@ -93,17 +75,16 @@ class Node:
         self.assembly = AssemblyPolicy(
             config.pipeline.quiet_seconds, config.pipeline.release_grace_seconds
         )
-        tls = config.node.tls
-        self.scp = StorageSCP(
-            config.node.ae_title,
-            config.node.host,
-            config.node.port,
+        receivers = config.node.receivers
+        self.scp = make_scp(
+            config,
             self.spool,
             self.index,
-            config.node.max_associations,
-            access=access_policy(config),
-            tls=(tls.port, server_context(tls)) if tls else None,
+            port=config.node.port,
+            tls_port=None,
+            reuse_port=receivers > 1,
         )
+        self._receivers = ReceiverProcesses(config, receivers - 1, log_level)
         self.deliverer = Deliverer(
             self.index,
             config.destinations,
@@ -138,6 +119,8 @@ class Node:
             )
         self._pool = WorkerPool(self.config.pipeline.workers, self._log_level)
         self.scp.start()
+        if self.config.node.receivers > 1:
+            self._receivers.start(self.scp.port, self.scp.tls_port)
         for target, name in ((self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")):
             thread = threading.Thread(target=target, name=f"dicom-ai-{name}", daemon=True)
             thread.start()
@@ -176,6 +159,7 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        self._receivers.stop()
         self.scp.stop()
         for thread in self._threads:
             thread.join(timeout=30)

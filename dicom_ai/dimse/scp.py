@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
 from dicom_ai.errors import DicomAIError, InputError, OutOfSpaceError, StorageError
-from dicom_ai.store.header import parse_header
+from dicom_ai.store.header import MissingAttributeError, parse_header
 from dicom_ai.store.index import Index, InstanceRecord
 from dicom_ai.store.spool import Spool
 
@@ -72,13 +72,50 @@ def _status_for(exc: BaseException) -> Status:
         return Status.OUT_OF_RESOURCES
     if isinstance(exc, _UnsupportedSOPClass):
         return Status.SOP_CLASS_NOT_SUPPORTED
-    if isinstance(exc, _SOPClassMismatch):
+    if isinstance(exc, _SOPClassMismatch | MissingAttributeError):
+        # The data set parses but is not (a complete) instance of its SOP class.
         return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     if isinstance(exc, InputError):
         return Status.CANNOT_UNDERSTAND
     if isinstance(exc, StorageError):
         return Status.OUT_OF_RESOURCES
     return Status.PROCESSING_FAILURE
+
+
+def _log_unreleased_end(assoc: Any) -> None:
+    """A log line for a connection that ended other than by release or rejection (those
+    are logged already): a silent peer, a broken-off transfer, an abort. Never raises."""
+    try:
+        if assoc.is_released or assoc.is_rejected:
+            return
+        address = assoc.requestor.address
+        if assoc.requestor.primitive is None:  # no A-ASSOCIATE-RQ was ever decoded
+            if assoc.dul.artim_timer.expired:
+                log.warning(
+                    "connection from %s closed: no valid association request within %s s "
+                    "(ARTIM timeout)",
+                    address,
+                    assoc.dul.artim_timer.timeout,
+                )
+            else:  # a port probe, a health check
+                log.debug("connection from %s closed before an association request", address)
+            return
+        who = f"{str(assoc.requestor.ae_title).strip()}@{address}"
+        if assoc.is_aborted:  # aborted here: network timeout, DIMSE timeout, bad PDU
+            log.warning(
+                "association from %s aborted by the node (silent past the network timeout "
+                "of %s s, or a protocol error)",
+                who,
+                assoc.network_timeout,
+            )
+        else:
+            log.warning(
+                "association from %s ended without release: aborted by the peer or the "
+                "connection broke; an instance still in transfer was not stored",
+                who,
+            )
+    except Exception:
+        log.exception("could not describe the end of a connection")
 
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent, by the service user, with a reason.
@@ -182,6 +219,15 @@ class _AccessControlledACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+class _ReusePortServer(ThreadedAssociationServer):
+    """An association server whose port other processes may bind too (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        sock = cast(socket.socket, self.socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class StorageSCP:
     """The node's listening side. ``start()`` returns at once.
 
@@ -198,8 +244,14 @@ class StorageSCP:
         max_associations: int = 10,
         access: AccessPolicy | None = None,
         tls: tuple[int, ssl.SSLContext] | None = None,
+        reuse_port: bool = False,
+        network_timeout: float = 60.0,
+        acse_timeout: float = 30.0,
     ) -> None:
         self.ae_title = ae_title
+        # Several receiver processes listen on the same port(s): the kernel spreads the
+        # connections over them (SO_REUSEPORT), so receiving uses more than one core.
+        self._server_class = _ReusePortServer if reuse_port else ThreadedAssociationServer
         self.host = host
         self._requested_port = port
         self._tls = tls
@@ -211,9 +263,9 @@ class StorageSCP:
         # No PDU limit: a 512 KB slice then comes in a few PDUs instead of 32, and pynetdicom's
         # per-PDU Python work was a measured share of the per-instance time.
         self._ae.maximum_pdu_size = 0
-        self._ae.network_timeout = 60
-        self._ae.acse_timeout = 30
-        self._ae.dimse_timeout = 60
+        self._ae.network_timeout = network_timeout
+        self._ae.acse_timeout = acse_timeout
+        self._ae.dimse_timeout = network_timeout
         self._ae.add_supported_context(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
@@ -241,21 +293,29 @@ class StorageSCP:
         ]
         titles = ", ".join(sorted(self.access.called_aes))
         if self._requested_port is not None:
-            self._server = self._ae.start_server(
-                (self.host, self._requested_port),
-                block=False,
-                evt_handlers=handlers,  # type: ignore[arg-type]
-            )
-            log.info("listening as %s on %s:%d", titles, self.host, self.port)
+            self._server = self._serve(self._requested_port, None, handlers)
+            log.debug("listening as %s on %s:%d", titles, self.host, self.port)
         if self._tls is not None:
             port, context = self._tls
-            self._tls_server = self._ae.start_server(
-                (self.host, port),
-                block=False,
-                ssl_context=context,
-                evt_handlers=handlers,  # type: ignore[arg-type]
-            )
-            log.info("listening as %s on %s:%d (TLS)", titles, self.host, self.tls_port)
+            self._tls_server = self._serve(port, context, handlers)
+            log.debug("listening as %s on %s:%d (TLS)", titles, self.host, self.tls_port)
+
+    def _serve(
+        self, port: int, context: ssl.SSLContext | None, handlers: list[Any]
+    ) -> ThreadedAssociationServer:
+        # AE.start_server(block=False) without its fixed server class: make_server takes one.
+        server = self._ae.make_server(
+            (self.host, port),
+            ssl_context=context,
+            evt_handlers=handlers,
+            server_class=self._server_class,
+        )
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"dicom-ai-accept-{port}", daemon=True
+        )
+        thread.start()
+        self._ae._servers.append(server)
+        return server
 
     def stop(self) -> None:
         for server in (self._server, self._tls_server):
@@ -279,6 +339,7 @@ class StorageSCP:
         event.assoc.dul._run_loop_delay = _DUL_IDLE_SLEEP_SECONDS
 
     def _on_conn_close(self, event: Any) -> None:
+        _log_unreleased_end(event.assoc)
         with self._ids_lock:
             association_id = self._association_ids.pop(id(event.assoc), None)
         if association_id is None:

@@ -173,9 +173,14 @@ class BundleModel:
         )
 
     def _setup(self, config_file: Path, meta_file: Path, overrides: Mapping[str, Any]) -> None:
+        # As MONAI's runner does: configs may import the bundle's scripts/. First on the path,
+        # and no `scripts` of a bundle loaded before in this worker left in the module cache.
         root = str(self.bundle_dir)
-        if root not in sys.path:
-            sys.path.insert(1, root)  # as MONAI's runner does: configs may import scripts/
+        if root in sys.path:
+            sys.path.remove(root)
+        sys.path.insert(0, root)
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
         parser = ConfigParser()
         parser.read_config(config_file)
         parser.read_meta(meta_file)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -184,6 +185,8 @@ def _worker_main(conn: Connection, log_level: int) -> None:
     # A spawned process starts with no logging config; mirror the node's level.
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    # highdicom narrates every module it copies at INFO: thousands of lines per job.
+    logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
     while True:
         try:
             spec = conn.recv()
@@ -202,6 +205,20 @@ def _worker_main(conn: Connection, log_level: int) -> None:
                 spec.job_id, False, reason=reason, seconds=time.monotonic() - started
             )
         conn.send(outcome)
+
+
+def _died(process: BaseProcess) -> str:
+    """Why a worker died, as far as its exit code tells: a signal (a crash) or a status."""
+    code = process.exitcode
+    if code is None:
+        return "the worker process died"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"the worker process died (killed by signal {name})"
+    return f"the worker process died (exit code {code})"
 
 
 @dataclass
@@ -255,19 +272,14 @@ class WorkerPool:
                 outcomes.append(slot.conn.recv())
                 slot.job = None
             except (EOFError, OSError):
-                outcomes.append(self._replace(slot, "the worker process died", retry=True))
+                slot.process.join(timeout=5)  # its pipe closed as it exited: the exit code
+                outcomes.append(self._replace(slot, _died(slot.process), retry=True))
         now = time.monotonic()
         for slot in self._slots:
             if slot.job is None:
                 continue
             if not slot.process.is_alive():
-                outcomes.append(
-                    self._replace(
-                        slot,
-                        f"the worker process died (exit code {slot.process.exitcode})",
-                        retry=True,
-                    )
-                )
+                outcomes.append(self._replace(slot, _died(slot.process), retry=True))
             elif now > slot.deadline:
                 outcomes.append(
                     self._replace(

@@ -357,3 +357,19 @@ def test_detection_on_a_sagittal_series_is_drawn_in_its_image_plane(
     np.testing.assert_allclose(first.size_mm, (16 * 5.0, 4 * 5.0, 20 * 4.0), atol=1e-6)
     polygon = box_polygon(first)
     assert np.allclose(polygon[:, 0], first.center[0])  # one sagittal plane: constant x
+
+
+def test_bundles_with_their_own_scripts_load_one_after_the_other(tmp_path: Path) -> None:
+    """A worker keeps loaded bundles; the second bundle's `scripts` package must not be the
+    first one's, cached by Python under the same name."""
+    import json
+
+    first = make_box_detector_bundle(tmp_path / "a")
+    second = make_box_detector_bundle(tmp_path / "b")
+    (second / "scripts" / "stored_boxes.py").rename(second / "scripts" / "other_boxes.py")
+    config = json.loads((second / "configs" / "inference.json").read_text())
+    config["imports"] = ["$import scripts.other_boxes"]
+    config["network_def"]["_target_"] = "scripts.other_boxes.StoredBoxes"
+    (second / "configs" / "inference.json").write_text(json.dumps(config))
+    assert BundleModel(first, "cpu").task is TaskKind.DETECTION
+    assert BundleModel(second, "cpu").task is TaskKind.DETECTION

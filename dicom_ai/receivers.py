@@ -1,0 +1,158 @@
+"""The receiving side of the node: its storage SCP, and extra receiver processes.
+
+pynetdicom decodes every PDU in Python, and one process receives at most a few hundred
+images a second whatever the disk does. With ``node.receivers: N`` the node starts N - 1
+receiver processes beside its own SCP; all of them listen on the same port(s) with
+SO_REUSEPORT and the kernel hands each new association to one of them. Each receiver has
+its own spool writer and its own connection to the SQLite index (WAL, so the processes
+share it safely); fsync before Success holds in every one of them.
+
+A receiver dies with the node: it asks the kernel for SIGKILL when its parent exits
+(``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no orphan on the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
+
+from dicom_ai.config import Config
+from dicom_ai.dimse.scp import AccessPolicy, CalledAE, StorageSCP
+from dicom_ai.dimse.tls import server_context
+from dicom_ai.store.index import Index
+from dicom_ai.store.spool import Spool
+
+__all__ = ["ReceiverProcesses", "access_policy", "make_scp", "open_store"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def access_policy(config: Config) -> AccessPolicy:
+    """Who may call which of the node's AE titles, from the config."""
+    return AccessPolicy(
+        {
+            title: CalledAE(
+                title,
+                frozenset(called.allowed_calling_aes),
+                tuple(called.allowed_addresses),
+                called.require_tls,
+            )
+            for title, called in config.called_ae_table().items()
+        }
+    )
+
+
+def open_store(config: Config) -> tuple[Spool, Index]:
+    """The spool and the index under the config's data directory."""
+    data_dir = config.node.data_dir
+    return Spool(data_dir / "spool", config.node.min_free_bytes), Index(data_dir / "index.sqlite3")
+
+
+def make_scp(
+    config: Config,
+    spool: Spool,
+    index: Index,
+    *,
+    port: int | None,
+    tls_port: int | None,
+    reuse_port: bool,
+) -> StorageSCP:
+    """The storage SCP of the config, listening on ``port`` / ``tls_port``."""
+    tls = config.node.tls
+    return StorageSCP(
+        config.node.ae_title,
+        config.node.host,
+        port,
+        spool,
+        index,
+        config.node.max_associations,
+        access=access_policy(config),
+        tls=(tls_port if tls_port is not None else tls.port, server_context(tls)) if tls else None,
+        reuse_port=reuse_port,
+        network_timeout=config.node.network_timeout_seconds,
+        acse_timeout=config.node.acse_timeout_seconds,
+    )
+
+
+class ReceiverProcesses:
+    """``count`` spawned receivers listening on the ports the node's own SCP bound."""
+
+    def __init__(self, config: Config, count: int, log_level: int = logging.INFO) -> None:
+        self._config = config
+        self._count = count
+        self._log_level = log_level
+        self._processes: list[BaseProcess] = []
+
+    def start(self, port: int | None, tls_port: int | None) -> None:
+        context = multiprocessing.get_context("spawn")
+        ready = [context.Event() for _ in range(self._count)]
+        for n, event in enumerate(ready, start=1):
+            process = context.Process(
+                target=_receiver_main,
+                args=(self._config, port, tls_port, self._log_level, os.getpid(), event),
+                name=f"dicom-ai-receiver-{n}",
+                daemon=True,
+            )
+            process.start()
+            self._processes.append(process)
+        for started, event in zip(self._processes, ready, strict=True):
+            # Listening before the node says it is ready: no association waits on a spawn.
+            if not event.wait(60) and started.is_alive():
+                log.warning("receiver %s is slow to start", started.name)
+        alive = sum(1 for p in self._processes if p.is_alive())
+        log.info("%d receiver process(es) besides the node's own", alive)
+
+    def stop(self) -> None:
+        for process in self._processes:
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        self._processes.clear()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's daemon flag still applies
+        log.debug("PR_SET_PDEATHSIG not available")
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _receiver_main(
+    config: Config,
+    port: int | None,
+    tls_port: int | None,
+    log_level: int,
+    parent_pid: int,
+    ready: EventType,
+) -> None:
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
+    spool, index = open_store(config)
+    scp = make_scp(config, spool, index, port=port, tls_port=tls_port, reuse_port=True)
+    scp.start()
+    ready.set()
+    try:
+        stop.wait()
+    finally:
+        scp.stop()
+        index.close()
