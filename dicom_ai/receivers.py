@@ -14,7 +14,6 @@ A receiver dies with the node: it asks the kernel for SIGKILL when its parent ex
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -26,14 +25,13 @@ from multiprocessing.synchronize import Event as EventType
 from dicom_ai.config import Config
 from dicom_ai.dimse.scp import AccessPolicy, CalledAE, StorageSCP
 from dicom_ai.dimse.tls import server_context
+from dicom_ai.lifecycle import die_with_parent
 from dicom_ai.store.index import Index
 from dicom_ai.store.spool import Spool
 
 __all__ = ["ReceiverProcesses", "access_policy", "make_scp", "open_store"]
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 def access_policy(config: Config) -> AccessPolicy:
@@ -124,16 +122,6 @@ class ReceiverProcesses:
         self._processes.clear()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the parent's daemon flag still applies
-        log.debug("PR_SET_PDEATHSIG not available")
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _receiver_main(
     config: Config,
     port: int | None,
@@ -142,7 +130,7 @@ def _receiver_main(
     parent_pid: int,
     ready: EventType,
 ) -> None:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

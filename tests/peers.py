@@ -335,3 +335,117 @@ class Orthanc:
         if self.proc is not None:
             stop_process(self.proc)
             self.proc = None
+
+
+# -- crash-safety helpers ------------------------------------------------------------------
+
+
+def storescu_acked(
+    port: int,
+    paths: Sequence[Path],
+    on_success: Callable[[int], None] | None = None,
+    ae_title: str = "DICOM_AI",
+    calling_ae: str = "SCANNER",
+    timeout: float = 120,
+) -> tuple[int, list[Path], str]:
+    """storescu -v, reading its log as it runs: (exit code, files answered Success, log).
+
+    storescu logs "Sending file: PATH" before each C-STORE-RQ and "Received Store Response
+    (Success)" when the peer acknowledged it; a file counts as acknowledged only with the
+    latter. ``on_success(n)`` is called right after the n-th Success line (storescu meanwhile
+    goes on sending), e.g. to kill the peer mid-association.
+    """
+    import threading
+
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen(
+        [
+            "storescu",
+            "-v",
+            "-R",
+            "-aet",
+            calling_ae,
+            "-aec",
+            ae_title,
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    by_name = {str(p): p for p in paths}
+    acked: list[Path] = []
+    lines: list[str] = []
+    current: Path | None = None
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            text = line.strip()
+            if text.startswith("I: Sending file: "):
+                current = by_name[text.removeprefix("I: Sending file: ")]
+            elif text.startswith("I: Received Store Response ("):
+                if text == "I: Received Store Response (Success)" and current is not None:
+                    acked.append(current)
+                    if on_success is not None:
+                        on_success(len(acked))
+                current = None
+        returncode = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return returncode, acked, "".join(lines)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc), e.g. the node's worker processes."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class RestartableStoreSCP(StoreSCP):
+    """A storescp kept on one port and directory across stops and starts, optionally slow.
+
+    ``start(sleep_after=s)`` makes storescp sleep s seconds after each object it stored
+    (``--sleep-after``): of a SEG and an SR sent in one association the SEG is stored at
+    once and the SR a second later, which leaves a window inside a delivery. Each start logs
+    to its own file (``logs()`` reads them all).
+    """
+
+    def __init__(self, directory: Path, ae_title: str = "PACS", port: int | None = None) -> None:
+        super().__init__(directory, ae_title, port)
+        self.starts = 0
+
+    def start(self, sleep_after: int = 0) -> RestartableStoreSCP:
+        self.starts += 1
+        self.log = self.directory.parent / f"storescp-{self.port}-{self.starts}.log"
+        # StoreSCP passes ``tls`` to storescp as plain options; here they are not TLS ones.
+        self.tls = ["--sleep-after", str(sleep_after)] if sleep_after else []
+        super().start()
+        return self
+
+    def logs(self) -> str:
+        return "".join(
+            (self.directory.parent / f"storescp-{self.port}-{n}.log").read_text(errors="replace")
+            for n in range(1, self.starts + 1)
+        )

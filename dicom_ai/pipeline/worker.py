@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import time
 import traceback
@@ -181,7 +182,10 @@ def _report(
     return build_detection_sr(headers, findings, uids, device)
 
 
-def _worker_main(conn: Connection, log_level: int) -> None:
+def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
+    from dicom_ai.lifecycle import die_with_parent
+
+    die_with_parent(parent_pid)
     # A spawned process starts with no logging config; mirror the node's level.
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -204,7 +208,10 @@ def _worker_main(conn: Connection, log_level: int) -> None:
             outcome = JobOutcome(
                 spec.job_id, False, reason=reason, seconds=time.monotonic() - started
             )
-        conn.send(outcome)
+        try:
+            conn.send(outcome)
+        except (BrokenPipeError, EOFError, OSError):
+            return  # the node is gone; its successor runs the job again
 
 
 def _died(process: BaseProcess) -> str:
@@ -240,7 +247,10 @@ class WorkerPool:
     def _new_slot(self) -> _Slot:
         parent, child = self._context.Pipe()
         process = self._context.Process(
-            target=_worker_main, args=(child, self._log_level), name="dicom-ai-worker", daemon=True
+            target=_worker_main,
+            args=(child, self._log_level, os.getpid()),
+            name="dicom-ai-worker",
+            daemon=True,
         )
         process.start()
         child.close()

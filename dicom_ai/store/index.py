@@ -376,7 +376,14 @@ class Index:
         return [_job(r) for r in rows]
 
     def finish_job(self, job_id: int, files: Sequence[Path], destinations: Sequence[str]) -> None:
-        """Record a job's result files and queue one delivery per destination, atomically."""
+        """Record a job's result files and queue one delivery per destination, atomically.
+
+        Results of one series and model share their UIDs, so the last delivered one is what
+        the PACS keeps. A run must never overwrite a later run's results: finishing a job
+        supersedes the undelivered deliveries of earlier runs (a delivery backing off after
+        a failure would otherwise go out after this one), and a job that finishes after a
+        later run's job has its deliveries superseded at once.
+        """
         now = time.time()
         encoded = json.dumps([str(f) for f in files])
         with self._tx() as db:
@@ -385,12 +392,35 @@ class Index:
                 "WHERE id = ?",
                 (encoded, now, job_id),
             )
+            series_uid, model, run = db.execute(
+                "SELECT series_instance_uid, model, run FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            later = db.execute(
+                "SELECT MAX(run) FROM jobs WHERE series_instance_uid = ? AND model = ? "
+                "AND run > ? AND state = 'done'",
+                (series_uid, model, run),
+            ).fetchone()[0]
             for destination in destinations:
                 db.execute(
                     "INSERT OR REPLACE INTO deliveries (job_id, destination, files, state, "
-                    "attempts, next_attempt_at) VALUES (?, ?, ?, 'pending', 0, ?)",
-                    (job_id, destination, encoded, now),
+                    "attempts, next_attempt_at, last_error) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                    (
+                        job_id,
+                        destination,
+                        encoded,
+                        "pending" if later is None else "superseded",
+                        now,
+                        None if later is None else f"superseded by run {later}",
+                    ),
                 )
+                if later is None:
+                    db.execute(
+                        "UPDATE deliveries SET state = 'superseded', last_error = ? "
+                        "WHERE destination = ? AND state IN ('pending', 'dead') AND job_id IN "
+                        "(SELECT id FROM jobs WHERE series_instance_uid = ? AND model = ? "
+                        "AND run < ?)",
+                        (f"superseded by run {run}", destination, series_uid, model, run),
+                    )
 
     def fail_job(self, job_id: int, reason: str, retry: bool) -> None:
         with self._tx() as db:
@@ -430,8 +460,9 @@ class Index:
         """Record a failed attempt; ``None`` for the next attempt parks it as dead letter."""
         with self._tx() as db:
             db.execute(
+                # A delivery superseded while it was being sent stays superseded.
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
-                "next_attempt_at = ? WHERE id = ?",
+                "next_attempt_at = ? WHERE id = ? AND state = 'pending'",
                 (
                     "dead" if next_attempt_at is None else "pending",
                     error,

@@ -256,3 +256,42 @@ def test_spooled_file_missing_from_the_index_is_reindexed_on_start(tmp_path: Pat
     assert pending.series_instance_uid == ds.SeriesInstanceUID
     assert node._reindex_spooled_files() == 0
     node.index.close()
+
+
+def test_an_earlier_run_never_overwrites_a_later_runs_results(tmp_path: Path) -> None:
+    """Found by the crash harness: run 1's delivery backing off after a failure went out
+    after run 2's, so the PACS kept the results of half the series."""
+    index = Index(tmp_path / "index.sqlite3")
+    association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+    _add(index, "1.1", "7.7", association)
+    (first,) = index.start_run("7.7", [RunPlan("ct", "ct-body", ("pacs",))], "")
+    (job,) = index.claim_pending_jobs(4)
+    index.finish_job(job.id, [Path("/r1/seg.dcm")], job.destinations)
+    (old,) = index.due_deliveries(now=1e12)
+    index.delivery_failed(old.id, "PACS down", next_attempt_at=1e11)  # backing off
+    _add(index, "1.2", "7.7", association)
+    (second,) = index.start_run("7.7", [RunPlan("ct", "ct-body", ("pacs",))], "")
+    (job2,) = index.claim_pending_jobs(4)
+    index.finish_job(job2.id, [Path("/r2/seg.dcm")], job2.destinations)
+    (due,) = index.due_deliveries(now=1e12)
+    assert due.job_id == second
+    states = {d.job_id: d.state for d in index.deliveries()}
+    assert states == {first: "superseded", second: "pending"}
+    # A failed attempt on a superseded delivery (it was in flight) does not revive it.
+    index.delivery_failed(old.id, "PACS down", next_attempt_at=1.0)
+    assert {d.job_id: d.state for d in index.deliveries()}[first] == "superseded"
+    # And a run that finishes after a later run is superseded at once (two workers).
+    _add(index, "1.3", "7.7", association)
+    (third,) = index.start_run("7.7", [RunPlan("ct", "ct-body", ("pacs",))], "")
+    _add(index, "1.4", "7.7", association)
+    (fourth,) = index.start_run("7.7", [RunPlan("ct", "ct-body", ("pacs",))], "")
+    jobs = {j.id: j for j in index.claim_pending_jobs(4)}
+    index.finish_job(fourth, [Path("/r4/seg.dcm")], jobs[fourth].destinations)
+    index.finish_job(third, [Path("/r3/seg.dcm")], jobs[third].destinations)
+    states = {d.job_id: d.state for d in index.deliveries()}
+    assert [states[third], states[fourth], states[second]] == [
+        "superseded",
+        "pending",
+        "superseded",
+    ]
+    index.close()
