@@ -96,6 +96,7 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
     started = time.monotonic()
     if model.spatial_dims == 2:
         images = load_planar_images(spec.instance_paths)
+        loaded = time.monotonic()
         findings = model(images)
         headers = [image.header for image in images]
         frames = None
@@ -109,6 +110,7 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
                     f"the series has {instances} multi-frame instances; a SEG can reference "
                     "the frames of one only"
                 )
+        loaded = time.monotonic()
         findings = model(volume)
         headers = list(volume.headers)
         frames = volume.frames
@@ -128,13 +130,15 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
         spool.write_atomic(path, buffer.getvalue())
         files.append(path)
     log.info(
-        "job %d: %s (%s) on series %s: %d result object(s), infer %.1f s, encode %.1f s",
+        "job %d: %s (%s) on series %s: %d result object(s), load %.2f s, infer %.2f s, "
+        "encode and write %.2f s",
         spec.job_id,
         spec.model_id,
         model.task.value,
         spec.series_instance_uid,
         len(files),
-        inferred - started,
+        loaded - started,
+        inferred - loaded,
         time.monotonic() - inferred,
     )
     return tuple(files)
