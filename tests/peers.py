@@ -109,6 +109,29 @@ class StoreSCP:
         )
 
 
+def storescu_command(
+    port: int,
+    paths: Sequence[Path],
+    ae_title: str = "DICOM_AI",
+    calling_ae: str = "SCANNER",
+    options: Sequence[str] = (),
+) -> list[str]:
+    """The storescu command line to send ``paths`` to 127.0.0.1:``port``."""
+    # -R: propose only the SOP classes of the files (else SEG etc. may have no context)
+    return [
+        "storescu",
+        "-R",
+        "-aet",
+        calling_ae,
+        "-aec",
+        ae_title,
+        *options,
+        "127.0.0.1",
+        str(port),
+        *map(str, paths),
+    ]
+
+
 def storescu(
     port: int,
     paths: Sequence[Path],
@@ -120,20 +143,8 @@ def storescu(
     env = dict(os.environ)
     if nodelay:
         env["TCP_NODELAY"] = "1"
-    # -R: propose only the SOP classes of the files (else SEG etc. may have no context)
     return subprocess.run(
-        [
-            "storescu",
-            "-R",
-            "-aet",
-            calling_ae,
-            "-aec",
-            ae_title,
-            *options,
-            "127.0.0.1",
-            str(port),
-            *map(str, paths),
-        ],
+        storescu_command(port, paths, ae_title, calling_ae, options),
         capture_output=True,
         text=True,
         env=env,
@@ -359,18 +370,7 @@ def storescu_acked(
 
     env = dict(os.environ, TCP_NODELAY="1")
     proc = subprocess.Popen(
-        [
-            "storescu",
-            "-v",
-            "-R",
-            "-aet",
-            calling_ae,
-            "-aec",
-            ae_title,
-            "127.0.0.1",
-            str(port),
-            *map(str, paths),
-        ],
+        storescu_command(port, paths, ae_title, calling_ae, ["-v"]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
