@@ -4,7 +4,8 @@
                                           [--associations N] [--receivers N]
 
 Every receiver runs in the same invocation on loopback, with the same files and the same
-storescu settings (TCP_NODELAY=1 unless --no-nodelay; with --tls, DICOM TLS with client
+storescu settings (TCP_NODELAY=1 unless --no-nodelay, which leaves it unset for storescu,
+storescp and Orthanc alike: their default, Nagle on; with --tls, DICOM TLS with client
 certificates on every receiver, certificates made for the run). With --associations N, N
 storescu processes send N different series at once (img/s = all images / wall time); the
 node runs with --receivers receiver processes (default: as many as associations). Prints
@@ -67,7 +68,7 @@ def _run(
     """Seconds for one storescu run against a freshly started receiver."""
     work.mkdir(parents=True)
     if receiver == "storescp":
-        scp = StoreSCP(work / "out", tls=_dcmtk_tls(pki, "server")).start()
+        scp = StoreSCP(work / "out", tls=_dcmtk_tls(pki, "server"), nodelay=nodelay).start()
         try:
             return _timed_send(scp.port, "PACS", files, nodelay, pki)
         finally:
@@ -82,7 +83,7 @@ def _run(
                 "DicomTlsTrustedCertificates": str(pki.ca),
                 "DicomTlsRemoteCertificateRequired": True,
             }
-        orthanc = Orthanc(work, settings=settings).start(nodelay=True)
+        orthanc = Orthanc(work, settings=settings).start(nodelay=nodelay)
         try:
             return _timed_send(orthanc.dicom_port, "ORTHANC", files, nodelay, pki)
         finally:
@@ -107,7 +108,11 @@ def main() -> None:
     )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--no-nodelay", action="store_true", help="storescu without TCP_NODELAY")
+    parser.add_argument(
+        "--no-nodelay",
+        action="store_true",
+        help="DCMTK's default: no TCP_NODELAY for storescu, storescp and Orthanc",
+    )
     parser.add_argument("--tls", action="store_true", help="DICOM TLS with client certificates")
     parser.add_argument("--associations", type=int, default=1, help="concurrent senders")
     parser.add_argument("--receivers", type=int, default=None, help="node receiver processes")
@@ -130,7 +135,7 @@ def main() -> None:
             pki = make_pki(root / "pki")
         print(
             f"{args.associations} association(s) x {args.slices} CT slices = {images} images, "
-            f"{megabytes:.1f} MB; storescu TCP_NODELAY={'1' if nodelay else 'unset'}; "
+            f"{megabytes:.1f} MB; TCP_NODELAY={'1' if nodelay else 'unset'} for DCMTK and Orthanc; "
             f"TLS {'on' if pki else 'off'}; node receiver processes: {receivers}"
         )
         runners: dict[str, Callable[[int], float]] = {

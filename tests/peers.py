@@ -65,17 +65,22 @@ class StoreSCP:
         ae_title: str = "PACS",
         port: int | None = None,
         tls: Sequence[str] = (),
+        nodelay: bool = True,
     ) -> None:
         self.directory = directory
         self.ae_title = ae_title
         self.port = port or free_port()
         self.tls = list(tls)  # DCMTK TLS options, e.g. +tls KEY CERT +cf CA
+        self.nodelay = nodelay  # False: DCMTK's default, Nagle on
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory.parent / f"storescp-{self.port}.log"
 
     def start(self) -> StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, TCP_NODELAY="1")
+        env = dict(os.environ)
+        env.pop("TCP_NODELAY", None)
+        if self.nodelay:
+            env["TCP_NODELAY"] = "1"
         # +xa: accept every transfer syntax; -uf: name files by SOP instance UID
         self.proc = subprocess.Popen(
             [
