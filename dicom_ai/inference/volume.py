@@ -49,7 +49,7 @@ from monai.data.meta_tensor import MetaTensor
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
-from pydicom.pixels.utils import iter_pixels, pixel_array
+from pydicom.pixels.utils import iter_pixels
 
 from dicom_ai.enhanced import frame_macro, is_multiframe, number_of_frames
 from dicom_ai.errors import GeometryError, InputError
@@ -67,6 +67,8 @@ _SPACING_TOLERANCE = 0.2
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Elements dropped from the kept headers: the pixels live in the volume.
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Values larger than this (pixel data) are read when used, not when the header is parsed.
+_DEFER_BYTES = 64 * 1024
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
 
@@ -173,6 +175,8 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     frames = np.empty((len(slices), rows, columns), dtype=np.float32)
     ordered = [slices[int(n)] for n in order]
     _decode(frames, ordered)
+    for header in headers:
+        _strip_pixels(header)
 
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = geometry.row_cosines * geometry.column_spacing
@@ -222,8 +226,10 @@ def load_planar_images(paths: Sequence[Path]) -> tuple[PlanarImage, ...]:
 
 
 def _read_header(path: Path) -> Dataset:
+    """The instance's data set with its pixel data not yet read (deferred): it is parsed
+    once, and decoding later reads just the pixel bytes (``_decode_single``)."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except (InvalidDicomError, OSError, ValueError) as exc:
         raise InputError(f"{path.name}: not a readable DICOM file: {exc}") from exc
     for keyword in ("SOPInstanceUID", "Rows", "Columns"):
@@ -231,10 +237,14 @@ def _read_header(path: Path) -> Dataset:
             raise InputError(f"{path.name}: no {keyword}")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{path.name}: only single-sample (grayscale) images are supported")
-    for keyword in _PIXEL_KEYWORDS:
-        if keyword in ds:
-            delattr(ds, keyword)
     return ds
+
+
+def _strip_pixels(header: Dataset) -> None:
+    """Headers travel on without pixel data (to SEG, SR): only the decoded volume keeps it."""
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in header:
+            delattr(header, keyword)
 
 
 def _check_same_series(headers: Sequence[Dataset]) -> None:
@@ -464,17 +474,21 @@ def _decode(frames: npt.NDArray[np.float32], ordered: Sequence[_Slice]) -> None:
     for path, pieces in by_instance.items():
         k, first = pieces[0]
         if first.frame_number is None:
-            _rescale_into(frames[k], _decode_single(path), first)
+            _rescale_into(frames[k], _decode_single(first.header, path), first)
         else:
             targets = {s.frame_number: (i, s) for i, s in pieces if s.frame_number is not None}
             _decode_frames(frames, path, targets)
 
 
-def _decode_single(path: Path) -> npt.NDArray[Any]:
+def _decode_single(header: Dataset, path: Path) -> npt.NDArray[Any]:
+    """Decode from the header read by ``_read_header`` (no second parse of the file), then
+    drop its pixel data."""
     try:
-        stored: npt.NDArray[Any] = pixel_array(path)
+        stored: npt.NDArray[Any] = header.pixel_array
     except Exception as exc:  # decoders raise many types; the boundary is "cannot decode"
         raise InputError(f"{path.name}: pixel data cannot be decoded: {exc}") from exc
+    finally:
+        _strip_pixels(header)
     return stored
 
 
@@ -521,7 +535,7 @@ def _load_planar(path: Path) -> PlanarImage:
             f"{path.name}: PhotometricInterpretation {photometric or 'missing'}; only "
             "MONOCHROME1 and MONOCHROME2 images are supported"
         )
-    stored = _decode_single(path)
+    stored = _decode_single(header, path)
     shape = (int(header.Rows), int(header.Columns))
     if stored.shape != shape:
         raise InputError(f"{path.name}: pixel data is {stored.shape}, header says {shape}")

@@ -258,7 +258,7 @@ def test_each_instance_is_decoded_once(tmp_path: Path, monkeypatch: pytest.Monke
         raise AssertionError("multi-frame pixels must be decoded frame by frame")
 
     monkeypatch.setattr("dicom_ai.inference.volume.iter_pixels", counting)
-    monkeypatch.setattr("dicom_ai.inference.volume.pixel_array", no_whole_decode)
+    monkeypatch.setattr(Dataset, "pixel_array", property(no_whole_decode))
     first, second = _split_series(tmp_path)
     load_series([first, second])
     assert sorted(calls) == sorted([first, second])
