@@ -1,8 +1,9 @@
 """The running node: wires receive -> store -> assembly -> routing -> workers -> delivery.
 
-This is the composition root; each stage stays ignorant of the ones before it. Two threads
-besides pynetdicom's: the scheduler (assembly, routing, job dispatch, job outcomes) and the
-deliverer (sending can block on a slow peer, and must not hold up the scheduler).
+This is the composition root; each stage stays ignorant of the ones before it. Besides the
+receiving threads (an accept loop per port, one thread per association), two threads: the
+scheduler (assembly, routing, job dispatch, prefetch, job outcomes) and the deliverer
+(sending can block on a slow peer, and must not hold up the scheduler).
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ class Node:
         )
         self._log_level = log_level
         self._pool: WorkerPool | None = None
+        # Series still arriving -> instances sent to a worker to decode ahead (-1: no model).
+        self._prefetched: dict[str, int] = {}
         self._stop = threading.Event()
+        self._deliver_now = threading.Event()
         self._threads: list[threading.Thread] = []
 
     @property
@@ -159,6 +163,7 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        self._deliver_now.set()
         self._receivers.stop()
         self.scp.stop()
         for thread in self._threads:
@@ -181,8 +186,10 @@ class Node:
         while not self._stop.is_set():
             try:
                 self._reload_rules_if_changed()
-                self._route_complete_series(time.time())
+                pending = self.index.pending_series()
+                routed = self._route_complete_series(pending, time.time())
                 self._dispatch_jobs()
+                self._prefetch_arriving([s for s in pending if s.series_instance_uid not in routed])
                 assert self._pool is not None
                 for outcome in self._pool.poll(timeout=0.1):
                     self._record(outcome)
@@ -208,13 +215,54 @@ class Node:
             loaded.rules = rules
             log.info("rules of %s reloaded from %s", title, loaded.path)
 
-    def _route_complete_series(self, now: float) -> None:
-        for series in self.assembly.complete(self.index.pending_series(), now):
+    def _route_complete_series(self, pending: list[PendingSeries], now: float) -> set[str]:
+        """Route the series that are complete; their UIDs."""
+        routed = set()
+        for series in self.assembly.complete(pending, now):
             self._route(series)
+            self._prefetched.pop(series.series_instance_uid, None)
+            routed.add(series.series_instance_uid)
+        return routed
+
+    def _prefetch_arriving(self, pending: list[PendingSeries]) -> None:
+        """Have an idle worker decode the instances of series still arriving (or waiting out
+        their grace) that a rule sends to a model, so their job starts with them loaded."""
+        assert self._pool is not None
+        for series in pending:
+            uid = series.series_instance_uid
+            try:
+                paths = self.index.series_instance_paths(uid)
+                sent = self._prefetched.get(uid)
+                if sent is None:  # first sight: worth it only if a rule would run a model
+                    plans, _ = self._plans(uid, paths)
+                    sent = self._prefetched[uid] = 0 if plans else -1
+                if 0 <= sent < len(paths) and self._pool.prefetch(uid, tuple(paths[sent:])):
+                    self._prefetched[uid] = len(paths)
+            except Exception:  # best effort: the job reads whatever was not prefetched
+                log.debug("no prefetch for series %s", uid, exc_info=True)
+                self._prefetched[uid] = -1
 
     def _route(self, series: PendingSeries) -> None:
         uid = series.series_instance_uid
         paths = self.index.series_instance_paths(uid)
+        plans, notes = self._plans(uid, paths)
+        note = "; ".join(notes) or "no rule matched"
+        job_ids = self.index.start_run(uid, plans, note)
+        if job_ids:
+            log.info(
+                "series %s complete (%d instances): jobs %s by %s",
+                uid,
+                len(paths),
+                job_ids,
+                ", ".join(p.rule for p in plans),
+            )
+        else:
+            log.info(
+                "series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note
+            )
+
+    def _plans(self, uid: str, paths: list[Path]) -> tuple[list[RunPlan], list[str]]:
+        """What the rules say for the series' current batch: runs to make, and why."""
         header = dcmread(paths[-1], stop_before_pixels=True)
         plans: list[RunPlan] = []
         notes: list[str] = []
@@ -244,20 +292,7 @@ class Node:
                     elif d.preview and not plans[same[0]].preview:
                         # One run serves both rules (same UIDs): it makes the preview too.
                         plans[same[0]] = replace(plans[same[0]], preview=True)
-        note = "; ".join(notes) or "no rule matched"
-        job_ids = self.index.start_run(uid, plans, note)
-        if job_ids:
-            log.info(
-                "series %s complete (%d instances): jobs %s by %s",
-                uid,
-                len(paths),
-                job_ids,
-                ", ".join(p.rule for p in plans),
-            )
-        else:
-            log.info(
-                "series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note
-            )
+        return plans, notes
 
     def _dispatch_jobs(self) -> None:
         assert self._pool is not None
@@ -287,6 +322,7 @@ class Node:
         if outcome.ok:
             self.index.finish_job(job.id, outcome.files, job.destinations)
             log.info("job %d done in %.1f s", job.id, outcome.seconds)
+            self._deliver_now.set()
             return
         retry = outcome.retry and job.attempts < self.config.pipeline.max_job_attempts
         self.index.fail_job(job.id, outcome.reason, retry=retry)
@@ -302,7 +338,10 @@ class Node:
     # -- deliverer ---------------------------------------------------------------------------
 
     def _deliver_loop(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.is_set():
+            # Results go out as soon as a job records them; the timeout paces retries.
+            self._deliver_now.wait(0.2)
+            self._deliver_now.clear()
             try:
                 self.deliverer.run_due()
             except Exception:

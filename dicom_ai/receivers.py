@@ -1,9 +1,10 @@
 """The receiving side of the node: its storage SCP, and extra receiver processes.
 
-pynetdicom decodes every PDU in Python, and one process receives at most a few hundred
-images a second whatever the disk does. With ``node.receivers: N`` the node starts N - 1
-receiver processes beside its own SCP; all of them listen on the same port(s) with
-SO_REUSEPORT and the kernel hands each new association to one of them. Each receiver has
+One process runs every association on its own thread, and its Python work (PDU handling,
+header parsing, indexing) holds one interpreter lock. With ``node.receivers: N`` the node
+starts N - 1 receiver processes beside its own SCP; all of them listen on the same port(s)
+with SO_REUSEPORT and the kernel hands each new association to one of them (by a hash of
+the connection's addresses: not evenly when there are few). Each receiver has
 its own spool writer and its own connection to the SQLite index (WAL, so the processes
 share it safely); fsync before Success holds in every one of them.
 

@@ -69,9 +69,11 @@ _KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
 
 # An A-ASSOCIATE-RQ is a few KB; more before association is garbage, not a request.
 _MAX_REQUEST_PDU = 1 << 20
-# Advertised maximum P-DATA-TF length: 0 means unlimited (PS3.8 D.1), so a sender can put a
-# whole slice in one PDU; each PDU is read into one buffer of its announced length.
-_MAXIMUM_LENGTH_RECEIVED = 0
+# Advertised maximum P-DATA-TF length (PS3.8 D.1): a 512x512 slice fits in one PDU. Each
+# PDU is read into one buffer of its announced length, so a length far past what was
+# advertised is refused (A-ABORT) rather than allocated.
+_MAXIMUM_LENGTH_RECEIVED = 4 << 20
+_MAX_DATA_PDU = 16 * _MAXIMUM_LENGTH_RECEIVED
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4)
 _REJECTED_PERMANENT, _REJECTED_TRANSIENT = 0x01, 0x02
@@ -353,7 +355,7 @@ class _Connection:
             return
         self.sock.settimeout(self.acceptor.network_timeout)
         while True:
-            pdu_type, body = self._read_pdu()
+            pdu_type, body = self._read_pdu(limit=_MAX_DATA_PDU)
             if pdu_type == _P_DATA_TF:
                 self._p_data(body)
             elif pdu_type == _A_RELEASE_RQ:

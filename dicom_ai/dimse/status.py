@@ -9,18 +9,20 @@ What the C-STORE SCP answers, and why (the mapping itself is ``scp._status_for``
   returns, without a restart.
 - ``0xA900`` Error, data set does not match SOP class (PS3.4 B.2.3): the data set parses
   but does not conform to the SOP class it was sent as: its SOP Class UID differs from the
-  presentation context's abstract syntax, or it lacks a Type 1 identifying UID that every
-  composite IOD requires (SOP Class / SOP Instance / Study Instance / Series Instance
-  UID). The SCP understood the data set; it is the wrong or an incomplete object.
+  presentation context's abstract syntax, its SOP Instance UID differs from the
+  command's Affected SOP Instance UID (as DCMTK's storescp answers it), or it lacks a
+  Type 1 identifying UID that every composite IOD requires (SOP Class / SOP Instance /
+  Study Instance / Series Instance UID). The SCP understood the data set; it is the
+  wrong or an incomplete object.
 - ``0xC210`` Error, cannot understand (PS3.4 B.2.3, C000-CFFF): the bytes do not parse
-  as a data set, or a UID in it is not a UID.
+  as a data set, or a UID in it (or in the command) is not a UID.
 - ``0x0122`` Refused, SOP class not supported (PS3.7 C.5.20): the presentation context's
   abstract syntax is not a storage SOP class.
 - ``0x0110`` Processing failure (PS3.7 C.5.10): anything unexpected (a bug); logged with
   its traceback.
 
-A connection that breaks off or goes silent gets no status: pynetdicom aborts it (network
-timeout, ARTIM) and the SCP logs how the connection ended.
+A connection that breaks off or goes silent gets no status: the acceptor aborts it (network
+timeout, ARTIM) and logs how the connection ended (``acceptor.py``).
 """
 
 from __future__ import annotations

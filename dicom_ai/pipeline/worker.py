@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dicom_ai.inference.model import Model
     from dicom_ai.results import DeviceIdentity, ResultUIDs
 
-__all__ = ["JobOutcome", "JobSpec", "WorkerPool", "run_job"]
+__all__ = ["JobOutcome", "JobSpec", "Prefetch", "WorkerPool", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ class JobSpec:
     task: str | None = None  # None: the model (bundle metadata) says
     threshold: float = 0.5
     preview: bool = False  # a Secondary Capture preview of a segmentation too
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """Instances of a series still arriving: read and decode them before its job comes, so
+    the job does not start with a second of reading. Answered with nothing."""
+
+    series_instance_uid: str
+    instance_paths: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,9 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
             return
         if spec is None:
             return
+        if isinstance(spec, Prefetch):
+            _prefetch(spec)
+            continue
         started = time.monotonic()
         try:
             files = run_job(spec)
@@ -216,6 +228,22 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
             conn.send(outcome)
         except (BrokenPipeError, EOFError, OSError):
             return  # the node is gone; its successor runs the job again
+
+
+def _prefetch(request: Prefetch) -> None:
+    from dicom_ai.inference.volume import prefetch
+
+    try:
+        started = time.monotonic()
+        added = prefetch(request.instance_paths)
+        log.debug(
+            "prefetched %d instance(s) of series %s in %.2f s",
+            added,
+            request.series_instance_uid,
+            time.monotonic() - started,
+        )
+    except Exception:  # best effort: the job reads whatever is not cached
+        log.debug("prefetch of series %s failed", request.series_instance_uid, exc_info=True)
 
 
 def _died(process: BaseProcess) -> str:
@@ -238,6 +266,7 @@ class _Slot:
     conn: Connection
     job: JobSpec | None = None
     deadline: float = 0.0
+    prefetched_series: str | None = None  # what this worker has decoded ahead
 
 
 class WorkerPool:
@@ -263,14 +292,31 @@ class WorkerPool:
     def idle(self) -> int:
         return sum(1 for slot in self._slots if slot.job is None)
 
+    def _idle_slot(self, series_uid: str) -> _Slot | None:
+        """An idle worker, the one that prefetched ``series_uid`` first."""
+        idle = [slot for slot in self._slots if slot.job is None]
+        for slot in idle:
+            if slot.prefetched_series == series_uid:
+                return slot
+        return idle[0] if idle else None
+
     def submit(self, spec: JobSpec) -> None:
-        for slot in self._slots:
-            if slot.job is None:
-                slot.job = spec
-                slot.deadline = time.monotonic() + spec.timeout_seconds
-                slot.conn.send(spec)
-                return
-        raise RuntimeError("no idle worker")
+        slot = self._idle_slot(spec.series_instance_uid)
+        if slot is None:
+            raise RuntimeError("no idle worker")
+        slot.job = spec
+        slot.deadline = time.monotonic() + spec.timeout_seconds
+        slot.conn.send(spec)
+
+    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
+        """Ask an idle worker to decode ``paths`` ahead of the series' job; False when none
+        is idle (a busy worker has a job to finish first)."""
+        slot = self._idle_slot(series_uid)
+        if slot is None:
+            return False
+        slot.prefetched_series = series_uid
+        slot.conn.send(Prefetch(series_uid, paths))
+        return True
 
     def poll(self, timeout: float = 0.0) -> list[JobOutcome]:
         """Finished, failed, crashed and timed-out jobs since the last call."""

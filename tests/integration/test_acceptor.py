@@ -122,6 +122,7 @@ def test_association_over_the_limit_is_rejected_transiently(
         ("an unknown PDU type", _pdu(0x0A, b"\x00" * 4)),
         ("a command set that does not decode", _pdu(0x04, _pdv(1, 0x03, b"\xff" * 9))),
         ("a data set before its command", _pdu(0x04, _pdv(1, 0x02, b"\x00" * 8))),
+        ("a P-DATA-TF announcing 1 GiB", struct.pack(">BBI", 0x04, 0, 1 << 30) + b"\x00" * 64),
     ],
 )
 def test_protocol_errors_get_an_abort_and_the_node_keeps_serving(

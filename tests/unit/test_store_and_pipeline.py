@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 
 from dicom_ai.assembly import AssemblyPolicy
 from dicom_ai.config import DeliveryConfig, DicomDestination
@@ -255,6 +256,69 @@ def test_spooled_file_missing_from_the_index_is_reindexed_on_start(tmp_path: Pat
     (pending,) = node.index.pending_series()
     assert pending.series_instance_uid == ds.SeriesInstanceUID
     assert node._reindex_spooled_files() == 0
+    node.index.close()
+
+
+class FakePool:
+    """Stands in for the worker pool: records what it is asked to prefetch."""
+
+    def __init__(self, idle: bool = True) -> None:
+        self.busy = not idle
+        self.prefetches: list[tuple[str, tuple[Path, ...]]] = []
+
+    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
+        if self.busy:
+            return False
+        self.prefetches.append((series_uid, paths))
+        return True
+
+
+def test_series_still_arriving_are_prefetched_when_a_rule_runs_a_model(tmp_path: Path) -> None:
+    from dicom_ai.config import Config, NodeConfig
+    from dicom_ai.node import Node
+    from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets
+
+    node = Node(Config(node=NodeConfig(data_dir=tmp_path, port=0)))
+    pool = FakePool()
+    node._pool = pool  # type: ignore[assignment]
+    association = node.index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+
+    def receive(datasets: list[Dataset]) -> list[Path]:
+        paths = []
+        for ds in datasets:
+            path = node.spool.instance_path(
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            header = InstanceRecord(
+                ds.SOPInstanceUID,
+                ds.SOPClassUID,
+                ds.SeriesInstanceUID,
+                ds.StudyInstanceUID,
+                ds.Modality,
+                path,
+                association,
+            )
+            node.index.add_instance(header)
+            paths.append(path)
+        return paths
+
+    ct = list(phantom_ct_datasets(PhantomSpec(slices=5, rows=16, columns=16)))
+    other = list(phantom_ct_datasets(PhantomSpec(slices=2, rows=16, columns=16, seed=4)))
+    for ds in other:
+        ds.Modality = "OT"  # no rule of the default rules takes it
+    first = receive(ct[:3])
+    receive(other)
+    node._prefetch_arriving(node.index.pending_series())
+    assert pool.prefetches == [(ct[0].SeriesInstanceUID, tuple(first))]
+    rest = receive(ct[3:])
+    pool.busy = True  # not now: asked again on the next round
+    node._prefetch_arriving(node.index.pending_series())
+    pool.busy = False
+    node._prefetch_arriving(node.index.pending_series())
+    node._prefetch_arriving(node.index.pending_series())  # nothing new: nothing sent
+    assert pool.prefetches[1:] == [(ct[0].SeriesInstanceUID, tuple(rest))]
     node.index.close()
 
 

@@ -491,3 +491,47 @@ def test_colour_multiframe_and_undecodable_planar_images_are_refused(tmp_path: P
         load_planar_images([truncated])
     with pytest.raises(InputError, match="no instances"):
         load_planar_images([])
+
+
+def _decoding_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("decoded again although prefetched")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(refuse))
+
+
+def test_prefetched_instances_load_without_reading_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_ai.inference.volume import prefetch
+
+    paths = _write(tmp_path / "ct")
+    expected = load_series(paths).frames.copy()
+    assert prefetch(paths[:4]) == 4
+    assert prefetch(paths) == len(paths) - 4  # what is cached is not read twice
+    _decoding_forbidden(monkeypatch)
+    volume = load_series(list(reversed(paths)))
+    np.testing.assert_array_equal(volume.frames, expected)
+    assert all("PixelData" not in header for header in volume.headers)
+    # Each prefetched instance serves one load; the next one reads the files.
+    with pytest.raises(InputError, match="decoded again"):
+        load_series(paths)
+
+
+def test_an_instance_received_again_after_prefetch_is_read_afresh(tmp_path: Path) -> None:
+    import os
+
+    from dicom_ai.inference.volume import prefetch
+
+    paths = _write(tmp_path / "ct")
+    prefetch(paths)
+    ds = pydicom.dcmread(paths[2])
+    arr = ds.pixel_array.copy()
+    arr[:] = 123
+    ds.PixelData = arr.tobytes()
+    ds.save_as(paths[2], enforce_file_format=True)
+    os.utime(paths[2], ns=(1, 1))  # a different mtime even on a coarse clock
+    volume = load_series(paths)
+    k = [str(h.SOPInstanceUID) for h in volume.headers].index(str(ds.SOPInstanceUID))
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    np.testing.assert_allclose(volume.frames[k], 123 * slope + intercept)
