@@ -230,14 +230,18 @@ class Node:
         assert self._pool is not None
         for series in pending:
             uid = series.series_instance_uid
+            sent = self._prefetched.get(uid)
+            if sent is not None and sent < 0:
+                continue
             try:
-                paths = self.index.series_instance_paths(uid)
-                sent = self._prefetched.get(uid)
                 if sent is None:  # first sight: worth it only if a rule would run a model
-                    plans, _ = self._plans(uid, paths)
+                    plans, _ = self._plans(uid, self.index.series_instance_paths(uid))
                     sent = self._prefetched[uid] = 0 if plans else -1
-                if 0 <= sent < len(paths) and self._pool.prefetch(uid, tuple(paths[sent:])):
-                    self._prefetched[uid] = len(paths)
+                    if sent < 0:
+                        continue
+                new = self.index.series_instance_paths(uid, skip=sent)
+                if new and self._pool.prefetch(uid, tuple(new)):
+                    self._prefetched[uid] = sent + len(new)
             except Exception:  # best effort: the job reads whatever was not prefetched
                 log.debug("no prefetch for series %s", uid, exc_info=True)
                 self._prefetched[uid] = -1

@@ -11,11 +11,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from dicom_ai.dimse.scp import StorageSCP
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -454,3 +458,27 @@ class RestartableStoreSCP(StoreSCP):
             (self.directory.parent / f"storescp-{self.port}-{n}.log").read_text(errors="replace")
             for n in range(1, self.starts + 1)
         )
+
+
+@contextmanager
+def local_scp(directory: Path, **options: Any) -> Iterator[StorageSCP]:
+    """The node's storage SCP in this process on an ephemeral port, with its own spool and
+    index under ``directory``; ``options`` go to ``StorageSCP`` (timeouts, limits)."""
+    from dicom_ai.dimse.scp import StorageSCP
+    from dicom_ai.store.index import Index
+    from dicom_ai.store.spool import Spool
+
+    scp = StorageSCP(
+        "DICOM_AI",
+        "127.0.0.1",
+        0,
+        Spool(directory / "spool"),
+        Index(directory / "index.db"),
+        **options,
+    )
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+        scp.index.close()

@@ -77,7 +77,7 @@ _MAX_DATA_PDU = 16 * _MAXIMUM_LENGTH_RECEIVED
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4)
 _REJECTED_PERMANENT, _REJECTED_TRANSIENT = 0x01, 0x02
-_SOURCE_ACSE, _SOURCE_PRESENTATION = 0x02, 0x03
+_SOURCE_SERVICE_USER, _SOURCE_PRESENTATION = 0x01, 0x03
 _APPLICATION_CONTEXT_NOT_SUPPORTED = 0x02
 _LOCAL_LIMIT_EXCEEDED = 0x02
 
@@ -436,13 +436,13 @@ class _Connection:
         if str(request.application_context_name) != APPLICATION_CONTEXT:
             return (
                 _REJECTED_PERMANENT,
-                _SOURCE_ACSE,
+                _SOURCE_SERVICE_USER,
                 _APPLICATION_CONTEXT_NOT_SUPPORTED,
                 f"application context {request.application_context_name} is not DICOM's",
             )
         refused = self.acceptor.service.admit(association)
         if refused is not None:
-            return (_REJECTED_PERMANENT, 0x01, refused.diagnostic, refused.reason)
+            return (_REJECTED_PERMANENT, _SOURCE_SERVICE_USER, refused.diagnostic, refused.reason)
         if not self.acceptor.take_slot(self):
             return (
                 _REJECTED_TRANSIENT,
@@ -505,6 +505,8 @@ class _Connection:
             if control & _LAST_FRAGMENT:
                 message.command_set = _decode_command(bytes(message.command))
                 if message.command_set.get("CommandDataSetType", _NO_DATA_SET) == _NO_DATA_SET:
+                    if int(message.command_set.CommandField) == _C_STORE_RQ:
+                        raise _ProtocolError("a C-STORE-RQ that says no data set follows")
                     self._dispatch(message)
             return
         if message.command_set is None:
@@ -674,10 +676,11 @@ class _Slots:
         self._limit = limit
         self._lock = threading.Lock()
         self._open: dict[int, _Connection] = {}
+        self._closed = False  # stopping: no new association, even one mid-handshake
 
     def take(self, connection: _Connection) -> bool:
         with self._lock:
-            if len(self._open) >= self._limit:
+            if self._closed or len(self._open) >= self._limit:
                 return False
             self._open[id(connection)] = connection
             return True
@@ -688,6 +691,7 @@ class _Slots:
 
     def close_all(self) -> None:
         with self._lock:
+            self._closed = True
             connections = list(self._open.values())
         for connection in connections:
             with contextlib.suppress(OSError):

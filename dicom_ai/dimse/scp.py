@@ -260,6 +260,11 @@ class StorageSCP:
                 f"dataset SOP class {header.sop_class_uid} differs from the presentation "
                 f"context's {context_sop_class}"
             )
+        if header.sop_class_uid != request.affected_sop_class_uid:
+            raise _SOPClassMismatch(
+                f"dataset SOP class {header.sop_class_uid} differs from the command's "
+                f"Affected SOP Class UID {request.affected_sop_class_uid}"
+            )
         if header.sop_instance_uid != request.affected_sop_instance_uid:
             # As DCMTK's storescp answers it; the file meta would contradict its data set.
             raise _SOPClassMismatch(

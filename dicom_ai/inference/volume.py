@@ -60,7 +60,14 @@ from pydicom.pixels.utils import iter_pixels
 from dicom_ai.enhanced import frame_macro, is_multiframe, number_of_frames
 from dicom_ai.errors import GeometryError, InputError
 
-__all__ = ["PlanarImage", "SeriesVolume", "load_planar_images", "load_series", "prefetch"]
+__all__ = [
+    "PlanarImage",
+    "SeriesVolume",
+    "forget_prefetched_except",
+    "load_planar_images",
+    "load_series",
+    "prefetch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +254,7 @@ class _Prefetched:
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[Path, tuple[tuple[int, int], Dataset, npt.NDArray[Any]]]
+        self._entries: OrderedDict[Path, tuple[tuple[int, int, int], Dataset, npt.NDArray[Any]]]
         self._entries = OrderedDict()
         self._bytes = 0
         self._taken: dict[int, npt.NDArray[Any]] = {}  # id(header) -> pixels, during a load
@@ -255,7 +262,7 @@ class _Prefetched:
     def __contains__(self, path: Path) -> bool:
         return path in self._entries
 
-    def put(self, path: Path, stamp: tuple[int, int], header: Dataset, stored: Any) -> None:
+    def put(self, path: Path, stamp: tuple[int, int, int], header: Dataset, stored: Any) -> None:
         self._entries[path] = (stamp, header, stored)
         self._bytes += int(stored.nbytes)
         while self._bytes > self.budget_bytes and self._entries:
@@ -276,18 +283,30 @@ class _Prefetched:
     def take_pixels(self, header: Dataset) -> npt.NDArray[Any] | None:
         return self._taken.pop(id(header), None)
 
+    def keep_only(self, paths: set[Path]) -> None:
+        for path in [p for p in self._entries if p not in paths]:
+            _, _, dropped = self._entries.pop(path)
+            self._bytes -= int(dropped.nbytes)
+
     def forget_taken(self) -> None:
         """After a load, finished or failed: pixels not used by now are not used."""
         self._taken.clear()
 
 
-# Enough for a few 300-slice 512x512 CT series (157 MB each as stored int16).
-_prefetched = _Prefetched(budget_bytes=1 << 30)
+# Three 300-slice 512x512 CT series (157 MB each as stored int16).
+_prefetched = _Prefetched(budget_bytes=512 << 20)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """Which version of the file: a re-sent instance is a new inode (written, renamed)."""
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def forget_prefetched_except(paths: Sequence[Path]) -> None:
+    """Drop what was prefetched for other series: a job starts, and this worker's cache is
+    for its series only from now on."""
+    _prefetched.keep_only({Path(p) for p in paths})
 
 
 def prefetch(paths: Sequence[Path]) -> int:

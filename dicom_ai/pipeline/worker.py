@@ -14,6 +14,7 @@ import os
 import signal
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from io import BytesIO
 from multiprocessing.connection import Connection, wait
@@ -92,10 +93,11 @@ def run_job(spec: JobSpec) -> tuple[Path, ...]:
     from dicom_ai.errors import InputError
     from dicom_ai.inference.findings import SegmentationFindings, TaskKind
     from dicom_ai.inference.model import load_model
-    from dicom_ai.inference.volume import load_planar_images, load_series
+    from dicom_ai.inference.volume import forget_prefetched_except, load_planar_images, load_series
     from dicom_ai.results import DeviceIdentity, result_uids
     from dicom_ai.store.spool import Spool
 
+    forget_prefetched_except(spec.instance_paths)  # other series' prefetch: not coming here
     key = (spec.model_id, spec.bundle, spec.device, spec.task, spec.threshold)
     if key not in _models:
         _models[key] = load_model(
@@ -204,15 +206,16 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     # highdicom narrates every module it copies at INFO: thousands of lines per job.
     logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
+    inbox: deque[JobSpec | Prefetch | None] = deque()
     while True:
         try:
-            spec = conn.recv()
+            spec = _next_message(conn, inbox)
         except EOFError:
             return
         if spec is None:
             return
         if isinstance(spec, Prefetch):
-            _prefetch(spec)
+            _prefetch(spec, conn, inbox)
             continue
         started = time.monotonic()
         try:
@@ -230,20 +233,43 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
             return  # the node is gone; its successor runs the job again
 
 
-def _prefetch(request: Prefetch) -> None:
+def _next_message(
+    conn: Connection, inbox: deque[JobSpec | Prefetch | None]
+) -> JobSpec | Prefetch | None:
+    """The next thing to do: a job (or the stop) before any prefetch, so a job never waits
+    behind decoding of other series."""
+    if not inbox:
+        inbox.append(conn.recv())
+    while conn.poll():
+        inbox.append(conn.recv())
+    for message in inbox:
+        if not isinstance(message, Prefetch):
+            inbox.remove(message)
+            return message
+    return inbox.popleft()
+
+
+def _prefetch(request: Prefetch, conn: Connection, inbox: deque[JobSpec | Prefetch | None]) -> None:
+    """Decode instance by instance; as soon as a message waits, put the rest back and go."""
     from dicom_ai.inference.volume import prefetch
 
+    started = time.monotonic()
+    added = 0
+    paths = request.instance_paths
     try:
-        started = time.monotonic()
-        added = prefetch(request.instance_paths)
-        log.debug(
-            "prefetched %d instance(s) of series %s in %.2f s",
-            added,
-            request.series_instance_uid,
-            time.monotonic() - started,
-        )
+        for done, path in enumerate(paths):
+            if conn.poll():
+                inbox.appendleft(Prefetch(request.series_instance_uid, paths[done:]))
+                break
+            added += prefetch([path])
     except Exception:  # best effort: the job reads whatever is not cached
         log.debug("prefetch of series %s failed", request.series_instance_uid, exc_info=True)
+    log.debug(
+        "prefetched %d instance(s) of series %s in %.2f s",
+        added,
+        request.series_instance_uid,
+        time.monotonic() - started,
+    )
 
 
 def _died(process: BaseProcess) -> str:
@@ -304,9 +330,13 @@ class WorkerPool:
         slot = self._idle_slot(spec.series_instance_uid)
         if slot is None:
             raise RuntimeError("no idle worker")
+        try:
+            slot.conn.send(spec)
+        except OSError:  # it died while idle (a prefetch it could not survive): a fresh one
+            slot = self._renew(slot, "the worker process died while idle")
+            slot.conn.send(spec)
         slot.job = spec
         slot.deadline = time.monotonic() + spec.timeout_seconds
-        slot.conn.send(spec)
 
     def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
         """Ask an idle worker to decode ``paths`` ahead of the series' job; False when none
@@ -320,6 +350,9 @@ class WorkerPool:
 
     def poll(self, timeout: float = 0.0) -> list[JobOutcome]:
         """Finished, failed, crashed and timed-out jobs since the last call."""
+        for slot in self._slots:
+            if slot.job is None and not slot.process.is_alive():
+                self._renew(slot, _died(slot.process) + " while idle")
         busy = {slot.conn: slot for slot in self._slots if slot.job is not None}
         outcomes: list[JobOutcome] = []
         if not busy:
@@ -353,15 +386,19 @@ class WorkerPool:
     def _replace(self, slot: _Slot, reason: str, retry: bool) -> JobOutcome:
         assert slot.job is not None
         job_id = slot.job.job_id
+        self._renew(slot, f"job {job_id}: {reason}")
+        return JobOutcome(job_id, False, reason=reason, retry=retry)
+
+    def _renew(self, slot: _Slot, reason: str) -> _Slot:
+        """Kill what is left of ``slot``'s worker and put a fresh one in its place."""
         if slot.process.is_alive():
             slot.process.kill()
         slot.process.join(timeout=5)
         slot.conn.close()
         fresh = self._new_slot()
-        index = self._slots.index(slot)
-        self._slots[index] = fresh
-        log.warning("job %d: %s; worker replaced", job_id, reason)
-        return JobOutcome(job_id, False, reason=reason, retry=retry)
+        self._slots[self._slots.index(slot)] = fresh
+        log.warning("%s; worker replaced", reason)
+        return fresh
 
     def shutdown(self) -> None:
         for slot in self._slots:

@@ -268,10 +268,12 @@ class Index:
             for r in rows
         ]
 
-    def series_instance_paths(self, series_uid: str) -> list[Path]:
+    def series_instance_paths(self, series_uid: str, skip: int = 0) -> list[Path]:
+        """The series' instance files in the order received; ``skip``: leave out the first."""
         rows = self._query(
-            "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY received_at",
-            (series_uid,),
+            "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY received_at "
+            "LIMIT -1 OFFSET ?",
+            (series_uid, skip),
         )
         return [Path(str(r[0])) for r in rows]
 

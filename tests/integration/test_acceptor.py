@@ -22,29 +22,15 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu import P_DATA_TF
 
 from dicom_ai.dimse.scp import StorageSCP
-from dicom_ai.store.index import Index
-from dicom_ai.store.spool import Spool
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets
-from tests.peers import echoscu
+from tests.peers import echoscu, local_scp
 from tests.raw_dicom import associate, read_pdu
 
 
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[StorageSCP]:
-    node = StorageSCP(
-        "DICOM_AI",
-        "127.0.0.1",
-        0,
-        Spool(tmp_path / "spool"),
-        Index(tmp_path / "index.db"),
-        max_associations=1,
-        network_timeout=5.0,
-        acse_timeout=5.0,
-    )
-    node.start()
-    yield node
-    node.stop()
-    node.index.close()
+    with local_scp(tmp_path, max_associations=1, network_timeout=5.0, acse_timeout=5.0) as node:
+        yield node
 
 
 def _port(scp: StorageSCP) -> int:
@@ -71,13 +57,13 @@ def _pdv(context_id: int, control: int, data: bytes) -> bytes:
     return struct.pack(">IBB", len(data) + 2, context_id, control) + data
 
 
-def _c_store_rq(sop_instance: str) -> bytes:
+def _c_store_rq(sop_instance: str, data_set_type: int = 0x0000) -> bytes:
     command = Dataset()
     command.AffectedSOPClassUID = CTImageStorage
     command.CommandField = 0x0001
     command.MessageID = 7
     command.Priority = 0
-    command.CommandDataSetType = 0x0000
+    command.CommandDataSetType = data_set_type
     command.AffectedSOPInstanceUID = sop_instance
     body = _encode(command, implicit=True)
     group = Dataset()
@@ -123,6 +109,7 @@ def test_association_over_the_limit_is_rejected_transiently(
         ("a command set that does not decode", _pdu(0x04, _pdv(1, 0x03, b"\xff" * 9))),
         ("a data set before its command", _pdu(0x04, _pdv(1, 0x02, b"\x00" * 8))),
         ("a P-DATA-TF announcing 1 GiB", struct.pack(">BBI", 0x04, 0, 1 << 30) + b"\x00" * 64),
+        ("a C-STORE-RQ without a data set", _pdu(0x04, _pdv(1, 0x03, _c_store_rq("1.2", 0x0101)))),
     ],
 )
 def test_protocol_errors_get_an_abort_and_the_node_keeps_serving(

@@ -18,9 +18,15 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 
 from dicom_ai.dimse.scp import StorageSCP
-from dicom_ai.store.index import Index
-from dicom_ai.store.spool import Spool
-from tests.peers import NodeProcess, StoreSCP, echoscu, node_config, storescu, wait_until
+from tests.peers import (
+    NodeProcess,
+    StoreSCP,
+    echoscu,
+    local_scp,
+    node_config,
+    storescu,
+    wait_until,
+)
 from tests.raw_dicom import associate, c_store_status, p_data_header, read_pdu
 
 
@@ -229,19 +235,8 @@ def test_truncated_p_data_then_close_stores_nothing(node: NodeProcess) -> None:
 def quick_scp(tmp_path: Path) -> Iterator[StorageSCP]:
     """The node's SCP in this process with 1 s timeouts (node.acse_timeout_seconds, the
     ARTIM timer, and node.network_timeout_seconds), so silence is noticed at once."""
-    scp = StorageSCP(
-        "DICOM_AI",
-        "127.0.0.1",
-        0,
-        Spool(tmp_path / "spool"),
-        Index(tmp_path / "index.db"),
-        network_timeout=1.0,
-        acse_timeout=1.0,
-    )
-    scp.start()
-    yield scp
-    scp.stop()
-    scp.index.close()
+    with local_scp(tmp_path, network_timeout=1.0, acse_timeout=1.0) as scp:
+        yield scp
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> list[int]:

@@ -691,9 +691,11 @@ def test_preview_switch_reaches_the_decision() -> None:
     ruleset = parse_rules(rules_yaml("Modality: {equals: CT}", extra="    preview: true\n"), "t")
     (decision,) = ruleset.evaluate(ct_header(), SENDER).decisions
     assert decision.preview is True
-    (plain,) = parse_rules(rules_yaml("Modality: {equals: CT}"), "t").evaluate(
-        ct_header(), SENDER
-    ).decisions
+    (plain,) = (
+        parse_rules(rules_yaml("Modality: {equals: CT}"), "t")
+        .evaluate(ct_header(), SENDER)
+        .decisions
+    )
     assert plain.preview is False
     message = config_error(rules_yaml(extra="    preview: maybe\n"))
     assert message.startswith("test.yaml:5: rules[0].preview")

@@ -359,3 +359,27 @@ def test_an_earlier_run_never_overwrites_a_later_runs_results(tmp_path: Path) ->
         "superseded",
     ]
     index.close()
+
+
+def test_a_worker_that_dies_while_idle_is_replaced(tmp_path: Path) -> None:
+    """A prefetch that kills its worker (a decoder crash) must not leave a dead slot that
+    jobs are then sent to."""
+    import signal
+
+    from dicom_ai.pipeline.worker import WorkerPool
+
+    pool = WorkerPool(1)
+    try:
+        (slot,) = pool._slots
+        first = slot.process.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        slot.process.join(timeout=10)
+        assert pool.poll(timeout=0) == []  # no job was lost: nothing to report
+        (fresh,) = pool._slots
+        assert fresh.process.pid != first and fresh.process.is_alive()
+        assert pool.idle() == 1
+        assert pool.prefetch("1.2.3", (tmp_path / "absent.dcm",))  # best effort, no answer
+        assert pool.poll(timeout=0.2) == []
+    finally:
+        pool.shutdown()
