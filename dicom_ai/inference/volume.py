@@ -80,6 +80,15 @@ _SPACING_TOLERANCE = 0.2
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Elements dropped from the kept headers: the pixels live in the volume.
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Read by the geometry checks: prefetch converts them once, ahead of the job.
+_GEOMETRY_KEYWORDS = (
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "SliceThickness",
+)
 # Values larger than this (pixel data) are read when used, not when the header is parsed.
 _DEFER_BYTES = 64 * 1024
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -192,7 +201,7 @@ def _load_series(paths: Sequence[Path]) -> SeriesVolume:
 
     rows, columns = geometry.rows, geometry.columns
     # Frames as stored: (slices, rows, columns), C-contiguous; the MetaTensor is a view.
-    frames = np.empty((len(slices), rows, columns), dtype=np.float32)
+    frames = _prefetched.take_volume((len(slices), rows, columns))
     ordered = [slices[int(n)] for n in order]
     _decode(frames, ordered)
     for header in headers:
@@ -258,6 +267,7 @@ class _Prefetched:
         self._entries = OrderedDict()
         self._bytes = 0
         self._taken: dict[int, npt.NDArray[Any]] = {}  # id(header) -> pixels, during a load
+        self._volume: npt.NDArray[np.float32] | None = None
 
     def __contains__(self, path: Path) -> bool:
         return path in self._entries
@@ -282,6 +292,25 @@ class _Prefetched:
 
     def take_pixels(self, header: Dataset) -> npt.NDArray[Any] | None:
         return self._taken.pop(id(header), None)
+
+    def prepare_volume(self) -> None:
+        """Have a float32 buffer ready for all cached planes, its pages touched: a fresh
+        300 x 512 x 512 volume otherwise costs the job ~0.3 s of page faults."""
+        needed = sum(int(stored.size) for _, _, stored in self._entries.values())
+        if needed == 0 or (self._volume is not None and self._volume.size >= needed):
+            return
+        volume = np.empty(needed, dtype=np.float32)
+        volume.fill(0)  # writing faults the pages in (np.zeros would leave them untouched)
+        self._volume = volume
+
+    def take_volume(self, shape: tuple[int, int, int]) -> npt.NDArray[np.float32]:
+        """A C-contiguous float32 array of ``shape``: the prepared buffer if it is big enough
+        (it is then the caller's), else a new one."""
+        needed = int(np.prod(shape))
+        volume, self._volume = self._volume, None
+        if volume is None or volume.size < needed:
+            return np.empty(shape, dtype=np.float32)
+        return volume[:needed].reshape(shape)
 
     def keep_only(self, paths: set[Path]) -> None:
         for path in [p for p in self._entries if p not in paths]:
@@ -309,9 +338,11 @@ def forget_prefetched_except(paths: Sequence[Path]) -> None:
     _prefetched.keep_only({Path(p) for p in paths})
 
 
-def prefetch(paths: Sequence[Path]) -> int:
+def prefetch(paths: Sequence[Path], prepare_volume: bool = False) -> int:
     """Read and decode the single-frame instances among ``paths`` that are not cached yet;
-    how many were added. Anything unreadable is left for the job to report."""
+    how many were added. Anything unreadable is left for the job to report. With
+    ``prepare_volume`` (the series looks complete), also have the float32 volume for the
+    cached planes allocated and touched."""
     added = 0
     for path in paths:
         path = Path(path)
@@ -323,10 +354,14 @@ def prefetch(paths: Sequence[Path]) -> int:
             if is_multiframe(header):
                 continue  # decoded frame by frame in the job, from the file
             stored = _decode_single(header, path)
+            for keyword in _GEOMETRY_KEYWORDS:  # their text becomes numbers now, not in the job
+                header.get(keyword)
         except (InputError, OSError):
             continue
         _prefetched.put(path, stamp, header, stored)
         added += 1
+    if prepare_volume:
+        _prefetched.prepare_volume()
     return added
 
 

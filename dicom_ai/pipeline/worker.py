@@ -15,7 +15,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -66,6 +66,7 @@ class Prefetch:
 
     series_instance_uid: str
     instance_paths: tuple[Path, ...]
+    complete: bool = False  # every association released: its job is likely next
 
 
 @dataclass(frozen=True)
@@ -259,9 +260,12 @@ def _prefetch(request: Prefetch, conn: Connection, inbox: deque[JobSpec | Prefet
     try:
         for done, path in enumerate(paths):
             if conn.poll():
-                inbox.appendleft(Prefetch(request.series_instance_uid, paths[done:]))
+                inbox.appendleft(replace(request, instance_paths=paths[done:]))
                 break
             added += prefetch([path])
+        else:
+            if request.complete:
+                prefetch([], prepare_volume=True)
     except Exception:  # best effort: the job reads whatever is not cached
         log.debug("prefetch of series %s failed", request.series_instance_uid, exc_info=True)
     log.debug(
@@ -338,14 +342,14 @@ class WorkerPool:
         slot.job = spec
         slot.deadline = time.monotonic() + spec.timeout_seconds
 
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
-        """Ask an idle worker to decode ``paths`` ahead of the series' job; False when none
-        is idle (a busy worker has a job to finish first)."""
+    def prefetch(self, series_uid: str, paths: tuple[Path, ...], complete: bool = False) -> bool:
+        """Ask an idle worker to decode ``paths`` ahead of the series' job (``complete``: and
+        to get its volume's memory ready); False when none is idle."""
         slot = self._idle_slot(series_uid)
         if slot is None:
             return False
         slot.prefetched_series = series_uid
-        slot.conn.send(Prefetch(series_uid, paths))
+        slot.conn.send(Prefetch(series_uid, paths, complete))
         return True
 
     def poll(self, timeout: float = 0.0) -> list[JobOutcome]:

@@ -508,10 +508,11 @@ def test_prefetched_instances_load_without_reading_again(
     paths = _write(tmp_path / "ct")
     expected = load_series(paths).frames.copy()
     assert prefetch(paths[:4]) == 4
-    assert prefetch(paths) == len(paths) - 4  # what is cached is not read twice
+    assert prefetch(paths, prepare_volume=True) == len(paths) - 4  # cached: not read twice
     _decoding_forbidden(monkeypatch)
     volume = load_series(list(reversed(paths)))
     np.testing.assert_array_equal(volume.frames, expected)
+    assert volume.frames.base is not None  # a view of the buffer prefetch made ready
     assert all("PixelData" not in header for header in volume.headers)
     # Each prefetched instance serves one load; the next one reads the files.
     with pytest.raises(InputError, match="decoded again"):
