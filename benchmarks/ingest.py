@@ -8,7 +8,7 @@ storescu settings (TCP_NODELAY=1 unless --no-nodelay, which leaves it unset for 
 storescp and Orthanc alike: their default, Nagle on; with --tls, DICOM TLS with client
 certificates on every receiver, certificates made for the run). With --associations N, N
 storescu processes send N different series at once (img/s = all images / wall time); the
-node runs with --receivers receiver processes (default: as many as associations). Prints
+node runs with --receivers receiver processes (default 1, the node's own default). Prints
 img/s per run, the median, and the node's ratio to each peer. The node keeps
 fsync-before-Success; Orthanc runs with its default (synchronous) storage; storescp does
 not fsync.
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--receivers", type=int, default=None, help="node receiver processes")
     args = parser.parse_args()
     nodelay = not args.no_nodelay
-    receivers = args.receivers or args.associations
+    receivers = args.receivers or 1
 
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-bench-"))
     try:

@@ -1,9 +1,12 @@
 """Latency: last acknowledgement of a 300-slice CT -> SEG and SR stored at the PACS.
 
     .venv/bin/python -m benchmarks.latency [--slices 300] [--runs 3] [--grace 1.0]
+                                           [--no-early-start]
 
 The node runs the built-in ct-body model with its default assembly settings (a series is
-complete ``--grace`` seconds after its association released) and sends to DCMTK storescp.
+complete ``--grace`` seconds after its association released; with early start, the default,
+its run starts on the release and its results are held for the grace) and sends to DCMTK
+storescp.
 A small series goes first so the worker has imported torch and MONAI before timing starts.
 For each run it prints the wall time from storescu's exit (the last C-STORE-RSP) to both
 results being in storescp's folder, the model's own inference time (from the node's log),
@@ -37,13 +40,23 @@ def _when(log: str, pattern: str) -> float:
 
 
 def _run(
-    root: Path, warmup: list[Path], files: list[Path], series_uid: str, grace: float
+    root: Path,
+    warmup: list[Path],
+    files: list[Path],
+    series_uid: str,
+    grace: float,
+    early_start: bool = True,
 ) -> dict[str, float]:
     pacs = StoreSCP(root / "pacs").start()
     config = node_config(
         root / "node",
         pacs.port,
-        pipeline={"workers": 1, "quiet_seconds": 5.0, "release_grace_seconds": grace},
+        pipeline={
+            "workers": 1,
+            "quiet_seconds": 5.0,
+            "release_grace_seconds": grace,
+            "early_start": early_start,
+        },
     )
     node = NodeProcess(root / "node", config).start()
     try:
@@ -88,6 +101,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--grace", type=float, default=1.0, help="release_grace_seconds")
+    parser.add_argument("--no-early-start", action="store_true", help="pipeline.early_start off")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-latency-"))
     try:
@@ -96,14 +110,23 @@ def main() -> None:
         files = write_phantom_ct(root / "ct", spec)
         print(
             f"{len(files)} CT slices 512x512, ct-body, storescu TCP_NODELAY=1, "
-            f"release grace {args.grace:g} s; seconds after the last acknowledgement"
+            f"release grace {args.grace:g} s, "
+            f"early start {'off' if args.no_early_start else 'on'}; "
+            "seconds after the last acknowledgement"
         )
         header = f"{'run':<4} {'stored':>7} {'infer':>6} {'minus infer':>11} | "
         header += f"{'complete':>8} {'load':>5} {'encode+write':>12} {'deliver':>7}"
         print(header)
         rows = []
         for i in range(args.runs):
-            row = _run(root / f"run{i}", warmup, files, spec.series_instance_uid, args.grace)
+            row = _run(
+                root / f"run{i}",
+                warmup,
+                files,
+                spec.series_instance_uid,
+                args.grace,
+                not args.no_early_start,
+            )
             rows.append(row)
             print(
                 f"{i + 1:<4} {row['total']:>7.2f} {row['infer']:>6.2f} "

@@ -189,6 +189,9 @@ class PipelineConfig(_Strict):
     workers: int = Field(default=1, ge=1)
     quiet_seconds: float = Field(default=5.0, gt=0)
     release_grace_seconds: float = Field(default=1.0, ge=0)
+    # A series one association sent (and released) starts its run at once; its results are
+    # held for the grace and dropped if more of the series comes (assembly.py).
+    early_start: bool = True
     # A job whose worker died (crash, kill) this many times is failed, not retried again.
     max_job_attempts: int = Field(default=3, ge=1)
 

@@ -74,7 +74,9 @@ class Node:
                     config.node.port,
                 )
         self.assembly = AssemblyPolicy(
-            config.pipeline.quiet_seconds, config.pipeline.release_grace_seconds
+            config.pipeline.quiet_seconds,
+            config.pipeline.release_grace_seconds,
+            config.pipeline.early_start,
         )
         receivers = config.node.receivers
         self.scp = make_scp(
@@ -219,8 +221,8 @@ class Node:
     def _route_complete_series(self, pending: list[PendingSeries], now: float) -> set[str]:
         """Route the series that are complete; their UIDs."""
         routed = set()
-        for series in self.assembly.complete(pending, now):
-            self._route(series)
+        for series, hold_until in self.assembly.runnable(pending, now):
+            self._route(series, hold_until)
             self._prefetched.pop(series.series_instance_uid, None)
             self._prepared.discard(series.series_instance_uid)
             routed.add(series.series_instance_uid)
@@ -256,17 +258,21 @@ class Node:
                 log.debug("no prefetch for series %s", uid, exc_info=True)
                 self._prefetched[uid] = -1
 
-    def _route(self, series: PendingSeries) -> None:
+    def _route(self, series: PendingSeries, hold_until: float | None = None) -> None:
         uid = series.series_instance_uid
         paths = self.index.series_instance_paths(uid)
         plans, notes = self._plans(uid, paths)
         note = "; ".join(notes) or "no rule matched"
-        job_ids = self.index.start_run(uid, plans, note)
+        job_ids = self.index.start_run(uid, plans, note, hold_until if plans else None)
         if job_ids:
             log.info(
-                "series %s complete (%d instances): jobs %s by %s",
+                "series %s complete (%d instances%s): jobs %s by %s",
                 uid,
                 len(paths),
+                ""
+                if hold_until is None
+                else ", its one association released: started early, results held "
+                f"{max(0.0, hold_until - time.time()):.1f} s for late instances",
                 job_ids,
                 ", ".join(p.rule for p in plans),
             )

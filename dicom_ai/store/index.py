@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     model TEXT NOT NULL, destinations TEXT NOT NULL,
     state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
     result_files TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    preview INTEGER NOT NULL DEFAULT 0,
+    preview INTEGER NOT NULL DEFAULT 0, hold_until REAL,
     UNIQUE (series_instance_uid, run, rule)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -102,6 +102,8 @@ class PendingSeries:
     last_received: float
     open_associations: int
     last_closed_at: float | None
+    batch_associations: int = 1  # associations that delivered the batch
+    batch_instances: int = 0  # instances they delivered
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class Index:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._add_column("jobs", "preview", "INTEGER NOT NULL DEFAULT 0")
+        self._add_column("jobs", "hold_until", "REAL")
 
     def _add_column(self, table: str, column: str, declaration: str) -> None:
         """Bring an index written by an older version up to the current schema."""
@@ -257,14 +260,25 @@ class Index:
     def pending_series(self) -> list[PendingSeries]:
         rows = self._query(
             "SELECT s.series_instance_uid, s.last_received, "
-            "  SUM(CASE WHEN a.closed_at IS NULL THEN 1 ELSE 0 END), MAX(a.closed_at) "
+            "  SUM(CASE WHEN a.closed_at IS NULL THEN 1 ELSE 0 END), MAX(a.closed_at), "
+            "  COUNT(*), (SELECT COUNT(*) FROM instances i "
+            "    WHERE i.series_instance_uid = s.series_instance_uid AND i.association_id IN "
+            "    (SELECT association_id FROM series_associations "
+            "     WHERE series_instance_uid = s.series_instance_uid)) "
             "FROM series s "
             "JOIN series_associations sa ON sa.series_instance_uid = s.series_instance_uid "
             "JOIN associations a ON a.id = sa.association_id "
             "WHERE s.dirty = 1 GROUP BY s.series_instance_uid"
         )
         return [
-            PendingSeries(str(r[0]), float(r[1]), int(r[2]), None if r[3] is None else float(r[3]))
+            PendingSeries(
+                str(r[0]),
+                float(r[1]),
+                int(r[2]),
+                None if r[3] is None else float(r[3]),
+                int(r[4]),
+                int(r[5]),
+            )
             for r in rows
         ]
 
@@ -298,8 +312,20 @@ class Index:
         )
         return int(rows[0][0]) if rows else None
 
-    def start_run(self, series_uid: str, plans: Sequence[RunPlan], note: str) -> list[int]:
-        """Close the series' current batch of instances into a run with one job per plan."""
+    def start_run(
+        self,
+        series_uid: str,
+        plans: Sequence[RunPlan],
+        note: str,
+        hold_until: float | None = None,
+    ) -> list[int]:
+        """Close the series' current batch of instances into a run with one job per plan.
+
+        ``hold_until``: the run starts before the series is known complete (speculatively);
+        its results go out only from that time on, and only if no instance came since and
+        no later run started (``due_deliveries``). A new run supersedes the held results of
+        earlier ones.
+        """
         now = time.time()
         with self._tx() as db:
             (runs,) = db.execute(
@@ -314,11 +340,18 @@ class Index:
             db.execute(
                 "DELETE FROM series_associations WHERE series_instance_uid = ?", (series_uid,)
             )
+            db.execute(
+                "UPDATE deliveries SET state = 'superseded', last_error = ? "
+                "WHERE state = 'pending' AND job_id IN (SELECT id FROM jobs "
+                "WHERE series_instance_uid = ? AND run < ? AND hold_until IS NOT NULL)",
+                (f"held, then superseded by run {run}", series_uid, run),
+            )
             job_ids = []
             for plan in plans:
                 cur = db.execute(
                     "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
-                    "created_at, updated_at, preview) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                    "created_at, updated_at, preview, hold_until) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
                     (
                         series_uid,
                         run,
@@ -328,6 +361,7 @@ class Index:
                         now,
                         now,
                         int(plan.preview),
+                        hold_until,
                     ),
                 )
                 job_ids.append(int(cur.lastrowid or 0))
@@ -394,13 +428,16 @@ class Index:
                 "WHERE id = ?",
                 (encoded, now, job_id),
             )
-            series_uid, model, run = db.execute(
-                "SELECT series_instance_uid, model, run FROM jobs WHERE id = ?", (job_id,)
+            series_uid, model, run, held = db.execute(
+                "SELECT series_instance_uid, model, run, hold_until IS NOT NULL FROM jobs "
+                "WHERE id = ?",
+                (job_id,),
             ).fetchone()
             later = db.execute(
                 "SELECT MAX(run) FROM jobs WHERE series_instance_uid = ? AND model = ? "
-                "AND run > ? AND state = 'done'",
-                (series_uid, model, run),
+                "AND run > ? AND (state = 'done' OR ?)",
+                # Held results of a run that a later run has replaced never go out.
+                (series_uid, model, run, bool(held)),
             ).fetchone()[0]
             for destination in destinations:
                 db.execute(
@@ -435,9 +472,13 @@ class Index:
 
     def due_deliveries(self, now: float) -> list[DeliveryRecord]:
         rows = self._query(
-            "SELECT id, job_id, destination, files, state, attempts, last_error FROM deliveries "
-            "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at",
-            (now,),
+            "SELECT d.id, d.job_id, d.destination, d.files, d.state, d.attempts, d.last_error "
+            "FROM deliveries d JOIN jobs j ON j.id = d.job_id "
+            "JOIN series s ON s.series_instance_uid = j.series_instance_uid "
+            "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND (j.hold_until IS NULL "
+            "  OR (j.hold_until <= ? AND s.dirty = 0 AND s.runs = j.run)) "
+            "ORDER BY d.next_attempt_at",
+            (now, now),
         )
         return [_delivery(r) for r in rows]
 

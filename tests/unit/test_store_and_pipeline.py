@@ -145,6 +145,57 @@ def test_assembly_quiet_time_and_release_grace() -> None:
     assert not policy.is_complete(one_still_open, now=102.0)
 
 
+def test_early_start_for_a_batch_one_association_sent_and_released() -> None:
+    policy = AssemblyPolicy(quiet_seconds=5, release_grace_seconds=1, early_start=True)
+
+    def series(associations: int, instances: int, open_: int = 0) -> PendingSeries:
+        return PendingSeries("1", 100.0, open_, 100.5, associations, instances)
+
+    assert policy.runnable([series(1, 300)], now=100.6) == [(series(1, 300), 101.5)]
+    assert policy.runnable([series(1, 300)], now=101.6) == [(series(1, 300), None)]
+    # An association per instance, several associations, one still open: wait the grace.
+    assert policy.runnable([series(1, 1), series(3, 300), series(2, 300, open_=1)], 100.6) == []
+    off = AssemblyPolicy(quiet_seconds=5, release_grace_seconds=1)
+    assert off.runnable([series(1, 300)], now=100.6) == []
+
+
+def test_held_results_go_out_after_the_grace_unless_more_of_the_series_came(
+    tmp_path: Path,
+) -> None:
+    index = Index(tmp_path / "index.sqlite3")
+    association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+    for n in range(3):
+        _add(index, f"1.{n}", "8.8", association)
+    index.close_association(association)
+    (pending,) = index.pending_series()
+    assert (pending.batch_associations, pending.batch_instances) == (1, 3)
+    plan = [RunPlan("ct", "ct-body", ("pacs",))]
+    t = time.time() + 100  # the grace ends then
+    (first,) = index.start_run("8.8", plan, "", hold_until=t)
+    (job,) = index.claim_pending_jobs(4)
+    index.finish_job(job.id, [Path("/r1/seg.dcm")], job.destinations)
+    assert index.due_deliveries(now=t - 1) == []  # held
+    (due,) = index.due_deliveries(now=t)
+    assert due.job_id == first
+    # More of the series came: held, then replaced by the run of the whole batch.
+    late = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+    _add(index, "1.9", "8.8", late)
+    assert index.due_deliveries(now=t + 1) == []
+    (second,) = index.start_run("8.8", plan, "", hold_until=t + 2)
+    states = {d.job_id: d.state for d in index.deliveries()}
+    assert states == {first: "superseded"}
+    # A held run that finishes after a later run started never goes out.
+    _add(index, "1.10", "8.8", late)
+    (third,) = index.start_run("8.8", plan, "")
+    jobs = {j.id: j for j in index.claim_pending_jobs(4)}
+    index.finish_job(third, [Path("/r3/seg.dcm")], jobs[third].destinations)
+    index.finish_job(second, [Path("/r2/seg.dcm")], jobs[second].destinations)
+    states = {d.job_id: d.state for d in index.deliveries()}
+    assert (states[second], states[third]) == ("superseded", "pending")
+    assert [d.job_id for d in index.due_deliveries(now=t + 3)] == [third]
+    index.close()
+
+
 def test_backoff_doubles_and_caps() -> None:
     policy = DeliveryConfig(retry_base_seconds=2, retry_max_seconds=10, max_attempts=5)
     assert [backoff_seconds(n, policy) for n in range(1, 6)] == [2, 4, 8, 10, 10]
