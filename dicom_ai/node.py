@@ -219,7 +219,7 @@ class Node:
             log.info("rules of %s reloaded from %s", title, loaded.path)
 
     def _route_complete_series(self, pending: list[PendingSeries], now: float) -> set[str]:
-        """Route the series that are complete; their UIDs."""
+        """Route the series that are complete, or may start early (assembly.py); their UIDs."""
         routed = set()
         for series, hold_until in self.assembly.runnable(pending, now):
             self._route(series, hold_until)
