@@ -238,12 +238,12 @@ class Node:
             if sent is not None and sent < 0:
                 continue
             try:
+                new = self.index.series_instance_paths(uid, skip=sent or 0)
                 if sent is None:  # first sight: worth it only if a rule would run a model
-                    plans, _ = self._plans(uid, self.index.series_instance_paths(uid))
+                    plans, _ = self._plans(uid, new)
                     sent = self._prefetched[uid] = 0 if plans else -1
                     if sent < 0:
                         continue
-                new = self.index.series_instance_paths(uid, skip=sent)
                 # Released by every sender: the job comes after the grace; prepare for it.
                 complete = series.open_associations == 0
                 if complete and uid in self._prepared and not new:

@@ -139,23 +139,21 @@ class CStoreRequest:
     message_id: int
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
-    data_set: bytes
+    data_set: tuple[memoryview, ...]  # the fragments as received, joined once for the file
 
     def encoded_dataset(self) -> bytes:
         """The instance as a Part 10 file: preamble, file meta (PS3.10 7.1) and the data set
         bytes exactly as received, so nothing is decoded or re-encoded. Raises
         ``EncodingError`` when the command's UIDs cannot go into the file meta."""
-        return (
-            part10_header(
-                self.affected_sop_class_uid,
-                self.affected_sop_instance_uid,
-                self.context.transfer_syntax,
-                PYNETDICOM_IMPLEMENTATION_UID,
-                PYNETDICOM_IMPLEMENTATION_VERSION,
-                self.association.calling_ae_title,
-            )
-            + self.data_set
+        header = part10_header(
+            self.affected_sop_class_uid,
+            self.affected_sop_instance_uid,
+            self.context.transfer_syntax,
+            PYNETDICOM_IMPLEMENTATION_UID,
+            PYNETDICOM_IMPLEMENTATION_VERSION,
+            self.association.calling_ae_title,
         )
+        return b"".join([header, *self.data_set])
 
 
 class DimseService(Protocol):
@@ -531,7 +529,7 @@ class _Connection:
                 message_id,
                 sop_class,
                 sop_instance,
-                b"".join(message.data_set),
+                tuple(message.data_set),
             )
             status = self._call(lambda: self.acceptor.service.c_store(request))
         elif field_ == _C_ECHO_RQ:
