@@ -85,7 +85,6 @@ class Node:
             self.index,
             port=config.node.port,
             tls_port=None,
-            reuse_port=receivers > 1,
         )
         self._receivers = ReceiverProcesses(config, receivers - 1, log_level)
         self.deliverer = Deliverer(
@@ -127,7 +126,7 @@ class Node:
         self._pool = WorkerPool(self.config.pipeline.workers, self._log_level)
         self.scp.start()
         if self.config.node.receivers > 1:
-            self._receivers.start(self.scp.port, self.scp.tls_port)
+            self._receivers.start(self.scp.listening())
         for target, name in ((self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")):
             thread = threading.Thread(target=target, name=f"dicom-ai-{name}", daemon=True)
             thread.start()

@@ -2,9 +2,11 @@
 
 One process runs every association on its own thread, and its Python work (PDU handling,
 header parsing, indexing) holds one interpreter lock. With ``node.receivers: N`` the node
-starts N - 1 receiver processes beside its own SCP; all of them listen on the same port(s)
-with SO_REUSEPORT and the kernel hands each new association to one of them (by a hash of
-the connection's addresses: not evenly when there are few). Each receiver has
+starts N - 1 receiver processes beside its own SCP; all of them accept on the node's
+listening socket(s), passed to them at spawn. A new connection wakes every process and the
+first to accept takes it; one busy with associations comes later, so the load spreads
+(SO_REUSEPORT, tried before, hashes the addresses: 4 senders often landed 3 and 1, or 4 and
+0). Each receiver has
 its own spool writer and its own connection to the SQLite index (WAL, so the processes
 share it safely); fsync before Success holds in every one of them.
 
@@ -24,7 +26,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
 from dicom_ai.config import Config
-from dicom_ai.dimse.scp import AccessPolicy, CalledAE, StorageSCP
+from dicom_ai.dimse.scp import AccessPolicy, CalledAE, Listening, StorageSCP
 from dicom_ai.dimse.tls import server_context
 from dicom_ai.lifecycle import die_with_parent
 from dicom_ai.store.index import Index
@@ -63,7 +65,6 @@ def make_scp(
     *,
     port: int | None,
     tls_port: int | None,
-    reuse_port: bool,
 ) -> StorageSCP:
     """The storage SCP of the config, listening on ``port`` / ``tls_port``."""
     tls = config.node.tls
@@ -76,7 +77,6 @@ def make_scp(
         config.node.max_associations,
         access=access_policy(config),
         tls=(tls_port if tls_port is not None else tls.port, server_context(tls)) if tls else None,
-        reuse_port=reuse_port,
         network_timeout=config.node.network_timeout_seconds,
         acse_timeout=config.node.acse_timeout_seconds,
     )
@@ -91,13 +91,13 @@ class ReceiverProcesses:
         self._log_level = log_level
         self._processes: list[BaseProcess] = []
 
-    def start(self, port: int | None, tls_port: int | None) -> None:
+    def start(self, shared: Listening) -> None:
         context = multiprocessing.get_context("spawn")
         ready = [context.Event() for _ in range(self._count)]
         for n, event in enumerate(ready, start=1):
             process = context.Process(
                 target=_receiver_main,
-                args=(self._config, port, tls_port, self._log_level, os.getpid(), event),
+                args=(self._config, shared, self._log_level, os.getpid(), event),
                 name=f"dicom-ai-receiver-{n}",
                 daemon=True,
             )
@@ -125,8 +125,7 @@ class ReceiverProcesses:
 
 def _receiver_main(
     config: Config,
-    port: int | None,
-    tls_port: int | None,
+    shared: Listening,
     log_level: int,
     parent_pid: int,
     ready: EventType,
@@ -137,8 +136,11 @@ def _receiver_main(
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
     spool, index = open_store(config)
-    scp = make_scp(config, spool, index, port=port, tls_port=tls_port, reuse_port=True)
-    scp.start()
+    port, tls_port = (
+        None if sock is None else int(sock.getsockname()[1]) for sock in (shared.plain, shared.tls)
+    )
+    scp = make_scp(config, spool, index, port=port, tls_port=tls_port)
+    scp.start(shared)
     ready.set()
     try:
         stop.wait()

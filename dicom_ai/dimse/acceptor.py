@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Protocol, cast
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -139,12 +138,13 @@ class CStoreRequest:
     message_id: int
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
-    data_set: tuple[memoryview, ...]  # the fragments as received, joined once for the file
+    data_set: tuple[memoryview, ...]  # the fragments as received
 
-    def encoded_dataset(self) -> bytes:
-        """The instance as a Part 10 file: preamble, file meta (PS3.10 7.1) and the data set
-        bytes exactly as received, so nothing is decoded or re-encoded. Raises
-        ``EncodingError`` when the command's UIDs cannot go into the file meta."""
+    def file_contents(self) -> tuple[bytes | memoryview, ...]:
+        """The instance as a Part 10 file, in pieces: preamble and file meta (PS3.10 7.1),
+        then the data set fragments exactly as received, so nothing is decoded, re-encoded
+        or joined here. Raises ``EncodingError`` when the command's UIDs cannot go into the
+        file meta."""
         header = part10_header(
             self.affected_sop_class_uid,
             self.affected_sop_instance_uid,
@@ -153,7 +153,7 @@ class CStoreRequest:
             PYNETDICOM_IMPLEMENTATION_VERSION,
             self.association.calling_ae_title,
         )
-        return b"".join([header, *self.data_set])
+        return (header, *self.data_set)
 
 
 class DimseService(Protocol):
@@ -187,7 +187,7 @@ class _Message:
 
     context_id: int
     command: bytearray = field(default_factory=bytearray)
-    command_set: Dataset | None = None
+    command_set: _Command | None = None
     data_set: list[memoryview] = field(default_factory=list)
 
 
@@ -209,6 +209,8 @@ class _Connection:
         self._ended = False
         self._message: _Message | None = None
         self._quickack_option: int | None = getattr(socket, "TCP_QUICKACK", None)
+        self._recv_flags = 0
+        self._answered = True  # something was sent since quick ACKs were last asked for
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -217,8 +219,13 @@ class _Connection:
         view = memoryview(buffer)
         received = 0
         while received < length:
-            self._quickack()
-            count = self.sock.recv_into(view[received:])
+            if self._answered:
+                self._quickack()
+                self._answered = False
+            try:
+                count = self.sock.recv_into(view[received:], length - received, self._recv_flags)
+            except BlockingIOError:  # SO_RCVTIMEO ran out (see _set_timeout)
+                raise TimeoutError("receive timed out") from None
             if count == 0:
                 raise _ConnectionBroken(
                     f"the connection closed after {received} of {length} bytes of a PDU"
@@ -228,10 +235,28 @@ class _Connection:
             received += count
         return buffer
 
+    def _set_timeout(self, seconds: float | None) -> None:
+        """A plain socket blocks, with the kernel's own timeouts, so that one
+        recv(MSG_WAITALL) takes a whole PDU: with Python's timeout the socket is
+        non-blocking and a 512 KB slice takes ~12 reads, each a wait for the GIL under
+        load. TLS keeps Python's timeout (no flags on an SSL read)."""
+        if self.tls is not None:
+            self.sock.settimeout(seconds)
+            return
+        self.sock.settimeout(None)
+        seconds = seconds or 0.0  # 0: no timeout, as None is to Python
+        whole = int(seconds)
+        timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self._recv_flags = socket.MSG_WAITALL
+
     def _quickack(self) -> None:
         """ACK at once rather than up to 40 ms later. A sender with Nagle on (DCMTK's and
-        Orthanc's default) holds its last small segment until the previous one is ACKed;
-        Linux leaves quick-ACK mode on its own, so it is asked for before every read."""
+        Orthanc's default) holds its last small segment until the previous one is ACKed.
+        Linux leaves quick-ACK mode when we answer (it takes the exchange for interactive),
+        so it is asked for again at the first read after each answer; asking before every
+        read cost ~10% of the interpreter's time under load (each sends a pending ACK)."""
         if self._quickack_option is not None:
             try:
                 self.sock.setsockopt(socket.IPPROTO_TCP, self._quickack_option, 1)
@@ -253,8 +278,12 @@ class _Connection:
 
     # -- writing -----------------------------------------------------------------------------
 
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self._answered = True
+
     def _send_pdu(self, pdu_type: int, body: bytes) -> None:
-        self.sock.sendall(_PDU_HEADER.pack(pdu_type, len(body)) + body)
+        self._send(_PDU_HEADER.pack(pdu_type, len(body)) + body)
 
     def _send_abort(self, reason: int) -> None:
         with contextlib.suppress(OSError):
@@ -272,7 +301,7 @@ class _Connection:
             control = _COMMAND_FRAGMENT | (_LAST_FRAGMENT if last else 0)
             pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
             pdus.append(_PDU_HEADER.pack(_P_DATA_TF, len(pdv)) + pdv)
-        self.sock.sendall(b"".join(pdus))
+        self._send(b"".join(pdus))
 
     # -- the association ---------------------------------------------------------------------
 
@@ -284,7 +313,7 @@ class _Connection:
         except _ProtocolError as exc:
             self._send_abort(exc.reason)
             log.warning("%s aborted by the node: %s", self._who(), exc)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO ran out
             self._log_timeout()
         except ssl.SSLError as exc:
             log.warning("TLS connection from %s failed: %s", self.address, exc)
@@ -343,7 +372,7 @@ class _Connection:
         )
 
     def _serve(self) -> None:
-        self.sock.settimeout(self.acceptor.acse_timeout)  # the ARTIM timer (PS3.8 9.1.5)
+        self._set_timeout(self.acceptor.acse_timeout)  # the ARTIM timer (PS3.8 9.1.5)
         if self.tls is not None:
             self.sock = self.tls.wrap_socket(self.sock, server_side=True)  # handshake here
         pdu_type, body = self._read_pdu(limit=_MAX_REQUEST_PDU)
@@ -351,7 +380,7 @@ class _Connection:
             raise _ProtocolError(f"PDU type 0x{pdu_type:02X} before an A-ASSOCIATE-RQ")
         if not self._negotiate(body):
             return
-        self.sock.settimeout(self.acceptor.network_timeout)
+        self._set_timeout(self.acceptor.network_timeout)
         while True:
             pdu_type, body = self._read_pdu(limit=_MAX_DATA_PDU)
             if pdu_type == _P_DATA_TF:
@@ -417,7 +446,7 @@ class _Connection:
         accept.user_information = [*self.acceptor.user_information(), *reply_roles]
         pdu_ac = A_ASSOCIATE_AC()
         pdu_ac.from_primitive(accept)
-        self.sock.sendall(pdu_ac.encode())
+        self._send(pdu_ac.encode())
         self.association = association
         log.debug(
             "association from %s to %s accepted, %d of %d presentation contexts",
@@ -467,7 +496,7 @@ class _Connection:
         log.debug("association from %s released", self.association.requestor)
         self._end()  # the series may be complete now; do not wait for the close
         # The requestor closes the connection (PS3.8 9.2, AR-4); wait for it, not forever.
-        self.sock.settimeout(self.acceptor.acse_timeout)
+        self._set_timeout(self.acceptor.acse_timeout)
         with contextlib.suppress(OSError):
             while self.sock.recv(4096):
                 pass
@@ -502,8 +531,8 @@ class _Connection:
             message.command += fragment
             if control & _LAST_FRAGMENT:
                 message.command_set = _decode_command(bytes(message.command))
-                if message.command_set.get("CommandDataSetType", _NO_DATA_SET) == _NO_DATA_SET:
-                    if int(message.command_set.CommandField) == _C_STORE_RQ:
+                if message.command_set.data_set_type == _NO_DATA_SET:
+                    if message.command_set.command_field == _C_STORE_RQ:
                         raise _ProtocolError("a C-STORE-RQ that says no data set follows")
                     self._dispatch(message)
             return
@@ -518,10 +547,10 @@ class _Connection:
         assert self.association is not None and message.command_set is not None
         command = message.command_set
         context = self.association.contexts[message.context_id]
-        field_ = int(command.get("CommandField", 0))
-        message_id = int(command.get("MessageID", 0))
-        sop_class = str(command.get("AffectedSOPClassUID", context.abstract_syntax))
-        sop_instance = str(command.get("AffectedSOPInstanceUID", ""))
+        field_ = command.command_field
+        message_id = command.message_id
+        sop_class = command.affected_sop_class_uid or str(context.abstract_syntax)
+        sop_instance = command.affected_sop_instance_uid
         if field_ == _C_STORE_RQ:
             request = CStoreRequest(
                 self.association,
@@ -553,16 +582,54 @@ class _Connection:
             return 0x0110
 
 
-def _decode_command(data: bytes) -> Dataset:
+@dataclass(frozen=True)
+class _Command:
+    """The command set elements the acceptor acts on (PS3.7 E.1-1)."""
+
+    command_field: int
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    data_set_type: int
+
+
+# Command set tags (group 0000) and how their values read. Elements are walked raw: a
+# pydicom Dataset converted and validated each value on access, ~16% of a C-STORE's
+# interpreter time under load (py-spy --gil).
+_US = struct.Struct("<H")
+_COMMAND_FIELD, _MESSAGE_ID, _DATA_SET_TYPE = 0x00000100, 0x00000110, 0x00000800
+_AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE = 0x00000002, 0x00001000
+
+
+def _decode_command(data: bytes) -> _Command:
     """A command set is always Implicit VR Little Endian (PS3.7 6.3.1)."""
     try:
-        command = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
-        int(command.CommandField)
+        values = {
+            int(element.tag): element.value
+            for element in data_element_generator(BytesIO(data), True, True)
+        }
+        if _COMMAND_FIELD not in values:
+            raise ValueError("it has no Command Field")
+
+        def unsigned_short(tag: int, default: int) -> int:
+            value = values.get(tag)
+            return default if value is None else int(_US.unpack(value)[0])
+
+        def uid(tag: int) -> str:
+            value = values.get(tag)
+            return value.decode("latin-1").strip(" \x00") if isinstance(value, bytes) else ""
+
+        return _Command(
+            unsigned_short(_COMMAND_FIELD, 0),
+            unsigned_short(_MESSAGE_ID, 0),
+            uid(_AFFECTED_SOP_CLASS),
+            uid(_AFFECTED_SOP_INSTANCE),
+            unsigned_short(_DATA_SET_TYPE, _NO_DATA_SET),
+        )
     except Exception as exc:
         raise _ProtocolError(
             f"a command set does not decode: {exc}", _INVALID_PDU_PARAMETER
         ) from exc
-    return command
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -571,18 +638,22 @@ class _Server(socketserver.ThreadingTCPServer):
     block_on_close = False
 
     def __init__(
-        self, address: tuple[str, int], acceptor: Acceptor, tls: ssl.SSLContext | None
+        self,
+        address: tuple[str, int],
+        acceptor: Acceptor,
+        tls: ssl.SSLContext | None,
+        listening: socket.socket | None = None,
     ) -> None:
         self.acceptor = acceptor
         self.tls = tls
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        if self.acceptor.reuse_port:
-            # Several receiver processes listen on one port; the kernel spreads the
-            # connections over them, so receiving uses more than one core.
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        super().__init__(address, _Handler, bind_and_activate=listening is None)
+        if listening is not None:  # another process's listening socket, shared with us
+            self.socket.close()
+            self.socket = listening
+            self.server_address = listening.getsockname()
+        # Where processes share the socket, each connection wakes all of them and the first
+        # to accept takes it (a busy one comes late); the others must not block in accept.
+        self.socket.setblocking(False)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -611,14 +682,12 @@ class Acceptor:
         maximum_associations: int = 10,
         network_timeout: float | None = 60.0,
         acse_timeout: float | None = 30.0,
-        reuse_port: bool = False,
     ) -> None:
         self.service = service
         self.supported_contexts = supported_contexts
         self.maximum_associations = maximum_associations
         self.network_timeout = network_timeout
         self.acse_timeout = acse_timeout
-        self.reuse_port = reuse_port
         self._slots = _Slots(maximum_associations)
         self._servers: list[_Server] = []
 
@@ -649,14 +718,29 @@ class Acceptor:
         except Exception:
             log.exception("could not record the end of the association")
 
-    def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
-        """Start listening (returns at once); the bound port."""
-        server = _Server((host, port), self, tls)
+    def serve(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        listening: socket.socket | None = None,
+    ) -> int:
+        """Start listening (returns at once), on a new socket or on ``listening``, a socket
+        another process listens on too; the bound port."""
+        server = _Server((host, port), self, tls, listening)
         self._servers.append(server)
+        bound = int(server.server_address[1])
         threading.Thread(
-            target=server.serve_forever, name=f"dicom-ai-accept-{port}", daemon=True
+            target=server.serve_forever, name=f"dicom-ai-accept-{bound}", daemon=True
         ).start()
-        return int(server.server_address[1])
+        return bound
+
+    def listening_socket(self, port: int) -> socket.socket:
+        """The socket listening on ``port``, to share with receiver processes."""
+        for server in self._servers:
+            if server.server_address[1] == port:
+                return server.socket
+        raise KeyError(port)
 
     def stop(self) -> None:
         """Stop listening and close every open association's connection."""

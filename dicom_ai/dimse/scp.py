@@ -14,6 +14,7 @@ The association itself (PDUs, negotiation, timeouts) is ``acceptor.Acceptor``'s.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Mapping
@@ -34,11 +35,11 @@ from dicom_ai.dimse.acceptor import Acceptor, Association, CStoreRequest, Reject
 from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
 from dicom_ai.dimse.wire import EncodingError
 from dicom_ai.errors import DicomAIError, InputError, OutOfSpaceError, StorageError
-from dicom_ai.store.header import MissingAttributeError, parse_header
+from dicom_ai.store.header import MissingAttributeError, parse_data_set
 from dicom_ai.store.index import Index, InstanceRecord
 from dicom_ai.store.spool import Spool
 
-__all__ = ["AccessPolicy", "CalledAE", "Rejection", "StorageSCP"]
+__all__ = ["AccessPolicy", "CalledAE", "Listening", "Rejection", "StorageSCP"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,14 @@ def _address_in(address: str, networks: tuple[_Network, ...]) -> bool:
     return any(ip in network for network in networks)
 
 
+@dataclass(frozen=True)
+class Listening:
+    """An SCP's listening sockets (plain, TLS), which other processes may accept on."""
+
+    plain: socket.socket | None
+    tls: socket.socket | None
+
+
 class StorageSCP:
     """The node's listening side. ``start()`` returns at once.
 
@@ -148,7 +157,6 @@ class StorageSCP:
         max_associations: int = 10,
         access: AccessPolicy | None = None,
         tls: tuple[int, ssl.SSLContext] | None = None,
-        reuse_port: bool = False,
         network_timeout: float = 60.0,
         acse_timeout: float = 30.0,
     ) -> None:
@@ -165,7 +173,6 @@ class StorageSCP:
             maximum_associations=max_associations,
             network_timeout=network_timeout,
             acse_timeout=acse_timeout,
-            reuse_port=reuse_port,
         )
         self._port: int | None = None
         self._tls_port: int | None = None
@@ -182,15 +189,26 @@ class StorageSCP:
             return self._tls_port
         return self._tls[0] if self._tls else None
 
-    def start(self) -> None:
+    def start(self, shared: Listening | None = None) -> None:
+        """Listen on the configured ports, or accept on ``shared``: the sockets another
+        process's SCP listens on (``listening()``), so both take associations."""
         titles = ", ".join(sorted(self.access.called_aes))
         if self._requested_port is not None:
-            self._port = self._acceptor.serve(self.host, self._requested_port)
+            plain = shared.plain if shared else None
+            self._port = self._acceptor.serve(self.host, self._requested_port, listening=plain)
             log.debug("listening as %s on %s:%d", titles, self.host, self._port)
         if self._tls is not None:
             port, context = self._tls
-            self._tls_port = self._acceptor.serve(self.host, port, context)
+            tls = shared.tls if shared else None
+            self._tls_port = self._acceptor.serve(self.host, port, context, listening=tls)
             log.debug("listening as %s on %s:%d (TLS)", titles, self.host, self._tls_port)
+
+    def listening(self) -> Listening:
+        """The started SCP's listening sockets."""
+        return Listening(
+            None if self._port is None else self._acceptor.listening_socket(self._port),
+            None if self._tls_port is None else self._acceptor.listening_socket(self._tls_port),
+        )
 
     def stop(self) -> None:
         self._acceptor.stop()
@@ -251,10 +269,10 @@ class StorageSCP:
         if context_sop_class not in _STORAGE_SOP_CLASSES:
             raise _UnsupportedSOPClass(f"SOP class {context_sop_class} is not a storage SOP class")
         try:
-            data = request.encoded_dataset()
+            contents = request.file_contents()
         except EncodingError as exc:
             raise InputError(f"the C-STORE-RQ's UIDs cannot go into a file: {exc}") from exc
-        header = parse_header(data)
+        header = parse_data_set(request.data_set, request.context.transfer_syntax)
         if header.sop_class_uid != context_sop_class:
             raise _SOPClassMismatch(
                 f"dataset SOP class {header.sop_class_uid} differs from the presentation "
@@ -274,7 +292,7 @@ class StorageSCP:
         path = self.spool.instance_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        self.spool.write_atomic(path, data)
+        self.spool.write_atomic(path, contents)
         self.index.add_instance(
             InstanceRecord(
                 sop_instance_uid=header.sop_instance_uid,

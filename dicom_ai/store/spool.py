@@ -13,11 +13,14 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_ai.errors import InputError, OutOfSpaceError, StorageError
 
 __all__ = ["Spool"]
+
+Buffer = bytes | bytearray | memoryview
 
 # UIDs are digits and dots; anything else would let a peer pick a path.
 _UID = re.compile(r"^[0-9.]{1,64}$")
@@ -72,9 +75,12 @@ class Spool:
         if self.free_bytes() - incoming < self.min_free_bytes:
             raise OutOfSpaceError(f"free space below {self.min_free_bytes} bytes on {self.root}")
 
-    def write_atomic(self, path: Path, data: bytes) -> None:
-        """Write ``data`` to ``path`` so that ``path`` is either absent or complete and durable."""
-        self.check_space(len(data))
+    def write_atomic(self, path: Path, data: Buffer | Sequence[Buffer]) -> None:
+        """Write ``data`` (bytes, or pieces written one after the other) to ``path`` so that
+        ``path`` is either absent or complete and durable."""
+        pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        size = sum(len(piece) for piece in pieces)
+        self.check_space(size)
         folder = path.parent
         if folder not in self._known_dirs:
             folder.mkdir(parents=True, exist_ok=True)
@@ -82,8 +88,8 @@ class Spool:
         # One write at a time per thread: process and thread make the temp name unique.
         tmp = self._tmp / f"{path.name}.{os.getpid()}.{threading.get_ident()}.part"
         try:
-            if not (self._direct and len(data) <= _DIRECT_MAX and self._write_direct(tmp, data)):
-                _write_buffered(tmp, data)
+            if not (self._direct and size <= _DIRECT_MAX and self._write_direct(tmp, pieces, size)):
+                _write_buffered(tmp, pieces)
             os.replace(tmp, path)
             _fsync_dir(folder)
         except OSError as exc:
@@ -92,7 +98,7 @@ class Spool:
                 raise OutOfSpaceError(f"no space left writing {path.name}") from exc
             raise StorageError(f"cannot write {path}: {exc}") from exc
 
-    def _write_direct(self, tmp: Path, data: bytes) -> bool:
+    def _write_direct(self, tmp: Path, pieces: Sequence[Buffer], size: int) -> bool:
         """O_DIRECT: the bytes go from one aligned buffer to the disk, not through the page
         cache. Measured on this kind of machine, 525 KB slice + fsync: 0.25 ms of kernel
         CPU instead of 1.4 ms, 0.9 ms instead of 2.0 ms wall. False where the filesystem
@@ -105,10 +111,12 @@ class Spool:
             self._direct = False
             return False
         try:
-            size = len(data)
             padded = -(-size // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
             buffer = _aligned_buffer(padded)
-            buffer[:size] = data
+            offset = 0
+            for piece in pieces:  # the one copy the bytes take on their way to disk
+                buffer[offset : offset + len(piece)] = piece
+                offset += len(piece)
             buffer[size:padded] = bytes(padded - size)
             try:
                 _write_all(fd, memoryview(buffer)[:padded])
@@ -149,10 +157,11 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[written:]
 
 
-def _write_buffered(tmp: Path, data: bytes) -> None:
+def _write_buffered(tmp: Path, pieces: Sequence[Buffer]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, memoryview(data))
+        for piece in pieces:
+            _write_all(fd, memoryview(piece))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -3,6 +3,7 @@ whatever the bytes. And each kind of refusal maps to its DIMSE status."""
 
 from __future__ import annotations
 
+import contextlib
 from io import BytesIO
 
 import pytest
@@ -24,6 +25,7 @@ from dicom_ai.store.header import (
     InstanceHeader,
     MissingAttributeError,
     UnreadableDatasetError,
+    parse_data_set,
     parse_header,
 )
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets
@@ -178,6 +180,41 @@ def test_each_missing_uid_is_named(keyword: str) -> None:
     delattr(ds, keyword)
     with pytest.raises(MissingAttributeError, match=keyword):
         parse_header(_encode(ds))
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+@pytest.mark.parametrize("filler", ["private element", "sequence"])
+def test_uids_past_the_first_64_kib_are_found(transfer_syntax: str, filler: str) -> None:
+    """The parser reads a prefix of the data set first; what lies past it is still read,
+    whether a long element or a sequence runs across the prefix's end."""
+    ds = next(phantom_ct_datasets(PhantomSpec(slices=1, rows=4, columns=4)))
+    if filler == "private element":
+        ds.add_new(0x00091010, "OB", b"\x01" * 100_000)
+    else:
+        item = Dataset()
+        item.ReferencedSOPClassUID = CTImageStorage
+        item.ReferencedSOPInstanceUID = "1.2.3"
+        item.add_new(0x00091010, "OB", b"\x02" * 4000)
+        ds.ReferencedImageSequence = [item] * 30
+    header = parse_header(_encode(ds, transfer_syntax))
+    assert header.series_instance_uid == ds.SeriesInstanceUID
+    assert header.sop_instance_uid == ds.SOPInstanceUID
+
+
+@FUZZ
+@given(
+    data=st.binary(max_size=2048),
+    transfer_syntax=st.sampled_from(
+        [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, "1.2.3"]
+    ),
+    cut=st.integers(0, 2048),
+)
+def test_random_data_set_fragments(data: bytes, transfer_syntax: str, cut: int) -> None:
+    """As the SCP calls it: a data set in fragments, no file meta, any transfer syntax."""
+    with contextlib.suppress(InputError):
+        parse_data_set([data[:cut], memoryview(data)[cut:]], transfer_syntax)
 
 
 @pytest.mark.parametrize("uid", ["1.2\\1.3", "1..2", "1.2.", "abc", "1." + "2" * 70])

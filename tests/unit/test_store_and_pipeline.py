@@ -29,6 +29,18 @@ def test_spool_write_is_atomic_and_refuses_path_tricks(tmp_path: Path) -> None:
         spool.instance_path("1.2.3", "../../etc", "1.2")
 
 
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 525_000])
+def test_spool_writes_pieces_one_after_the_other(tmp_path: Path, size: int) -> None:
+    """The SCP hands the file meta and the data set fragments as received, unjoined; the
+    O_DIRECT path pads to 4 KiB and cuts the padding off again."""
+    spool = Spool(tmp_path)
+    data = os.urandom(size)
+    pieces = [b"meta", memoryview(bytearray(data[: size // 2])), memoryview(data)[size // 2 :]]
+    path = spool.instance_path("1.2", "1.2.3", f"1.2.3.{size}")
+    spool.write_atomic(path, pieces)
+    assert path.read_bytes() == b"meta" + data
+
+
 def test_spool_refuses_below_the_watermark_and_writes_nothing(tmp_path: Path) -> None:
     spool = Spool(tmp_path, min_free_bytes=spool_free(tmp_path) + 10**12)
     path = spool.instance_path("1.2", "1.2.3", "1.2.3.4")
