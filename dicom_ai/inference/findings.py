@@ -7,6 +7,7 @@ columns exactly as in the source image).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -65,6 +66,22 @@ class SegmentationFindings:
             self.source_sop_instance_uids
         ):
             raise ValueError("source_frame_numbers must parallel source_sop_instance_uids")
+
+    @functools.cached_property
+    def voxel_counts(self) -> npt.NDArray[np.int64]:
+        """``voxel_counts[v]``: the number of voxels with label value ``v``. Counted once
+        (~0.1 s for 300 x 512 x 512): SEG, SR and preview each need it.
+
+        One ``bincount`` per frame: a whole-volume ``bincount`` would first copy the volume
+        to intp (8 bytes a voxel), and ``np.unique`` sorts it; both are far slower.
+        """
+        if self.label_map.size == 0:
+            return np.zeros(1, dtype=np.int64)
+        length = int(self.label_map.max()) + 1
+        counts = np.zeros(length, dtype=np.int64)
+        for plane in self.label_map:
+            counts += np.bincount(plane.ravel(), minlength=length)
+        return counts
 
     def present_labels(self) -> tuple[SegmentLabel, ...]:
         """Labels with at least one voxel, in label-value order."""

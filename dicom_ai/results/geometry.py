@@ -15,7 +15,6 @@ from dicom_ai.inference.findings import SegmentationFindings, SegmentLabel
 
 __all__ = [
     "default_series_number",
-    "label_voxel_counts",
     "order_like_findings",
     "present_labels",
     "slice_spacing_mm",
@@ -46,21 +45,6 @@ def order_like_findings(
                 f"the label map is {rows}x{columns}"
             )
     return ordered
-
-
-def label_voxel_counts(label_map: npt.NDArray[np.uint16]) -> npt.NDArray[np.int64]:
-    """``counts[v]`` = number of voxels with label value ``v``.
-
-    One ``bincount`` per frame: a whole-volume ``bincount`` would first copy the volume to
-    intp (8 bytes a voxel), and ``np.unique`` sorts it; both are far slower.
-    """
-    if label_map.size == 0:
-        return np.zeros(1, dtype=np.int64)
-    length = int(label_map.max()) + 1
-    counts = np.zeros(length, dtype=np.int64)
-    for plane in label_map:
-        counts += np.bincount(plane.ravel(), minlength=length)
-    return counts
 
 
 def present_labels(

@@ -30,7 +30,6 @@ from dicom_ai.results.codes import segment_coding
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.geometry import (
     default_series_number,
-    label_voxel_counts,
     order_like_findings,
     present_labels,
 )
@@ -121,7 +120,7 @@ def build_preview(
             f"frames {frames.shape} and label map {label_map.shape} differ in shape"
         )
     ordered = order_like_findings(source_images, findings)
-    labels = present_labels(findings, label_voxel_counts(label_map))
+    labels = present_labels(findings, findings.voxel_counts)
     if not labels:
         raise EncodingError("the label map has no labelled voxel: no preview to draw")
     colours = _colour_table(labels)

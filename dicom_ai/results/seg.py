@@ -44,7 +44,6 @@ from dicom_ai.results.codes import local_coding_scheme, segment_coding
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.geometry import (
     default_series_number,
-    label_voxel_counts,
     order_like_findings,
     present_labels,
 )
@@ -106,7 +105,7 @@ def build_seg(
     labelled voxel at all (a SEG needs at least one segment), or when highdicom refuses.
     """
     ordered = order_like_findings(source_images, findings)
-    counts = label_voxel_counts(findings.label_map)
+    counts = findings.voxel_counts
     labels = present_labels(findings, counts)
     if not labels:
         raise EncodingError("the label map has no labelled voxel: nothing to encode as SEG")

@@ -72,7 +72,6 @@ from dicom_ai.results.codes import SegmentCoding, is_local_code, local_coding_sc
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.geometry import (
     default_series_number,
-    label_voxel_counts,
     order_like_findings,
     present_labels,
     voxel_volume_mm3,
@@ -134,7 +133,7 @@ def build_sr(
     its patient and study from the source images and lists them and the SEG as evidence.
     """
     ordered = order_like_findings(source_images, findings)
-    counts = label_voxel_counts(findings.label_map)
+    counts = findings.voxel_counts
     labels = present_labels(findings, counts)
     _check_segments_match(seg, labels)
     voxel_ml = voxel_volume_mm3(ordered) / 1000.0
