@@ -98,6 +98,7 @@ class Node:
         self._pool: WorkerPool | None = None
         # Series still arriving -> instances sent to a worker to decode ahead (-1: no model).
         self._prefetched: dict[str, int] = {}
+        self._prepared: set[str] = set()  # series whose worker has been told: job next
         self._stop = threading.Event()
         self._deliver_now = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -222,6 +223,7 @@ class Node:
         for series, hold_until in self.assembly.runnable(pending, now):
             self._route(series, hold_until)
             self._prefetched.pop(series.series_instance_uid, None)
+            self._prepared.discard(series.series_instance_uid)
             routed.add(series.series_instance_uid)
         return routed
 
@@ -241,8 +243,16 @@ class Node:
                     sent = self._prefetched[uid] = 0 if plans else -1
                     if sent < 0:
                         continue
-                if new and self._pool.prefetch(uid, tuple(new)):
+                # Released by every sender: the job comes after the grace; prepare for it.
+                complete = series.open_associations == 0
+                if complete and uid in self._prepared and not new:
+                    continue
+                if (new or complete) and self._pool.prefetch(uid, tuple(new), complete):
                     self._prefetched[uid] = sent + len(new)
+                    if complete:
+                        self._prepared.add(uid)
+                    else:
+                        self._prepared.discard(uid)
             except Exception:  # best effort: the job reads whatever was not prefetched
                 log.debug("no prefetch for series %s", uid, exc_info=True)
                 self._prefetched[uid] = -1

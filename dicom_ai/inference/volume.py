@@ -268,7 +268,6 @@ class _Prefetched:
         self._bytes = 0
         self._taken: dict[int, npt.NDArray[Any]] = {}  # id(header) -> pixels, during a load
         self._volume: npt.NDArray[np.float32] | None = None
-        self._touched = 0  # elements of _volume written since it was allocated
 
     def __contains__(self, path: Path) -> bool:
         return path in self._entries
@@ -296,19 +295,13 @@ class _Prefetched:
 
     def prepare_volume(self) -> None:
         """Have a float32 buffer ready for all cached planes, its pages touched: a fresh
-        300 x 512 x 512 volume otherwise costs the job ~0.3 s of page faults. Called as a
-        series arrives, it grows: room is reserved in powers of two (untouched pages cost
-        nothing) and only the part not touched yet is written."""
+        300 x 512 x 512 volume otherwise costs the job ~0.3 s of page faults."""
         needed = sum(int(stored.size) for _, _, stored in self._entries.values())
-        if needed == 0:
+        if needed == 0 or (self._volume is not None and self._volume.size >= needed):
             return
-        if self._volume is None or self._volume.size < needed:
-            self._volume = np.empty(1 << (needed - 1).bit_length(), dtype=np.float32)
-            self._touched = 0
-        if self._touched < needed:
-            # Writing faults the pages in (np.zeros would leave them untouched).
-            self._volume[self._touched : needed].fill(0)
-            self._touched = needed
+        volume = np.empty(needed, dtype=np.float32)
+        volume.fill(0)  # writing faults the pages in (np.zeros would leave them untouched)
+        self._volume = volume
 
     def take_volume(self, shape: tuple[int, int, int]) -> npt.NDArray[np.float32]:
         """A C-contiguous float32 array of ``shape``: the prepared buffer if it is big enough

@@ -66,6 +66,7 @@ class Prefetch:
 
     series_instance_uid: str
     instance_paths: tuple[Path, ...]
+    complete: bool = False  # every association released: its job is likely next
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,8 @@ def _prefetch(request: Prefetch, conn: Connection, inbox: deque[JobSpec | Prefet
                 break
             added += prefetch([path])
         else:
-            # The volume's memory grows with the series, so the job finds it touched.
-            prefetch([], prepare_volume=True)
+            if request.complete:
+                prefetch([], prepare_volume=True)
     except Exception:  # best effort: the job reads whatever is not cached
         log.debug("prefetch of series %s failed", request.series_instance_uid, exc_info=True)
     log.debug(
@@ -341,14 +342,14 @@ class WorkerPool:
         slot.job = spec
         slot.deadline = time.monotonic() + spec.timeout_seconds
 
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
-        """Ask an idle worker to decode ``paths`` ahead of the series' job (and to grow its
-        volume's memory to fit them); False when none is idle."""
+    def prefetch(self, series_uid: str, paths: tuple[Path, ...], complete: bool = False) -> bool:
+        """Ask an idle worker to decode ``paths`` ahead of the series' job (``complete``: and
+        to get its volume's memory ready); False when none is idle."""
         slot = self._idle_slot(series_uid)
         if slot is None:
             return False
         slot.prefetched_series = series_uid
-        slot.conn.send(Prefetch(series_uid, paths))
+        slot.conn.send(Prefetch(series_uid, paths, complete))
         return True
 
     def poll(self, timeout: float = 0.0) -> list[JobOutcome]:

@@ -327,12 +327,12 @@ class FakePool:
 
     def __init__(self, idle: bool = True) -> None:
         self.busy = not idle
-        self.prefetches: list[tuple[str, tuple[Path, ...]]] = []
+        self.prefetches: list[tuple[str, tuple[Path, ...], bool]] = []
 
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
+    def prefetch(self, series_uid: str, paths: tuple[Path, ...], complete: bool = False) -> bool:
         if self.busy:
             return False
-        self.prefetches.append((series_uid, paths))
+        self.prefetches.append((series_uid, paths, complete))
         return True
 
 
@@ -375,18 +375,19 @@ def test_series_still_arriving_are_prefetched_when_a_rule_runs_a_model(tmp_path:
     receive(other)
     node._prefetch_arriving(node.index.pending_series())
     uid = ct[0].SeriesInstanceUID
-    assert pool.prefetches == [(uid, tuple(first))]
+    assert pool.prefetches == [(uid, tuple(first), False)]
     rest = receive(ct[3:])
     pool.busy = True  # not now: asked again on the next round
     node._prefetch_arriving(node.index.pending_series())
     pool.busy = False
     node._prefetch_arriving(node.index.pending_series())
     node._prefetch_arriving(node.index.pending_series())  # nothing new: nothing sent
-    assert pool.prefetches[1:] == [(uid, tuple(rest))]
-    # Released: nothing new to decode, nothing sent (the volume's memory is ready already).
+    assert pool.prefetches[1:] == [(uid, tuple(rest), False)]
+    # Every association released: the worker is told once to get ready for the job.
     node.index.close_association(association)
     node._prefetch_arriving(node.index.pending_series())
-    assert pool.prefetches[2:] == []
+    node._prefetch_arriving(node.index.pending_series())
+    assert pool.prefetches[2:] == [(uid, (), True)]
     node.index.close()
 
 
