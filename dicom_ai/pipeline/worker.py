@@ -228,6 +228,9 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
             outcome = JobOutcome(
                 spec.job_id, False, reason=reason, seconds=time.monotonic() - started
             )
+        # Prefetches of this series sent while it ran came too late: decoding them now
+        # would only compete with the delivery of its results.
+        _drop_prefetches(conn, inbox, spec.series_instance_uid)
         try:
             conn.send(outcome)
         except (BrokenPipeError, EOFError, OSError):
@@ -246,8 +249,21 @@ def _next_message(
     for message in inbox:
         if not isinstance(message, Prefetch):
             inbox.remove(message)
+            if message is not None:  # the job reads its files itself: no prefetch is ahead
+                _drop_prefetches(conn, inbox, message.series_instance_uid)
             return message
     return inbox.popleft()
+
+
+def _drop_prefetches(
+    conn: Connection, inbox: deque[JobSpec | Prefetch | None], series_uid: str
+) -> None:
+    with contextlib.suppress(EOFError, OSError):  # the node is gone: the next recv says so
+        while conn.poll():
+            inbox.append(conn.recv())
+    stale = [m for m in inbox if isinstance(m, Prefetch) and m.series_instance_uid == series_uid]
+    for message in stale:
+        inbox.remove(message)
 
 
 def _prefetch(request: Prefetch, conn: Connection, inbox: deque[JobSpec | Prefetch | None]) -> None:

@@ -452,3 +452,25 @@ def test_a_worker_that_dies_while_idle_is_replaced(tmp_path: Path) -> None:
         assert pool.poll(timeout=0.2) == []
     finally:
         pool.shutdown()
+
+
+def test_a_worker_drops_the_prefetches_of_the_series_its_job_reads(tmp_path: Path) -> None:
+    """Queued behind the job, they would decode its files again after it, while its results
+    are being delivered; other series' prefetches stay."""
+    from collections import deque
+    from multiprocessing import Pipe
+
+    from dicom_ai.pipeline.worker import JobSpec, Prefetch, _next_message
+
+    node_end, worker_end = Pipe()
+    job = JobSpec(1, "1.2.3", "ct-body", None, "cpu", 60, (), tmp_path, "X")
+    for message in (
+        Prefetch("1.2.3", (tmp_path / "a.dcm",)),
+        Prefetch("4.5.6", (tmp_path / "b.dcm",)),
+        job,
+        Prefetch("1.2.3", (tmp_path / "c.dcm",)),
+    ):
+        node_end.send(message)
+    inbox: deque[JobSpec | Prefetch | None] = deque()
+    assert _next_message(worker_end, inbox) == job
+    assert list(inbox) == [Prefetch("4.5.6", (tmp_path / "b.dcm",))]
