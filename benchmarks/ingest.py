@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.settle import settle
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, Orthanc, StoreSCP, free_port, node_config, storescu
 from tests.tls_certs import Pki
@@ -133,6 +134,7 @@ def main() -> None:
             from tests.tls_certs import make_pki
 
             pki = make_pki(root / "pki")
+        print(settle(root / "probe"))
         print(
             f"{args.associations} association(s) x {args.slices} CT slices = {images} images, "
             f"{megabytes:.1f} MB; TCP_NODELAY={'1' if nodelay else 'unset'} for DCMTK and Orthanc; "

@@ -26,6 +26,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from benchmarks.settle import settle
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, StoreSCP, node_config, storescu, wait_until
 
@@ -108,6 +109,7 @@ def main() -> None:
         warmup = write_phantom_ct(root / "warmup", PhantomSpec(slices=4, rows=64, columns=64))
         spec = PhantomSpec(slices=args.slices)
         files = write_phantom_ct(root / "ct", spec)
+        print(settle(root / "probe"))
         print(
             f"{len(files)} CT slices 512x512, ct-body, storescu TCP_NODELAY=1, "
             f"release grace {args.grace:g} s, "

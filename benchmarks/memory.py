@@ -44,6 +44,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.settle import settle
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, Orthanc, StoreSCP, node_config, wait_until
 
@@ -284,6 +285,7 @@ def main() -> None:
             for n in range(args.senders)
         ]
         megabytes = sum(f.stat().st_size for s in series for f in s) / MB
+        print(settle(root / "probe"))
         print(
             f"{args.senders} concurrent storescu x {args.slices} CT slices 512x512 "
             f"({args.senders} series, {megabytes:.1f} MB); TCP_NODELAY=1 for senders and "
