@@ -8,7 +8,9 @@ scheduler (assembly, routing, job dispatch, prefetch, job outcomes) and the deli
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -86,6 +88,11 @@ class Node:
             port=config.node.port,
             tls_port=None,
         )
+        # A released association wakes the scheduler (its series may be complete now).
+        self._wake, self._waker = socket.socketpair()
+        for end in (self._wake, self._waker):
+            end.setblocking(False)
+        self.scp.on_association_ended = self._wake_scheduler
         self._receivers = ReceiverProcesses(config, receivers - 1, log_level)
         self.deliverer = Deliverer(
             self.index,
@@ -173,6 +180,12 @@ class Node:
         if self._pool is not None:
             self._pool.shutdown()
         self.index.close()
+        self._wake.close()
+        self._waker.close()
+
+    def _wake_scheduler(self) -> None:
+        with contextlib.suppress(OSError):  # BlockingIOError: woken already, not yet read
+            self._waker.send(b"\0")
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the caller of ``wait`` then calls ``stop``."""
@@ -193,7 +206,7 @@ class Node:
                 self._dispatch_jobs()
                 self._prefetch_arriving([s for s in pending if s.series_instance_uid not in routed])
                 assert self._pool is not None
-                for outcome in self._pool.poll(timeout=0.1):
+                for outcome in self._pool.poll(timeout=0.1, wake=self._wake):
                     self._record(outcome)
             except Exception:
                 log.exception("scheduler step failed; continuing")

@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
@@ -178,6 +178,9 @@ class StorageSCP:
         self._tls_port: int | None = None
         self._association_ids: dict[int, int] = {}
         self._ids_lock = threading.Lock()
+        # Called (on the association's thread) once its end is in the index: the node's
+        # scheduler then looks at the series at once, not at its next round.
+        self.on_association_ended: Callable[[], None] | None = None
 
     @property
     def port(self) -> int | None:
@@ -231,6 +234,8 @@ class StorageSCP:
             return
         try:
             self.index.close_association(association_id)
+            if self.on_association_ended is not None:
+                self.on_association_ended()
         except Exception:
             log.exception("could not record the end of association %d", association_id)
 

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 import traceback
 from collections import deque
@@ -368,18 +369,25 @@ class WorkerPool:
         slot.conn.send(Prefetch(series_uid, paths, complete))
         return True
 
-    def poll(self, timeout: float = 0.0) -> list[JobOutcome]:
-        """Finished, failed, crashed and timed-out jobs since the last call."""
+    def poll(self, timeout: float = 0.0, wake: socket.socket | None = None) -> list[JobOutcome]:
+        """Finished, failed, crashed and timed-out jobs since the last call; waits up to
+        ``timeout`` for one, or until a byte arrives on ``wake`` (read and dropped)."""
         for slot in self._slots:
             if slot.job is None and not slot.process.is_alive():
                 self._renew(slot, _died(slot.process) + " while idle")
         busy = {slot.conn: slot for slot in self._slots if slot.job is not None}
         outcomes: list[JobOutcome] = []
-        if not busy:
+        waiting: list[Connection | socket.socket] = [*busy, *([wake] if wake else [])]
+        if not waiting:
             time.sleep(timeout)  # the caller's loop paces itself on this call
             return outcomes
-        for conn in wait(list(busy), timeout):
-            slot = busy[conn]  # type: ignore[index]
+        for ready in wait(waiting, timeout):
+            if ready is wake:
+                with contextlib.suppress(OSError):  # BlockingIOError: nothing more
+                    while wake.recv(4096):
+                        pass
+                continue
+            slot = busy[ready]  # type: ignore[index]
             assert slot.job is not None
             try:
                 outcomes.append(slot.conn.recv())

@@ -23,7 +23,7 @@ from pynetdicom.pdu import P_DATA_TF
 
 from dicom_ai.dimse.scp import StorageSCP
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets
-from tests.peers import echoscu, local_scp
+from tests.peers import echoscu, local_scp, wait_until
 from tests.raw_dicom import associate, read_pdu
 
 
@@ -177,3 +177,26 @@ def test_command_that_names_another_instance_gets_a900(
     assert command.AffectedSOPInstanceUID == "1.2.3.4"
     assert f"dataset SOP instance {ds.SOPInstanceUID} differs from the command's" in caplog.text
     assert scp.spool.instance_files() == []
+
+
+def test_the_end_of_an_association_is_reported_once_indexed(scp: StorageSCP) -> None:
+    """The node's scheduler is woken by it; the index already says the association closed."""
+    closed: list[int] = []
+
+    def ended() -> None:
+        rows = scp.index._query("SELECT COUNT(*) FROM associations WHERE closed_at IS NOT NULL")
+        closed.append(int(rows[0][0]))
+
+    scp.on_association_ended = ended
+    assert echoscu(_port(scp)).returncode == 0
+    assert closed == []  # an echo opens no association record: nothing to report
+    ds = _ct()
+    with associate(_port(scp), CTImageStorage) as sock:
+        sock.sendall(
+            _pdu(0x04, _pdv(1, 0x03, _c_store_rq(ds.SOPInstanceUID)))
+            + _pdu(0x04, _pdv(1, 0x02, _encode(ds, implicit=False)))
+        )
+        read_pdu(sock)  # the C-STORE-RSP
+        sock.sendall(_pdu(0x05, b"\x00" * 4))  # A-RELEASE-RQ
+        assert read_pdu(sock)[0] == 0x06
+    wait_until(lambda: closed == [1], 10, "the end of the association reported")

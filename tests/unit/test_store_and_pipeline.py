@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -450,6 +451,18 @@ def test_a_worker_that_dies_while_idle_is_replaced(tmp_path: Path) -> None:
         assert pool.idle() == 1
         assert pool.prefetch("1.2.3", (tmp_path / "absent.dcm",))  # best effort, no answer
         assert pool.poll(timeout=0.2) == []
+        # A byte on the wake socket (an association released) ends the wait at once.
+        wake, waker = socket.socketpair()
+        wake.setblocking(False)
+        waker.send(b"\0")
+        started = time.monotonic()
+        assert pool.poll(timeout=10, wake=wake) == []
+        assert time.monotonic() - started < 2
+        started = time.monotonic()
+        assert pool.poll(timeout=0.3, wake=wake) == []  # read: it does not wake twice
+        assert time.monotonic() - started >= 0.3
+        wake.close()
+        waker.close()
     finally:
         pool.shutdown()
 
