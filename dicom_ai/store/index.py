@@ -147,6 +147,7 @@ class Index:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._commits = 0  # this connection's; other connections' show in data_version
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit survives a process crash (kill -9) but not power loss; the
@@ -179,10 +180,18 @@ class Index:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                self._commits += 1
             except sqlite3.OperationalError as exc:
                 if "full" in str(exc):  # SQLITE_FULL: the index's disk is full
                     raise OutOfSpaceError(f"index: {exc}") from exc
                 raise
+
+    def version(self) -> tuple[int, int]:
+        """Changes when anything is committed to the index, by this process or another
+        (a receiver process): what was read before is still current while it is equal."""
+        with self._lock:
+            (data_version,) = self._db.execute("PRAGMA data_version").fetchone()
+            return self._commits, int(data_version)
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -487,3 +487,22 @@ def test_a_worker_drops_the_prefetches_of_the_series_its_job_reads(tmp_path: Pat
     inbox: deque[JobSpec | Prefetch | None] = deque()
     assert _next_message(worker_end, inbox) == job
     assert list(inbox) == [Prefetch("4.5.6", (tmp_path / "b.dcm",))]
+
+
+def test_the_index_version_moves_with_every_commit_from_any_process(tmp_path: Path) -> None:
+    """The scheduler re-reads pending series only when it moves; a receiver process writes
+    through its own connection."""
+    index = Index(tmp_path / "index.sqlite3")
+    other = Index(tmp_path / "index.sqlite3")  # as a receiver process holds it
+    try:
+        first = index.version()
+        index.pending_series()
+        assert index.version() == first  # reading changes nothing
+        association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
+        second = index.version()
+        assert second != first
+        _add(other, "1.1", "7.7", association)
+        assert index.version() != second
+    finally:
+        other.close()
+        index.close()
