@@ -54,7 +54,9 @@ def _timed_send(
         elapsed = time.perf_counter() - started
     for result in results:
         if result.returncode != 0:
-            raise RuntimeError(f"storescu to {ae_title} failed:\n{result.stdout}{result.stderr}")
+            # storescu exits with the high byte of a failure status (167: 0xA7xx).
+            output = f"{result.stdout}{result.stderr}"
+            raise RuntimeError(f"storescu to {ae_title} failed ({result.returncode}):\n{output}")
     return elapsed
 
 
