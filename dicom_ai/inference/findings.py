@@ -85,7 +85,7 @@ class SegmentationFindings:
 
     def present_labels(self) -> tuple[SegmentLabel, ...]:
         """Labels with at least one voxel, in label-value order."""
-        present = set(np.unique(self.label_map).tolist())
+        present = set(np.flatnonzero(self.voxel_counts).tolist())
         return tuple(label for label in self.labels if label.value in present and label.value != 0)
 
 

@@ -47,13 +47,12 @@ def order_like_findings(
     return ordered
 
 
-def present_labels(
-    findings: SegmentationFindings, counts: npt.NDArray[np.int64]
-) -> tuple[SegmentLabel, ...]:
+def present_labels(findings: SegmentationFindings) -> tuple[SegmentLabel, ...]:
     """Labels with voxels, in label-value order; every non-zero value must have a label."""
     values = [label.value for label in findings.labels]
     if len(set(values)) != len(values):
         raise EncodingError(f"label values are not unique: {sorted(values)}")
+    counts = findings.voxel_counts
     named = set(values)
     unnamed = [v for v in np.flatnonzero(counts).tolist() if v != 0 and v not in named]
     if unnamed:

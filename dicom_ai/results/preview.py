@@ -120,7 +120,7 @@ def build_preview(
             f"frames {frames.shape} and label map {label_map.shape} differ in shape"
         )
     ordered = order_like_findings(source_images, findings)
-    labels = present_labels(findings, findings.voxel_counts)
+    labels = present_labels(findings)
     if not labels:
         raise EncodingError("the label map has no labelled voxel: no preview to draw")
     colours = _colour_table(labels)

@@ -105,8 +105,7 @@ def build_seg(
     labelled voxel at all (a SEG needs at least one segment), or when highdicom refuses.
     """
     ordered = order_like_findings(source_images, findings)
-    counts = findings.voxel_counts
-    labels = present_labels(findings, counts)
+    labels = present_labels(findings)
     if not labels:
         raise EncodingError("the label map has no labelled voxel: nothing to encode as SEG")
     pixel_array = _segment_number_map(findings.label_map, labels)

@@ -134,7 +134,7 @@ def build_sr(
     """
     ordered = order_like_findings(source_images, findings)
     counts = findings.voxel_counts
-    labels = present_labels(findings, counts)
+    labels = present_labels(findings)
     _check_segments_match(seg, labels)
     voxel_ml = voxel_volume_mm3(ordered) / 1000.0
     source = ordered[0]
