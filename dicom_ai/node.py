@@ -105,7 +105,6 @@ class Node:
         self._pool: WorkerPool | None = None
         # Series still arriving -> instances sent to a worker to decode ahead (-1: no model).
         self._prefetched: dict[str, int] = {}
-        self._prepared: set[str] = set()  # series whose worker has been told: job next
         self._pending: list[PendingSeries] = []
         self._pending_version: tuple[int, int] | None = None
         self._stop = threading.Event()
@@ -248,7 +247,6 @@ class Node:
         for series, hold_until in self.assembly.runnable(pending, now):
             self._route(series, hold_until)
             self._prefetched.pop(series.series_instance_uid, None)
-            self._prepared.discard(series.series_instance_uid)
             routed.add(series.series_instance_uid)
         return routed
 
@@ -268,16 +266,8 @@ class Node:
                     sent = self._prefetched[uid] = 0 if plans else -1
                     if sent < 0:
                         continue
-                # Released by every sender: the job comes after the grace; prepare for it.
-                complete = series.open_associations == 0
-                if complete and uid in self._prepared and not new:
-                    continue
-                if (new or complete) and self._pool.prefetch(uid, tuple(new), complete):
+                if new and self._pool.prefetch(uid, tuple(new)):
                     self._prefetched[uid] = sent + len(new)
-                    if complete:
-                        self._prepared.add(uid)
-                    else:
-                        self._prepared.discard(uid)
             except Exception:  # best effort: the job reads whatever was not prefetched
                 log.debug("no prefetch for series %s", uid, exc_info=True)
                 self._prefetched[uid] = -1

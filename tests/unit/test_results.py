@@ -21,6 +21,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, SegmentationStorage
 
 from dicom_ai.errors import EncodingError
 from dicom_ai.inference.findings import (
@@ -38,6 +39,7 @@ from dicom_ai.results import (
     result_uids,
     segment_coding,
 )
+from dicom_ai.results.encoding import file_bytes
 from dicom_ai.results.geometry import slice_spacing_mm
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets, phantom_hu_volume
 from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
@@ -168,8 +170,10 @@ def case(
     sr = build_sr(shuffled, seg, findings, uids, DEVICE)
     directory = tmp_path_factory.mktemp(request.param)
     seg_path, sr_path = directory / "seg.dcm", directory / "sr.dcm"
-    seg.save_as(seg_path, enforce_file_format=True)
-    sr.save_as(sr_path, enforce_file_format=True)
+    for dataset, path in ((seg, seg_path), (sr, sr_path)):
+        # pydicom's own writing first, for the comparison below; then as the worker writes.
+        dataset.save_as(path.with_suffix(".save_as"), enforce_file_format=True)
+        path.write_bytes(file_bytes(dataset))
     yield Case(request.param, findings, shuffled, seg_path, sr_path)
 
 
@@ -188,6 +192,34 @@ def test_sr_passes_pixelmed_tid1500_validation(case: Case) -> None:
     output = assert_sr_template_valid(case.sr_path)
     assert "Found Root Template TID_1500" in output
     assert "not in template" not in output, output
+
+
+def test_results_are_written_as_pydicom_writes_them(case: Case) -> None:
+    for path in (case.seg_path, case.sr_path):
+        assert path.read_bytes() == path.with_suffix(".save_as").read_bytes()
+
+
+def test_the_memoized_iod_lookup_answers_as_highdicom_does() -> None:
+    from highdicom import _standard_utils
+
+    lookup = _standard_utils.is_attribute_in_iod
+    original = next(
+        cell.cell_contents
+        for cell in lookup.__closure__ or ()
+        if getattr(cell.cell_contents, "__module__", "") == "highdicom._standard_utils"
+    )
+    assert lookup is not original and getattr(lookup, "memoized", False)
+    for sop_class in (CTImageStorage, EnhancedCTImageStorage, SegmentationStorage):
+        for attribute in ("PerFrameFunctionalGroupsSequence", "ImagePositionPatient"):
+            assert lookup(attribute, sop_class) == original(attribute, sop_class)
+        excluded = ["IconImageSequence"]
+        assert lookup("PixelData", sop_class, excluded) == original(
+            "PixelData", sop_class, excluded
+        )
+    for sop_class, multiframe in ((CTImageStorage, False), (EnhancedCTImageStorage, True)):
+        image = Dataset()
+        image.SOPClassUID = sop_class
+        assert _standard_utils.is_multiframe_image(image) is multiframe
 
 
 def test_dciodvfy_helper_fails_on_a_broken_object(case: Case, tmp_path: Path) -> None:

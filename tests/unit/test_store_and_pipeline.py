@@ -328,12 +328,12 @@ class FakePool:
 
     def __init__(self, idle: bool = True) -> None:
         self.busy = not idle
-        self.prefetches: list[tuple[str, tuple[Path, ...], bool]] = []
+        self.prefetches: list[tuple[str, tuple[Path, ...]]] = []
 
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...], complete: bool = False) -> bool:
+    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
         if self.busy:
             return False
-        self.prefetches.append((series_uid, paths, complete))
+        self.prefetches.append((series_uid, paths))
         return True
 
 
@@ -376,19 +376,17 @@ def test_series_still_arriving_are_prefetched_when_a_rule_runs_a_model(tmp_path:
     receive(other)
     node._prefetch_arriving(node.index.pending_series())
     uid = ct[0].SeriesInstanceUID
-    assert pool.prefetches == [(uid, tuple(first), False)]
+    assert pool.prefetches == [(uid, tuple(first))]
     rest = receive(ct[3:])
     pool.busy = True  # not now: asked again on the next round
     node._prefetch_arriving(node.index.pending_series())
     pool.busy = False
     node._prefetch_arriving(node.index.pending_series())
     node._prefetch_arriving(node.index.pending_series())  # nothing new: nothing sent
-    assert pool.prefetches[1:] == [(uid, tuple(rest), False)]
-    # Every association released: the worker is told once to get ready for the job.
-    node.index.close_association(association)
+    assert pool.prefetches[1:] == [(uid, tuple(rest))]
+    node.index.close_association(association)  # released: nothing new, nothing sent
     node._prefetch_arriving(node.index.pending_series())
-    node._prefetch_arriving(node.index.pending_series())
-    assert pool.prefetches[2:] == [(uid, (), True)]
+    assert len(pool.prefetches) == 2
     node.index.close()
 
 
@@ -487,6 +485,30 @@ def test_a_worker_drops_the_prefetches_of_the_series_its_job_reads(tmp_path: Pat
     inbox: deque[JobSpec | Prefetch | None] = deque()
     assert _next_message(worker_end, inbox) == job
     assert list(inbox) == [Prefetch("4.5.6", (tmp_path / "b.dcm",))]
+
+
+def test_a_worker_freezes_what_it_keeps_for_life(tmp_path: Path) -> None:
+    """Imports and loaded models leave the cyclic collector's view; garbage does not."""
+    import gc
+    import weakref
+
+    from dicom_ai.pipeline import worker
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+
+    kept, garbage = Node(), Node()
+    gone = weakref.ref(garbage)
+    del garbage
+    before = gc.get_freeze_count()
+    try:
+        worker._freeze_long_lived()
+        assert gc.get_freeze_count() > before
+        assert gone() is None  # collected before freezing, not frozen with the rest
+        assert not gc.is_finalized(kept) and kept.me is kept
+    finally:
+        gc.unfreeze()
 
 
 def test_the_index_version_moves_with_every_commit_from_any_process(tmp_path: Path) -> None:

@@ -20,7 +20,9 @@ from monai.transforms.utility.dictionary import EnsureChannelFirstd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -498,6 +500,7 @@ def _decoding_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("decoded again although prefetched")
 
     monkeypatch.setattr(Dataset, "pixel_array", property(refuse))
+    monkeypatch.setattr("dicom_ai.inference.volume._native_pixels", refuse)
 
 
 def test_prefetched_instances_load_without_reading_again(
@@ -508,7 +511,7 @@ def test_prefetched_instances_load_without_reading_again(
     paths = _write(tmp_path / "ct")
     expected = load_series(paths).frames.copy()
     assert prefetch(paths[:4]) == 4
-    assert prefetch(paths, prepare_volume=True) == len(paths) - 4  # cached: not read twice
+    assert prefetch(paths) == len(paths) - 4  # cached: not read twice
     _decoding_forbidden(monkeypatch)
     volume = load_series(list(reversed(paths)))
     np.testing.assert_array_equal(volume.frames, expected)
@@ -536,3 +539,142 @@ def test_an_instance_received_again_after_prefetch_is_read_afresh(tmp_path: Path
     k = [str(h.SOPInstanceUID) for h in volume.headers].index(str(ds.SOPInstanceUID))
     slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
     np.testing.assert_allclose(volume.frames[k], 123 * slope + intercept)
+
+
+@pytest.mark.parametrize(
+    ("allocated", "stored", "signed", "shape"),
+    [
+        (16, 16, True, (40, 56)),
+        (16, 12, True, (40, 56)),  # high bits set at random: sign-extended from bit 11
+        (16, 12, False, (300, 300)),  # deferred (over 64 KiB): read from the file
+        (8, 8, False, (5, 7)),  # odd length: one pad byte
+        (8, 6, True, (300, 300)),
+        (32, 32, False, (20, 24)),
+        (32, 20, True, (20, 24)),
+    ],
+)
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_native_pixels_are_what_pydicom_decodes(
+    tmp_path: Path,
+    allocated: int,
+    stored: int,
+    signed: bool,
+    shape: tuple[int, int],
+    syntax: UID,
+) -> None:
+    from dicom_ai.inference.volume import _decode_single, _native_pixels, _read_header
+
+    ds = next(iter(phantom_ct_datasets(SPEC)))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns = shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+    ds.PixelRepresentation = int(signed)
+    raw = np.random.default_rng(allocated + stored).integers(
+        0, 256, size=shape[0] * shape[1] * allocated // 8, dtype=np.uint8
+    )
+    ds.PixelData = raw.tobytes() + (b"\0" if raw.size % 2 else b"")
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    expected = pydicom.dcmread(path).pixel_array
+
+    native = _native_pixels(_read_header(path), path)
+    assert native is not None  # the fast path was taken, not pydicom's
+    assert native.dtype == expected.dtype
+    np.testing.assert_array_equal(native, expected)
+    np.testing.assert_array_equal(_decode_single(_read_header(path), path), expected)
+
+
+def test_other_pixel_encodings_are_left_to_pydicom(tmp_path: Path) -> None:
+    from dicom_ai.inference.volume import _decode_single, _native_pixels, _read_header
+
+    big, short = list(phantom_ct_datasets(SPEC))[:2]
+    big.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    short.PixelData = short.PixelData[:-100]  # shorter than Rows x Columns
+    for name, ds in (("big.dcm", big), ("short.dcm", short)):
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+    path = tmp_path / "big.dcm"
+    assert _native_pixels(_read_header(path), path) is None
+    np.testing.assert_array_equal(
+        _decode_single(_read_header(path), path), pydicom.dcmread(path).pixel_array
+    )
+    path = tmp_path / "short.dcm"
+    assert _native_pixels(_read_header(path), path) is None
+    with pytest.raises(InputError, match="cannot be decoded"):
+        _decode_single(_read_header(path), path)
+
+
+@pytest.fixture(autouse=True)
+def _no_prefetch_between_tests() -> Iterable[None]:
+    from dicom_ai.inference.volume import release_prefetched
+
+    release_prefetched()
+    yield
+    release_prefetched()
+
+
+def _arena() -> npt.NDArray[np.float32]:
+    from dicom_ai.inference import volume
+
+    arena = volume._prefetched._arena
+    assert arena is not None
+    return arena
+
+
+@pytest.mark.parametrize("arrival", ["in order", "reversed", "shuffled", "half"])
+def test_a_prefetched_series_becomes_its_volume_in_place(tmp_path: Path, arrival: str) -> None:
+    from dicom_ai.inference.volume import prefetch
+
+    paths = _write(tmp_path / "ct", spec=PhantomSpec(slices=9, rows=40, columns=56))
+    expected = load_series(paths).frames.copy()
+    order = {
+        "in order": paths,
+        "reversed": paths[::-1],
+        "shuffled": random.Random(3).sample(paths, len(paths)),
+        "half": random.Random(4).sample(paths, 5),  # the job decodes the other 4 itself
+    }[arrival]
+    for path in order:  # one at a time, as the receiver stores them
+        assert prefetch([path]) == 1
+    volume = load_series(paths)
+    np.testing.assert_array_equal(volume.frames, expected)
+    assert np.shares_memory(volume.frames, _arena())  # no copy: the planes were put in place
+
+
+def test_planes_of_another_series_in_between_are_copied_out(tmp_path: Path) -> None:
+    from dicom_ai.inference.volume import forget_prefetched_except, prefetch
+
+    paths = _write(tmp_path / "a")
+    other = _write(tmp_path / "b", spec=PhantomSpec(slices=3, rows=40, columns=56, seed=9))
+    expected = load_series(paths).frames.copy()
+    prefetch(paths[:3])
+    prefetch(other)  # a second series arriving at once, on the same worker
+    prefetch(paths[3:])
+    forget_prefetched_except(paths)  # its job starts
+    volume = load_series(paths)
+    np.testing.assert_array_equal(volume.frames, expected)
+    assert not np.shares_memory(volume.frames, _arena())
+
+
+def test_the_arena_is_reused_after_each_job(tmp_path: Path) -> None:
+    from dicom_ai.inference.volume import prefetch, release_prefetched
+
+    first = _write(tmp_path / "a")
+    second = _write(tmp_path / "b", spec=PhantomSpec(slices=6, rows=40, columns=56, seed=9))
+    expected = load_series(second).frames.copy()
+    prefetch(first)
+    start = load_series(first).frames.__array_interface__["data"][0]
+    release_prefetched()  # the job is done
+    prefetch(second)
+    volume = load_series(second)
+    np.testing.assert_array_equal(volume.frames, expected)
+    assert volume.frames.__array_interface__["data"][0] == start  # the same memory again
+
+
+def test_planar_images_are_decoded_as_stored_even_when_prefetched(tmp_path: Path) -> None:
+    from dicom_ai.inference.volume import prefetch
+
+    stored = _stored(0, 1023)
+    path = _planar(tmp_path / "cr.dcm", stored, RescaleSlope=2, RescaleIntercept=-7)
+    expected = load_planar_images([path])[0].image.clone()
+    assert prefetch([path]) == 1  # cached rescaled, which the planar path must not use
+    image = load_planar_images([path])[0].image
+    assert torch.equal(image, expected)
