@@ -456,6 +456,8 @@ def read_ahead(paths: Sequence[Path]) -> None:
     """Ask the kernel to start reading these files now, all at once. The spool writes
     instances with O_DIRECT, so they are on disk but not in the page cache; read one by
     one, each costs a ~1-3 ms wait for the disk, where the batch streams at disk speed."""
+    if not hasattr(os, "posix_fadvise"):  # not on every platform; only advice
+        return
     for path in paths:
         if path in _prefetched:
             continue

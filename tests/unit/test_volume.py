@@ -678,3 +678,12 @@ def test_planar_images_are_decoded_as_stored_even_when_prefetched(tmp_path: Path
     assert prefetch([path]) == 1  # cached rescaled, which the planar path must not use
     image = load_planar_images([path])[0].image
     assert torch.equal(image, expected)
+
+
+def test_read_ahead_is_advice_only(tmp_path: Path) -> None:
+    from dicom_ai.inference.volume import read_ahead
+
+    paths = _write(tmp_path / "ct")
+    expected = load_series(paths).frames.copy()
+    read_ahead([tmp_path / "gone.dcm", *paths])  # a missing file is the loader's to report
+    np.testing.assert_array_equal(load_series(paths).frames, expected)
