@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -171,9 +172,8 @@ def case(
     directory = tmp_path_factory.mktemp(request.param)
     seg_path, sr_path = directory / "seg.dcm", directory / "sr.dcm"
     for dataset, path in ((seg, seg_path), (sr, sr_path)):
-        # pydicom's own writing first, for the comparison below; then as the worker writes.
+        path.write_bytes(file_bytes(dataset))  # as the worker writes it; then pydicom's own
         dataset.save_as(path.with_suffix(".save_as"), enforce_file_format=True)
-        path.write_bytes(file_bytes(dataset))
     yield Case(request.param, findings, shuffled, seg_path, sr_path)
 
 
@@ -628,3 +628,62 @@ def _report(
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport), type(report)
     return report
+
+
+def _item(**values: Any) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def test_file_bytes_match_pydicom_for_plain_and_other_sequences() -> None:
+    """Plain items are encoded by dicom-ai, the others by pydicom; the file is the same."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import DSfloat
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SegmentationStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.BitsAllocated = 16
+    ds.PixelRepresentation = 1
+    plain = [
+        _item(
+            ReferencedSOPInstanceUID="1.2.3",  # odd length: padded with a NUL
+            CodeMeaning="odd",  # LO: padded with a space
+            ImagePositionPatient=[DSfloat("-0.50"), 1.25, 3],  # DS: a string kept, floats
+            DimensionIndexValues=[1, 70000],  # UL, multiple
+            ReferencedSegmentNumber=3,  # US
+            SeriesDescription="",  # empty
+            PlanePositionSequence=[_item(ImagePositionPatient=[0, 0, 2.5])],
+        )
+        for _ in range(3)
+    ]
+    ds.PerFrameFunctionalGroupsSequence = plain
+    ds.ReferencedSeriesSequence = [_item(SeriesInstanceUID="1.2", StudyDate="20260101")]  # DA
+    ds.ContentSequence = [_item(CodeMeaning="Überlauf")]  # not ASCII: pydicom encodes it
+    undefined = DicomSequence([_item(CodeValue="X1")])
+    ds.SourceImageSequence = undefined
+    ds["SourceImageSequence"].is_undefined_length = True
+    ds.RealWorldValueMappingSequence = [_item(SmallestImagePixelValue=-3)]  # 'US or SS'
+    ds.PixelData = np.arange(4, dtype=np.int16).tobytes()  # 'OB or OW', from Bits Allocated
+
+    from dicom_ai.results.encoding import _plain_sequence
+
+    plain_ones = [e.keyword for e in ds if e.VR == "SQ" and _plain_sequence(e) is not None]
+    assert plain_ones == ["PerFrameFunctionalGroupsSequence"]
+    written = bytes(file_bytes(ds))
+    reference = io.BytesIO()
+    ds.save_as(reference, enforce_file_format=True)
+    assert written == reference.getvalue()
+    back = pydicom.dcmread(io.BytesIO(written))
+    assert back.PerFrameFunctionalGroupsSequence[2].DimensionIndexValues == [1, 70000]
+    assert back.ContentSequence[0].CodeMeaning == "Überlauf"
+    assert back.RealWorldValueMappingSequence[0].SmallestImagePixelValue == -3
