@@ -131,7 +131,8 @@ class Node:
                 resumed,
                 reindexed,
             )
-        self._pool = WorkerPool(self.config.pipeline.workers, self._log_level)
+        pipeline = self.config.pipeline
+        self._pool = WorkerPool(pipeline.workers, self._log_level, pipeline.warm_memory_mb << 20)
         self.scp.start()
         if self.config.node.receivers > 1:
             self._receivers.start(self.scp.listening())

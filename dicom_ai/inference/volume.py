@@ -287,8 +287,10 @@ class _Prefetched:
     slice order already is its volume. The job then makes no copy and touches no fresh
     memory: on these VMs a page touched for the first time costs more than decoding into
     it (perf: the prefetching worker spent ~45% of its time in ``clear_page_erms`` with
-    per-instance arrays and a separate volume). An entry is used once, and only while its
-    file has the size and mtime it was read with.
+    per-instance arrays and a separate volume). An idle worker touches the arena ahead of
+    the planes (``warm``), so even its first large series decodes into resident memory.
+    An entry is used once, and only while its file has the size and mtime it was read
+    with.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -298,6 +300,7 @@ class _Prefetched:
         self._taken: dict[int, _Plane] = {}  # id(header) -> its plane, during a load
         self._arena: npt.NDArray[np.float32] | None = None
         self._used = 0  # arena elements handed out since the last release
+        self._touched = 0  # arena elements written at least once: resident pages
 
     def __contains__(self, path: Path) -> bool:
         return path in self._entries
@@ -315,17 +318,35 @@ class _Prefetched:
         """Rescale ``stored`` into the arena and keep it for ``path``; False when full."""
         if stored.ndim != 2 or self._used + stored.size > self.capacity:
             return False
+        if not self._allocate():
+            return False
+        plane = _Plane(self._used, (int(stored.shape[0]), int(stored.shape[1])))
+        _apply_rescale(self._view(plane), stored, *_rescale(header))
+        self._used += stored.size
+        self._entries[path] = (stamp, header, plane)
+        return True
+
+    def _allocate(self) -> bool:
         if self._arena is None:
             try:
                 # Address space only: pages are touched as planes are written.
                 self._arena = np.empty(self.capacity, dtype=np.float32)
             except MemoryError:
                 return False
-        plane = _Plane(self._used, (int(stored.shape[0]), int(stored.shape[1])))
-        _apply_rescale(self._view(plane), stored, *_rescale(header))
-        self._used += stored.size
-        self._entries[path] = (stamp, header, plane)
         return True
+
+    def warm(self, elements: int, step: int) -> bool:
+        """Touch up to ``step`` more of the arena's first ``elements``, past the planes in
+        it; True while there is more to touch."""
+        target = min(elements, self.capacity)
+        start = max(self._touched, self._used)
+        if start >= target or not self._allocate():
+            return False
+        assert self._arena is not None
+        end = min(start + step, target)
+        self._arena[start:end] = 0.0  # only past _used: no plane lies there
+        self._touched = end
+        return end < target
 
     def _view(self, plane: _Plane) -> npt.NDArray[np.float32]:
         assert self._arena is not None
@@ -381,6 +402,7 @@ class _Prefetched:
         """The job is done with its volume: the arena is free for the next series."""
         self._entries.clear()
         self._taken.clear()
+        self._touched = max(self._touched, self._used)
         self._used = 0
 
 
@@ -426,6 +448,15 @@ def forget_prefetched_except(paths: Sequence[Path]) -> None:
 def release_prefetched() -> None:
     """After a job: its volume (which may lie in the prefetch arena) is no longer used."""
     _prefetched.release()
+
+
+def warm_prefetch_arena(size_bytes: int, step_bytes: int = 8 << 20) -> bool:
+    """Write the next ``step_bytes`` of the first ``size_bytes`` of the prefetch arena,
+    ahead of the planes in it; True while more is left. An idle worker calls this so that
+    the large series it decodes next finds its memory resident: on these VMs, touching
+    fresh memory cost 0.4-1.4 ms per MB, ~0.6 s for a 300-slice CT."""
+    itemsize = np.dtype(np.float32).itemsize
+    return _prefetched.warm(size_bytes // itemsize, max(step_bytes // itemsize, 1))
 
 
 def prefetch(paths: Sequence[Path]) -> int:

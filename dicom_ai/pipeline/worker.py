@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections import deque
@@ -216,7 +217,7 @@ def _report(
     return build_detection_sr(headers, findings, uids, device)
 
 
-def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
+def _worker_main(conn: Connection, log_level: int, parent_pid: int, warm_bytes: int) -> None:
     from dicom_ai.lifecycle import die_with_parent
 
     die_with_parent(parent_pid)
@@ -228,7 +229,7 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
     inbox: deque[JobSpec | Prefetch | None] = deque()
     while True:
         try:
-            spec = _next_message(conn, inbox)
+            spec = _next_message(conn, inbox, warm_bytes)
         except EOFError:
             return
         if spec is None:
@@ -256,11 +257,12 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int) -> None:
 
 
 def _next_message(
-    conn: Connection, inbox: deque[JobSpec | Prefetch | None]
+    conn: Connection, inbox: deque[JobSpec | Prefetch | None], warm_bytes: int = 0
 ) -> JobSpec | Prefetch | None:
     """The next thing to do: a job (or the stop) before any prefetch, so a job never waits
     behind decoding of other series."""
     if not inbox:
+        _warm_while_idle(conn, warm_bytes)
         inbox.append(conn.recv())
     while conn.poll():
         inbox.append(conn.recv())
@@ -271,6 +273,19 @@ def _next_message(
                 _drop_prefetches(conn, inbox, message.series_instance_uid)
             return message
     return inbox.popleft()
+
+
+def _warm_while_idle(conn: Connection, warm_bytes: int) -> None:
+    """Until a message comes, touch the prefetch arena step by step (8 MB, a few ms each,
+    ahead of the planes prefetched so far), so that the next large series finds its
+    memory resident. Only once the worker has imported the inference code for a message:
+    an idle worker that was never sent anything stays small."""
+    if not warm_bytes or "dicom_ai.inference.volume" not in sys.modules:
+        return
+    from dicom_ai.inference.volume import warm_prefetch_arena
+
+    while not conn.poll() and warm_prefetch_arena(warm_bytes):
+        pass
 
 
 def _drop_prefetches(
@@ -336,16 +351,17 @@ class _Slot:
 class WorkerPool:
     """``size`` spawned workers; jobs go to idle ones; ``poll`` reports finished jobs."""
 
-    def __init__(self, size: int, log_level: int = logging.INFO) -> None:
+    def __init__(self, size: int, log_level: int = logging.INFO, warm_bytes: int = 0) -> None:
         self._context = multiprocessing.get_context("spawn")
         self._log_level = log_level
+        self._warm_bytes = warm_bytes
         self._slots = [self._new_slot() for _ in range(size)]
 
     def _new_slot(self) -> _Slot:
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(child, self._log_level, os.getpid()),
+            args=(child, self._log_level, os.getpid(), self._warm_bytes),
             name="dicom-ai-worker",
             daemon=True,
         )

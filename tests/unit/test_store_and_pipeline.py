@@ -511,6 +511,46 @@ def test_a_worker_freezes_what_it_keeps_for_life(tmp_path: Path) -> None:
         gc.unfreeze()
 
 
+class _Conn:
+    """A worker's end of the pipe, where a message arrives at the ``arrives``-th poll."""
+
+    def __init__(self, arrives: int) -> None:
+        self.arrives = arrives
+        self.polls = 0
+
+    def poll(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.arrives
+
+
+def test_an_idle_worker_warms_its_arena_until_done_or_a_message_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from dicom_ai.inference import volume
+    from dicom_ai.pipeline import worker
+
+    steps: list[int] = []
+
+    def warm(size: int) -> bool:
+        steps.append(size)
+        return len(steps) < 5  # five steps to go
+
+    monkeypatch.setattr(volume, "warm_prefetch_arena", warm)
+    worker._warm_while_idle(_Conn(arrives=100), 1 << 20)  # type: ignore[arg-type]
+    assert steps == [1 << 20] * 5
+    steps.clear()
+    worker._warm_while_idle(_Conn(arrives=3), 1 << 20)  # type: ignore[arg-type]
+    assert len(steps) == 2  # a message came: it goes first
+    steps.clear()
+    worker._warm_while_idle(_Conn(arrives=100), 0)  # type: ignore[arg-type]
+    assert steps == []  # warm_memory_mb: 0
+    monkeypatch.delitem(sys.modules, "dicom_ai.inference.volume")
+    worker._warm_while_idle(_Conn(arrives=100), 1 << 20)  # type: ignore[arg-type]
+    assert steps == []  # never sent a message: no torch imported for warming alone
+
+
 def test_the_index_version_moves_with_every_commit_from_any_process(tmp_path: Path) -> None:
     """The scheduler re-reads pending series only when it moves; a receiver process writes
     through its own connection."""

@@ -669,6 +669,35 @@ def test_the_arena_is_reused_after_each_job(tmp_path: Path) -> None:
     assert volume.frames.__array_interface__["data"][0] == start  # the same memory again
 
 
+def test_warming_touches_the_arena_past_the_planes_up_to_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_ai.inference import volume
+    from dicom_ai.inference.volume import prefetch, release_prefetched, warm_prefetch_arena
+
+    plane = 40 * 56
+    arena = volume._Prefetched(capacity=64 * plane)
+    monkeypatch.setattr(volume, "_prefetched", arena)
+    paths = _write(tmp_path / "ct", spec=PhantomSpec(slices=6, rows=40, columns=56))
+    expected = load_series(paths).frames.copy()
+    prefetch(paths[:3])  # planes 0-2 of the arena
+    assert arena._arena is not None
+    arena._arena[3 * plane :] = np.nan  # stands for memory never touched
+    size, step = 12 * plane * 4, plane * 4  # bytes: 12 planes, one per call
+    calls = 1
+    while warm_prefetch_arena(size, step):
+        calls += 1
+    assert calls == 9  # planes 3-11; the planes already there are not written over
+    assert np.all(arena._arena[3 * plane : 12 * plane] == 0)
+    assert np.isnan(arena._arena[12 * plane :]).all()  # no further than asked
+    prefetch(paths[3:])
+    loaded = load_series(paths)
+    np.testing.assert_array_equal(loaded.frames, expected)
+    assert np.shares_memory(loaded.frames, arena._arena)
+    release_prefetched()
+    assert not warm_prefetch_arena(size, step)  # touched by now: nothing left to do
+
+
 def test_planar_images_are_decoded_as_stored_even_when_prefetched(tmp_path: Path) -> None:
     from dicom_ai.inference.volume import prefetch
 
