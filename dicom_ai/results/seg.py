@@ -95,6 +95,17 @@ SEG_SERIES_NUMBER_OFFSET = 1000
 """Default SEG Series Number = source Series Number + this (1000 without a source number)."""
 
 
+class _WrittenSegmentation(Segmentation):
+    """A SEG the node writes and sends, and never queries. highdicom's constructor ends by
+    building lookup tables (an in-memory SQLite table of the frames) for its query methods;
+    that took ~0.13 s of a 0.45-0.8 s build of 1,065 frames (cProfile). The dataset is the
+    same element for element (tested); whatever reads the SEG back (``segread``) builds its
+    own tables."""
+
+    def _build_luts(self) -> None:
+        return None
+
+
 def algorithm_family_code(family: AlgorithmFamily) -> CodedConcept:
     """CID 7162 concept for an algorithm family."""
     if family is AlgorithmFamily.ARTIFICIAL_INTELLIGENCE:
@@ -153,7 +164,7 @@ def build_seg(
     source = ordered[0]
     name = findings.algorithm.name
     try:
-        seg = Segmentation(
+        seg = _WrittenSegmentation(
             source_images=sources,
             pixel_array=pixel_array,
             segmentation_type=SegmentationTypeValues.BINARY,

@@ -222,6 +222,33 @@ def test_the_memoized_iod_lookup_answers_as_highdicom_does() -> None:
         assert _standard_utils.is_multiframe_image(image) is multiframe
 
 
+def test_the_seg_is_highdicoms_without_its_query_tables(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from highdicom.seg import Segmentation
+
+    from dicom_ai.results import seg as seg_module
+
+    uids = result_uids(SPEC.series_instance_uid, case.name, case.findings.algorithm.version)
+    written = build_seg(case.headers, case.findings, uids, DEVICE)
+    monkeypatch.setattr(seg_module, "_WrittenSegmentation", Segmentation)
+    queryable = build_seg(case.headers, case.findings, uids, DEVICE)
+    assert hasattr(queryable, "_db_con") and not hasattr(written, "_db_con")  # tables skipped
+    for dataset in (written, queryable):  # made a moment apart, each with a new UID here
+        for keyword in (
+            "InstanceCreationDate",
+            "InstanceCreationTime",
+            "ContentDate",
+            "ContentTime",
+        ):
+            delattr(dataset, keyword)
+        for item in dataset.ContributingEquipmentSequence:
+            item.ContributionDateTime = "20260101"
+        for item in (*dataset.DimensionOrganizationSequence, *dataset.DimensionIndexSequence):
+            item.DimensionOrganizationUID = "1.2.3"
+    assert file_bytes(written) == file_bytes(queryable)
+
+
 def test_dciodvfy_helper_fails_on_a_broken_object(case: Case, tmp_path: Path) -> None:
     broken = pydicom.dcmread(case.seg_path)
     del broken.SeriesInstanceUID
