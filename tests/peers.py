@@ -188,6 +188,7 @@ class NodeProcess:
     def start(self, timeout: float = 60) -> NodeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
+        earlier = self.log.stat().st_size if self.log.exists() else 0  # a restart appends
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_ai.cli", "serve", "--config", str(self.config_path)],
             stdout=self.log.open("ab"),
@@ -198,7 +199,8 @@ class NodeProcess:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()}")
-            return port_open(self.port)
+            # The port opens before receiver processes (node.receivers) have started.
+            return port_open(self.port) and b"dicom-ai ready" in self.log.read_bytes()[earlier:]
 
         wait_until(ready, timeout, "the node to listen")
         return self

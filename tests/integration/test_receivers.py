@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,12 +26,37 @@ def _receiver_children(node: NodeProcess) -> list[psutil.Process]:
     ]
 
 
+def _accepted(node: NodeProcess) -> list[int]:
+    """Per process (the node, then its receivers): connections it accepted on the port."""
+    assert node.proc is not None
+    return [
+        sum(
+            1
+            for c in process.net_connections("tcp")
+            if c.laddr and c.laddr.port == node.port and c.status == psutil.CONN_ESTABLISHED
+        )
+        for process in (psutil.Process(node.proc.pid), *_receiver_children(node))
+    ]
+
+
 def test_receivers_share_the_port_and_die_with_the_node(tmp_path: Path, pacs: StoreSCP) -> None:
     node = NodeProcess(
         tmp_path / "node", node_config(tmp_path / "node", pacs.port, node={"receivers": RECEIVERS})
-    ).start()
+    ).start()  # returns once the node says it is ready, receivers included
     try:
-        wait_until(lambda: len(_receiver_children(node)) == RECEIVERS - 1, 60, "receivers", 0.2)
+        assert len(_receiver_children(node)) == RECEIVERS - 1
+        # Connections arriving at once spread: a process holding some lets an idler one
+        # accept first. (Without that, 6 at once split 0-1-5 or 1-1-4 in 4 of 10 tries.)
+        for _ in range(3):
+            held = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(6)]
+            try:
+                wait_until(lambda: sum(_accepted(node)) == 6, 10, "6 accepted", 0.01)
+                spread = _accepted(node)
+                assert min(spread) >= 1 and max(spread) <= 3, spread
+            finally:
+                for sock in held:
+                    sock.close()
+            wait_until(lambda: sum(_accepted(node)) == 0, 10, "all closed", 0.01)
         series = [
             write_phantom_ct(
                 tmp_path / f"s{n}",
