@@ -194,8 +194,9 @@ class PipelineConfig(_Strict):
     early_start: bool = True
     # A job whose worker died (crash, kill) this many times is failed, not retried again.
     max_job_attempts: int = Field(default=3, ge=1)
-    # Memory each worker touches ahead while idle, once it has run a first job, for the
-    # series it decodes next (320: a 300-slice 512x512 CT as float32). 0: none.
+    # Memory each worker touches ahead while idle, once it has been sent a first series
+    # (prefetch or job), for the series it decodes next (320: a 300-slice 512x512 CT as
+    # float32). 0: none.
     warm_memory_mb: int = Field(default=320, ge=0)
 
 

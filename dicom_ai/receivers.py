@@ -5,7 +5,7 @@ header parsing, indexing) holds one interpreter lock. With ``node.receivers: N``
 starts N - 1 receiver processes beside its own SCP; all of them accept on the node's
 listening socket(s), passed to them at spawn. A new connection wakes every process and the
 first to accept takes it; a process already holding connections waits 5 ms for each (up to
-4) before it accepts, so an idler one takes it first (SO_REUSEPORT, tried before, hashes
+2) before it accepts, so an idler one takes it first (SO_REUSEPORT, tried before, hashes
 the addresses: 4 senders often landed 3 and 1, or 4 and 0). Each receiver has its own spool
 writer and its own connection to the SQLite index (WAL, so the processes share it safely);
 fsync before Success holds in every one of them. The node logs that it is ready once its

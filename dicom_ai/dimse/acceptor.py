@@ -77,7 +77,7 @@ _MAX_DATA_PDU = 16 * _MAXIMUM_LENGTH_RECEIVED
 # Where receiver processes share the listening socket: how long one waits per connection
 # it holds (up to _DEFER_LIMIT of them) before it accepts a new one.
 _DEFER_SECONDS = 0.005
-_DEFER_LIMIT = 4
+_DEFER_LIMIT = 2
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4)
 _REJECTED_PERMANENT, _REJECTED_TRANSIENT = 0x01, 0x02
@@ -641,6 +641,9 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    # socketserver's default backlog is 5: a burst of senders (or receiver processes
+    # deferring, below) would overflow it, and each dropped connection waits ~1 s to retry.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(
         self,

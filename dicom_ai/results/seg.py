@@ -100,7 +100,8 @@ class _WrittenSegmentation(Segmentation):
     building lookup tables (an in-memory SQLite table of the frames) for its query methods;
     that took ~0.13 s of a 0.45-0.8 s build of 1,065 frames (cProfile). The dataset is the
     same element for element (tested); whatever reads the SEG back (``segread``) builds its
-    own tables."""
+    own tables. Without them, highdicom's query methods, pickling and deepcopy of this
+    object would fail; the node only reads its attributes and writes it."""
 
     def _build_luts(self) -> None:
         return None

@@ -243,7 +243,7 @@ def test_the_seg_is_highdicoms_without_its_query_tables(
         ):
             delattr(dataset, keyword)
         for item in dataset.ContributingEquipmentSequence:
-            item.ContributionDateTime = "20260101"
+            item.pop("ContributionDateTime", None)
         for item in (*dataset.DimensionOrganizationSequence, *dataset.DimensionIndexSequence):
             item.DimensionOrganizationUID = "1.2.3"
     assert file_bytes(written) == file_bytes(queryable)
