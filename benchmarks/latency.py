@@ -12,7 +12,9 @@ MONAI and loaded the model. Then two 300-slice series are timed one after the ot
 ``first``, the first full-size series this node sees, and ``next``, the one after it. A
 node in service is in the second state: its worker has decoded a series before, so the
 memory it decodes into is its own already. On these VMs memory touched for the first time
-costs more than the decoding itself, so the first figure is the worse one.
+costs more than the decoding itself, so the first figure is the worse one; how much worse
+depends on how much of its arena the worker warmed while idle after the warm-up
+(``pipeline.warm_memory_mb``).
 For each series it prints the wall time from storescu's exit (the last C-STORE-RSP) to both
 results being in storescp's folder, the model's own inference time (from the node's log),
 the difference (the issue's "minus inference" figure), and where the rest went, from the

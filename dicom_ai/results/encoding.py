@@ -47,9 +47,7 @@ class _NotPlain(Exception):
 def file_bytes(dataset: Dataset) -> memoryview:
     """``dataset`` as a DICOM file (Part 10), encoded in its file meta's transfer syntax."""
     if dataset.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
-        buffer = BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        return buffer.getbuffer()
+        return _saved(dataset)
     written = Dataset()
     written.file_meta = dataset.file_meta
     written.preamble = getattr(dataset, "preamble", None)
@@ -66,20 +64,31 @@ def file_bytes(dataset: Dataset) -> memoryview:
         elif element.VR in AMBIGUOUS_VR:
             correct_ambiguous_vr_element(element, written, True, [written])
     _mark_explicit_little_endian(written)
+    return _saved(written)
+
+
+def _saved(dataset: Dataset) -> memoryview:
     buffer = BytesIO()
-    written.save_as(buffer, enforce_file_format=True)
+    dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getbuffer()
 
 
 def _plain_sequence(element: DataElement | RawDataElement) -> RawDataElement | None:
     """A sequence of plain items as a raw element holding their bytes; None otherwise."""
-    if not isinstance(element, DataElement) or element.VR != "SQ" or element.is_undefined_length:
+    if not isinstance(element, DataElement) or element.VR != "SQ":
         return None
     try:
-        value = _encode_items(element.value)
+        value = _encode_sequence(element)
     except _NotPlain:
         return None
     return RawDataElement(element.tag, "SQ", len(value), value, 0, False, True)
+
+
+def _encode_sequence(element: DataElement) -> bytes:
+    """The value of an SQ element: its items, if it has a defined length."""
+    if element.is_undefined_length:
+        raise _NotPlain
+    return _encode_items(element.value)
 
 
 def _encode_items(items: Sequence[Dataset]) -> bytes:
@@ -105,9 +114,7 @@ def _encode_elements(dataset: Dataset) -> bytes:
         vr = element.VR
         out += struct.pack("<HH", tag.group, tag.element)
         if vr == "SQ":
-            if element.is_undefined_length:
-                raise _NotPlain
-            value = _encode_items(element.value)
+            value = _encode_sequence(element)
             out += b"SQ\0\0" + struct.pack("<L", len(value)) + value
             continue
         value = b"" if element.is_empty else _value(vr, element.value)
