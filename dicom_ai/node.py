@@ -80,20 +80,20 @@ class Node:
             config.pipeline.release_grace_seconds,
             config.pipeline.early_start,
         )
-        receivers = config.node.receivers
+        self._receivers = ReceiverProcesses(config, config.node.receivers - 1, log_level)
         self.scp = make_scp(
             config,
             self.spool,
             self.index,
             port=config.node.port,
             tls_port=None,
+            shared_limit=self._receivers.shared_limit,
         )
         # A released association wakes the scheduler (its series may be complete now).
         self._wake, self._waker = socket.socketpair()
         for end in (self._wake, self._waker):
             end.setblocking(False)
         self.scp.on_association_ended = self._wake_scheduler
-        self._receivers = ReceiverProcesses(config, receivers - 1, log_level)
         self.deliverer = Deliverer(
             self.index,
             config.destinations,
@@ -194,7 +194,7 @@ class Node:
         self._stop.set()
 
     def wait(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(0.05):
             pass
 
     # -- scheduler ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
 from dicom_ai.config import Config
+from dicom_ai.dimse.acceptor import SharedLimit
 from dicom_ai.dimse.scp import AccessPolicy, CalledAE, Listening, StorageSCP
 from dicom_ai.dimse.tls import server_context
 from dicom_ai.lifecycle import die_with_parent
@@ -66,8 +67,10 @@ def make_scp(
     *,
     port: int | None,
     tls_port: int | None,
+    shared_limit: SharedLimit | None = None,
 ) -> StorageSCP:
-    """The storage SCP of the config, listening on ``port`` / ``tls_port``."""
+    """The storage SCP of the config, listening on ``port`` / ``tls_port``; with
+    ``shared_limit``, ``max_associations`` counts the receiver processes' too."""
     tls = config.node.tls
     return StorageSCP(
         config.node.ae_title,
@@ -80,25 +83,37 @@ def make_scp(
         tls=(tls_port if tls_port is not None else tls.port, server_context(tls)) if tls else None,
         network_timeout=config.node.network_timeout_seconds,
         acse_timeout=config.node.acse_timeout_seconds,
+        shared_limit=shared_limit,
     )
 
 
 class ReceiverProcesses:
-    """``count`` spawned receivers listening on the ports the node's own SCP bound."""
+    """``count`` spawned receivers listening on the ports the node's own SCP bound.
+    ``shared_limit`` counts open associations across them and the node's own SCP."""
 
     def __init__(self, config: Config, count: int, log_level: int = logging.INFO) -> None:
         self._config = config
         self._count = count
         self._log_level = log_level
         self._processes: list[BaseProcess] = []
+        self._context = multiprocessing.get_context("spawn")
+        self.shared_limit: SharedLimit | None = (
+            self._context.BoundedSemaphore(config.node.max_associations) if count else None
+        )
 
     def start(self, shared: Listening) -> None:
-        context = multiprocessing.get_context("spawn")
-        ready = [context.Event() for _ in range(self._count)]
+        ready = [self._context.Event() for _ in range(self._count)]
         for n, event in enumerate(ready, start=1):
-            process = context.Process(
+            process = self._context.Process(
                 target=_receiver_main,
-                args=(self._config, shared, self._log_level, os.getpid(), event),
+                args=(
+                    self._config,
+                    shared,
+                    self.shared_limit,
+                    self._log_level,
+                    os.getpid(),
+                    event,
+                ),
                 name=f"dicom-ai-receiver-{n}",
                 daemon=True,
             )
@@ -127,6 +142,7 @@ class ReceiverProcesses:
 def _receiver_main(
     config: Config,
     shared: Listening,
+    shared_limit: SharedLimit | None,
     log_level: int,
     parent_pid: int,
     ready: EventType,
@@ -140,11 +156,14 @@ def _receiver_main(
     port, tls_port = (
         None if sock is None else int(sock.getsockname()[1]) for sock in (shared.plain, shared.tls)
     )
-    scp = make_scp(config, spool, index, port=port, tls_port=tls_port)
+    scp = make_scp(config, spool, index, port=port, tls_port=tls_port, shared_limit=shared_limit)
     scp.start(shared)
     ready.set()
     try:
-        stop.wait()
+        # Timed: SIGTERM may land on an accepting thread, and then only the main thread's
+        # next bytecode runs the handler; an untimed wait never got there (10 s to kill).
+        while not stop.wait(0.05):
+            pass
     finally:
         scp.stop()
         index.close()

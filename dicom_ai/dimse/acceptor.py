@@ -54,6 +54,7 @@ __all__ = [
     "CStoreRequest",
     "DimseService",
     "Rejection",
+    "SharedLimit",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ _MAX_DATA_PDU = 16 * _MAXIMUM_LENGTH_RECEIVED
 # it holds (up to _DEFER_LIMIT of them) before it accepts a new one.
 _DEFER_SECONDS = 0.005
 _DEFER_LIMIT = 2
+# How often the accept loop looks for a shutdown request: stop() waits up to this long
+# (socketserver's default, 0.5 s, was most of a node's stop time).
+_SHUTDOWN_POLL_SECONDS = 0.05
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4)
 _REJECTED_PERMANENT, _REJECTED_TRANSIENT = 0x01, 0x02
@@ -159,6 +163,15 @@ class CStoreRequest:
             self.association.calling_ae_title,
         )
         return (header, *self.data_set)
+
+
+class SharedLimit(Protocol):
+    """A count of open associations shared by processes accepting on one socket (a
+    ``multiprocessing`` BoundedSemaphore): ``maximum_associations`` is then node-wide."""
+
+    def acquire(self, block: bool = ..., timeout: float | None = ...) -> bool: ...
+
+    def release(self) -> None: ...
 
 
 class DimseService(Protocol):
@@ -707,13 +720,14 @@ class Acceptor:
         maximum_associations: int = 10,
         network_timeout: float | None = 60.0,
         acse_timeout: float | None = 30.0,
+        shared_limit: SharedLimit | None = None,
     ) -> None:
         self.service = service
         self.supported_contexts = supported_contexts
         self.maximum_associations = maximum_associations
         self.network_timeout = network_timeout
         self.acse_timeout = acse_timeout
-        self._slots = _Slots(maximum_associations)
+        self._slots = _Slots(maximum_associations, shared_limit)
         self._servers: list[_Server] = []
         self.sharing = False  # other processes accept on the same listening sockets
 
@@ -759,7 +773,10 @@ class Acceptor:
         self._servers.append(server)
         bound = int(server.server_address[1])
         threading.Thread(
-            target=server.serve_forever, name=f"dicom-ai-accept-{bound}", daemon=True
+            target=server.serve_forever,
+            args=(_SHUTDOWN_POLL_SECONDS,),
+            name=f"dicom-ai-accept-{bound}",
+            daemon=True,
         ).start()
         return bound
 
@@ -781,24 +798,32 @@ class Acceptor:
 
 
 class _Slots:
-    """Open associations in this process, against the limit."""
+    """Open associations in this process, against the limit: this process's own, or
+    ``shared``, counted across the processes that accept on the same socket."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, shared: SharedLimit | None = None) -> None:
         self._limit = limit
+        self._shared = shared
         self._lock = threading.Lock()
         self._open: dict[int, _Connection] = {}
         self._closed = False  # stopping: no new association, even one mid-handshake
 
     def take(self, connection: _Connection) -> bool:
         with self._lock:
-            if self._closed or len(self._open) >= self._limit:
+            if self._closed:
+                return False
+            if self._shared is not None:
+                if not self._shared.acquire(False):
+                    return False
+            elif len(self._open) >= self._limit:
                 return False
             self._open[id(connection)] = connection
             return True
 
     def release(self, connection: _Connection) -> None:
         with self._lock:
-            self._open.pop(id(connection), None)
+            if self._open.pop(id(connection), None) is not None and self._shared is not None:
+                self._shared.release()
 
     def close_all(self) -> None:
         with self._lock:

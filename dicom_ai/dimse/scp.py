@@ -31,7 +31,13 @@ from pydicom.uid import (
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
-from dicom_ai.dimse.acceptor import Acceptor, Association, CStoreRequest, Rejection
+from dicom_ai.dimse.acceptor import (
+    Acceptor,
+    Association,
+    CStoreRequest,
+    Rejection,
+    SharedLimit,
+)
 from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
 from dicom_ai.dimse.wire import EncodingError
 from dicom_ai.errors import DicomAIError, InputError, OutOfSpaceError, StorageError
@@ -159,6 +165,7 @@ class StorageSCP:
         tls: tuple[int, ssl.SSLContext] | None = None,
         network_timeout: float = 60.0,
         acse_timeout: float = 30.0,
+        shared_limit: SharedLimit | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
@@ -173,6 +180,7 @@ class StorageSCP:
             maximum_associations=max_associations,
             network_timeout=network_timeout,
             acse_timeout=acse_timeout,
+            shared_limit=shared_limit,
         )
         self._port: int | None = None
         self._tls_port: int | None = None

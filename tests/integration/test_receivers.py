@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+from pynetdicom import AE
 
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, StoreSCP, echoscu, node_config, storescu, wait_until
@@ -90,3 +94,58 @@ def test_receivers_share_the_port_and_die_with_the_node(tmp_path: Path, pacs: St
     finally:
         node.stop()
     assert len(pacs.files()) == 2 * len(series)
+
+
+_SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
+
+
+def _exited(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_receiver_stops_on_sigterm_whichever_thread_the_kernel_picks(
+    tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """A process-wide SIGTERM may be delivered to any thread; sent here to one that is
+    not the main thread, which before waited with no timeout and never ran the handler."""
+    node = NodeProcess(
+        tmp_path / "node", node_config(tmp_path / "node", pacs.port, node={"receivers": 2})
+    ).start()
+    try:
+        (receiver,) = _receiver_children(node)
+        other = next(t.id for t in receiver.threads() if t.id != receiver.pid)
+        tgkill = _SYS_TGKILL[platform.machine()]
+        assert ctypes.CDLL(None).syscall(tgkill, receiver.pid, other, signal.SIGTERM) == 0
+        # It exits; the node reaps it only when stopping, so a zombie counts as gone.
+        wait_until(lambda: _exited(receiver), 3, "the receiver to exit on SIGTERM", 0.05)
+        assert echoscu(node.port).returncode == 0  # the node itself keeps serving
+    finally:
+        node.stop()
+
+
+def test_max_associations_counts_every_receiver_process(tmp_path: Path, pacs: StoreSCP) -> None:
+    config = node_config(
+        tmp_path / "node", pacs.port, node={"receivers": RECEIVERS, "max_associations": 2}
+    )
+    node = NodeProcess(tmp_path / "node", config).start()
+    ae = AE(ae_title="HELD")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = []
+    try:
+        for _ in range(2):
+            held.append(ae.associate("127.0.0.1", node.port, ae_title="DICOM_AI"))
+            assert held[-1].is_established
+        # Held in two processes: a per-process limit of 2 would take a third anywhere.
+        wait_until(lambda: sorted(_accepted(node)) == [0, 1, 1], 10, "one each", 0.01)
+        for _ in range(3):
+            assert echoscu(node.port).returncode != 0  # A-ASSOCIATE-RJ, whoever accepts
+        held.pop().release()
+        assert echoscu(node.port).returncode == 0
+        assert "2 associations are open already" in node.log_text()
+    finally:
+        for association in held:
+            association.release()
+        node.stop()
