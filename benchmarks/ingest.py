@@ -8,7 +8,7 @@ storescu settings (TCP_NODELAY=1 unless --no-nodelay, which leaves it unset for 
 storescp and Orthanc alike: their default, Nagle on; with --tls, DICOM TLS with client
 certificates on every receiver, certificates made for the run). With --associations N, N
 storescu processes send N different series at once (img/s = all images / wall time); the
-node runs with --receivers receiver processes (default 1, the node's own default). Prints
+node runs with --receivers receiver processes (default: the node's own default). Prints
 img/s per run, the median, and the node's ratio to each peer. The node keeps
 fsync-before-Success; Orthanc runs with its default (synchronous) storage; storescp does
 not fsync.
@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.settle import settle
+from dicom_ai.config import NodeConfig
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, Orthanc, StoreSCP, free_port, node_config, storescu
 from tests.tls_certs import Pki
@@ -66,7 +67,7 @@ def _run(
     files: Sequence[list[Path]],
     nodelay: bool,
     pki: Pki | None = None,
-    receivers: int = 1,
+    receivers: int | None = None,
 ) -> float:
     """Seconds for one storescu run against a freshly started receiver."""
     work.mkdir(parents=True)
@@ -93,7 +94,9 @@ def _run(
             orthanc.stop()
     rules = work / "rules.yaml"
     rules.write_text("rules: []\n")  # receive only: no model competes for the 2 cores
-    overrides: dict[str, dict[str, object]] = {"node": {"receivers": receivers}}
+    overrides: dict[str, dict[str, object]] = {"node": {}}
+    if receivers is not None:
+        overrides["node"]["receivers"] = receivers
     tls_port = free_port()
     if pki is not None:
         overrides["node"]["tls"] = pki.node_tls(tls_port)
@@ -121,7 +124,7 @@ def main() -> None:
     parser.add_argument("--receivers", type=int, default=None, help="node receiver processes")
     args = parser.parse_args()
     nodelay = not args.no_nodelay
-    receivers = args.receivers or 1
+    receivers = args.receivers
 
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-bench-"))
     try:
@@ -140,7 +143,8 @@ def main() -> None:
         print(
             f"{args.associations} association(s) x {args.slices} CT slices = {images} images, "
             f"{megabytes:.1f} MB; TCP_NODELAY={'1' if nodelay else 'unset'} for DCMTK and Orthanc; "
-            f"TLS {'on' if pki else 'off'}; node receiver processes: {receivers}"
+            f"TLS {'on' if pki else 'off'}; node receiver processes: "
+            f"{receivers or NodeConfig().receivers}"
         )
         runners: dict[str, Callable[[int], float]] = {
             name: (

@@ -1,7 +1,7 @@
 """Latency: last acknowledgement of a 300-slice CT -> SEG and SR stored at the PACS.
 
     .venv/bin/python -m benchmarks.latency [--slices 300] [--runs 3] [--grace 1.0]
-                                           [--no-early-start]
+                                           [--no-early-start] [--receivers N]
 
 The node runs the built-in ct-body model with its default assembly settings (a series is
 complete ``--grace`` seconds after its association released; with early start, the default,
@@ -54,6 +54,7 @@ def _run(
     timed: list[tuple[str, list[Path]]],
     grace: float,
     early_start: bool = True,
+    receivers: int | None = None,
 ) -> list[dict[str, float]]:
     """One fresh node: the warm-up series, then each timed series (its UID, its files)."""
     pacs = StoreSCP(root / "pacs").start()
@@ -66,6 +67,7 @@ def _run(
             "release_grace_seconds": grace,
             "early_start": early_start,
         },
+        node={} if receivers is None else {"receivers": receivers},
     )
     node = NodeProcess(root / "node", config).start()
     sent: list[tuple[float, float]] = []
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--grace", type=float, default=1.0, help="release_grace_seconds")
     parser.add_argument("--no-early-start", action="store_true", help="pipeline.early_start off")
+    parser.add_argument("--receivers", type=int, default=None, help="node.receivers")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-latency-"))
     try:
@@ -145,7 +148,9 @@ def main() -> None:
         print(header)
         rows: dict[str, list[dict[str, float]]] = {"first": [], "next": []}
         for i in range(args.runs):
-            results = _run(root / f"run{i}", warmup, timed, args.grace, not args.no_early_start)
+            results = _run(
+                root / f"run{i}", warmup, timed, args.grace, not args.no_early_start, args.receivers
+            )
             for name, row in zip(rows, results, strict=True):
                 rows[name].append(row)
                 print(
