@@ -114,7 +114,7 @@ class NodeConfig(_Strict):
     max_associations: int = Field(default=10, ge=1)
     # Processes that receive, the node's own included: they accept on its listening
     # socket(s), so concurrent associations are received on several cores. 2: on 2 cores,
-    # 4 associations went 10-70% faster than with 1 (benchmarks.ingest, README Speed).
+    # 4 associations went 1-71% faster than with 1 in 6 of 6 pairs (README Speed).
     receivers: int = Field(default=2, ge=1, le=32)
     # An association silent this long is aborted; a connection that sends no association
     # request within acse_timeout_seconds is closed (the ARTIM timer).

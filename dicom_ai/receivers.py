@@ -8,8 +8,9 @@ first to accept takes it; a process already holding connections waits 5 ms for e
 2) before it accepts, so an idler one takes it first (SO_REUSEPORT, tried before, hashes
 the addresses: 4 senders often landed 3 and 1, or 4 and 0). Each receiver has its own spool
 writer and its own connection to the SQLite index (WAL, so the processes share it safely);
-fsync before Success holds in every one of them. The node logs that it is ready once its
-receivers listen; its own port opens before that.
+fsync before Success holds in every one of them. ``node.max_associations`` counts them all
+(a semaphore shared at spawn). The node logs that it is ready once its receivers listen;
+its own port opens before that.
 
 A receiver dies with the node: it asks the kernel for SIGKILL when its parent exits
 (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no orphan on the port.

@@ -462,7 +462,16 @@ class WorkerPool:
         return fresh
 
     def shutdown(self) -> None:
+        """Idle workers are asked to stop. A worker in a job is killed at once: the job
+        stays running in the index and runs again at the next start, with the same result
+        UIDs, where waiting would hold the stop for the rest of an inference."""
         for slot in self._slots:
+            if slot.job is not None:
+                log.info(
+                    "stopping: job %d interrupted, to run again at the next start", slot.job.job_id
+                )
+                slot.process.kill()
+                continue
             with contextlib.suppress(OSError):
                 slot.conn.send(None)
         for slot in self._slots:

@@ -465,6 +465,23 @@ def test_a_worker_that_dies_while_idle_is_replaced(tmp_path: Path) -> None:
         pool.shutdown()
 
 
+def test_stopping_the_pool_kills_a_worker_in_a_job_and_lets_an_idle_one_exit(
+    tmp_path: Path,
+) -> None:
+    """A job in progress is not waited for (it runs again at the next start); before, a
+    stop waited 3 s for the worker, then killed it anyway."""
+    import signal
+
+    from dicom_ai.pipeline.worker import JobSpec, WorkerPool
+
+    pool = WorkerPool(2)
+    busy, idle = pool._slots
+    busy.job = JobSpec(7, "1.2.3", "ct-body", None, "cpu", 60.0, (), tmp_path, "NODE")
+    pool.shutdown()
+    assert busy.process.exitcode == -signal.SIGKILL
+    assert idle.process.exitcode == 0
+
+
 def test_a_worker_drops_the_prefetches_of_the_series_its_job_reads(tmp_path: Path) -> None:
     """Queued behind the job, they would decode its files again after it, while its results
     are being delivered; other series' prefetches stay."""
