@@ -1,4 +1,5 @@
-"""Child processes end with the node, also when it is killed with SIGKILL."""
+"""Process lifetimes: child processes end with the node, also when it is killed with
+SIGKILL; a process's main thread waits for the stop its signal handler asks for."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "wait_for_stop"]
 
 log = logging.getLogger(__name__)
 
@@ -27,3 +29,11 @@ def die_with_parent(parent_pid: int) -> None:
         log.debug("PR_SET_PDEATHSIG not available")
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def wait_for_stop(stop: threading.Event) -> None:
+    """Return once ``stop`` is set, by a signal handler too. Timed: the kernel may hand a
+    process's SIGTERM to any thread, and then the handler runs only at the main thread's
+    next bytecode; an untimed wait never got there (a receiver was killed after 10 s)."""
+    while not stop.wait(0.05):
+        pass

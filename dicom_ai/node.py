@@ -21,6 +21,7 @@ from pydicom import dcmread
 from dicom_ai.assembly import AssemblyPolicy
 from dicom_ai.config import SENDER, Config, bind_sender
 from dicom_ai.errors import ConfigError, InputError
+from dicom_ai.lifecycle import wait_for_stop
 from dicom_ai.pipeline.delivery import Deliverer
 from dicom_ai.pipeline.worker import JobOutcome, JobSpec, WorkerPool
 from dicom_ai.receivers import ReceiverProcesses, access_policy, make_scp, open_store
@@ -194,8 +195,7 @@ class Node:
         self._stop.set()
 
     def wait(self) -> None:
-        while not self._stop.wait(0.05):
-            pass
+        wait_for_stop(self._stop)
 
     # -- scheduler ---------------------------------------------------------------------------
 

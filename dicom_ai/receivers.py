@@ -31,7 +31,7 @@ from dicom_ai.config import Config
 from dicom_ai.dimse.acceptor import SharedLimit
 from dicom_ai.dimse.scp import AccessPolicy, CalledAE, Listening, StorageSCP
 from dicom_ai.dimse.tls import server_context
-from dicom_ai.lifecycle import die_with_parent
+from dicom_ai.lifecycle import die_with_parent, wait_for_stop
 from dicom_ai.store.index import Index
 from dicom_ai.store.spool import Spool
 
@@ -161,10 +161,7 @@ def _receiver_main(
     scp.start(shared)
     ready.set()
     try:
-        # Timed: SIGTERM may land on an accepting thread, and then only the main thread's
-        # next bytecode runs the handler; an untimed wait never got there (10 s to kill).
-        while not stop.wait(0.05):
-            pass
+        wait_for_stop(stop)
     finally:
         scp.stop()
         index.close()
