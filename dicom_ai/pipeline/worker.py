@@ -348,6 +348,11 @@ class _Slot:
     prefetched_series: str | None = None  # what this worker has decoded ahead
 
 
+# An idle worker exits within milliseconds of the stop message; 3 s here held test
+# teardowns (and a node's stop) for a prefetch still importing torch.
+_STOP_GRACE_SECONDS = 0.5
+
+
 class WorkerPool:
     """``size`` spawned workers; jobs go to idle ones; ``poll`` reports finished jobs."""
 
@@ -464,7 +469,8 @@ class WorkerPool:
     def shutdown(self) -> None:
         """Idle workers are asked to stop. A worker in a job is killed at once: the job
         stays running in the index and runs again at the next start, with the same result
-        UIDs, where waiting would hold the stop for the rest of an inference."""
+        UIDs, where waiting would hold the stop for the rest of an inference. One still
+        busy after _STOP_GRACE_SECONDS (a prefetch, which keeps nothing) is killed too."""
         for slot in self._slots:
             if slot.job is not None:
                 log.info(
@@ -475,7 +481,7 @@ class WorkerPool:
             with contextlib.suppress(OSError):
                 slot.conn.send(None)
         for slot in self._slots:
-            slot.process.join(timeout=3)
+            slot.process.join(timeout=_STOP_GRACE_SECONDS)
             if slot.process.is_alive():
                 slot.process.kill()
                 slot.process.join(timeout=3)
