@@ -94,9 +94,9 @@ def _run(
             orthanc.stop()
     rules = work / "rules.yaml"
     rules.write_text("rules: []\n")  # receive only: no model competes for the 2 cores
-    overrides: dict[str, dict[str, object]] = {"node": {}}
-    if receivers is not None:
-        overrides["node"]["receivers"] = receivers
+    overrides: dict[str, dict[str, object]] = {
+        "node": {} if receivers is None else {"receivers": receivers}
+    }
     tls_port = free_port()
     if pki is not None:
         overrides["node"]["tls"] = pki.node_tls(tls_port)
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--receivers", type=int, default=None, help="node receiver processes")
     args = parser.parse_args()
     nodelay = not args.no_nodelay
-    receivers = args.receivers
+    receivers = args.receivers  # None: the node's default
 
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-bench-"))
     try:
