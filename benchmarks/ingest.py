@@ -2,13 +2,16 @@
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--runs 3] [--no-nodelay] [--tls]
                                           [--associations N] [--receivers N]
+                                          [--acceptor fast|pynetdicom ...]
 
 Every receiver runs in the same invocation on loopback, with the same files and the same
 storescu settings (TCP_NODELAY=1 unless --no-nodelay, which leaves it unset for storescu,
 storescp and Orthanc alike: their default, Nagle on; with --tls, DICOM TLS with client
 certificates on every receiver, certificates made for the run). With --associations N, N
 storescu processes send N different series at once (img/s = all images / wall time); the
-node runs with --receivers receiver processes (default: the node's own default). Prints
+node runs with --receivers receiver processes (default: the node's own default). The node
+runs with each --acceptor given (node.acceptor, default: fast; name both to see what the
+node's own acceptor gains over pynetdicom's data phase, in the same interleaved runs). Prints
 img/s per run, the median, and the node's ratio to each peer. The node keeps
 fsync-before-Success; Orthanc runs with its default (synchronous) storage; storescp does
 not fsync.
@@ -68,6 +71,7 @@ def _run(
     nodelay: bool,
     pki: Pki | None = None,
     receivers: int | None = None,
+    acceptor: str = "fast",
 ) -> float:
     """Seconds for one storescu run against a freshly started receiver."""
     work.mkdir(parents=True)
@@ -95,7 +99,7 @@ def _run(
     rules = work / "rules.yaml"
     rules.write_text("rules: []\n")  # receive only: no model competes for the 2 cores
     overrides: dict[str, dict[str, object]] = {
-        "node": {} if receivers is None else {"receivers": receivers}
+        "node": {"acceptor": acceptor} | ({} if receivers is None else {"receivers": receivers})
     }
     tls_port = free_port()
     if pki is not None:
@@ -106,6 +110,10 @@ def _run(
         return _timed_send(port, "DICOM_AI", files, nodelay, pki)
     finally:
         node.stop()
+
+
+def _node_name(acceptor: str) -> str:
+    return "dicom-ai" if acceptor == "fast" else f"dicom-ai:{acceptor}"
 
 
 def main() -> None:
@@ -122,7 +130,14 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="DICOM TLS with client certificates")
     parser.add_argument("--associations", type=int, default=1, help="concurrent senders")
     parser.add_argument("--receivers", type=int, default=None, help="node receiver processes")
+    parser.add_argument(
+        "--acceptor",
+        action="append",
+        choices=["fast", "pynetdicom"],
+        help="node.acceptor; repeat to run the node with each (default: fast)",
+    )
     args = parser.parse_args()
+    acceptors: list[str] = list(dict.fromkeys(args.acceptor or ["fast"]))
     nodelay = not args.no_nodelay
     receivers = args.receivers  # None: the node's default
 
@@ -144,28 +159,33 @@ def main() -> None:
             f"{args.associations} association(s) x {args.slices} CT slices = {images} images, "
             f"{megabytes:.1f} MB; TCP_NODELAY={'1' if nodelay else 'unset'} for DCMTK and Orthanc; "
             f"TLS {'on' if pki else 'off'}; node receiver processes: "
-            f"{receivers or NodeConfig().receivers}"
+            f"{receivers or NodeConfig().receivers}; node acceptor(s): {', '.join(acceptors)}"
         )
-        runners: dict[str, Callable[[int], float]] = {
-            name: (
-                lambda i, name=name: _run(
-                    name, root / f"{name}-{i}", series, nodelay, pki, receivers
-                )
+        nodes = {_node_name(acceptor): acceptor for acceptor in acceptors}
+
+        def runner(name: str) -> Callable[[int], float]:
+            receiver, acceptor = ("dicom-ai", nodes[name]) if name in nodes else (name, "fast")
+            return lambda i: _run(
+                receiver, root / f"{name}-{i}", series, nodelay, pki, receivers, acceptor
             )
-            for name in ("dicom-ai", "storescp", "orthanc")
-        }
+
+        runners = {name: runner(name) for name in (*nodes, "storescp", "orthanc")}
         rates: dict[str, list[float]] = {name: [] for name in runners}
         for i in range(args.runs):  # interleaved, so drift in machine load hits all alike
             for name, run in runners.items():
                 rates[name].append(images / run(i))
-        print(f"{'receiver':<10} {'runs (img/s)':<32} {'median img/s':>12}")
+        print(f"{'receiver':<20} {'runs (img/s)':<32} {'median img/s':>12}")
         medians = {}
         for name, values in rates.items():
             medians[name] = statistics.median(values)
             runs = ", ".join(f"{v:.0f}" for v in values)
-            print(f"{name:<10} {runs:<32} {medians[name]:>12.0f}")
-        for peer in ("storescp", "orthanc"):
-            print(f"dicom-ai / {peer}: {medians['dicom-ai'] / medians[peer]:.2f}x")
+            print(f"{name:<20} {runs:<32} {medians[name]:>12.0f}")
+        for node in nodes:
+            for peer in ("storescp", "orthanc"):
+                print(f"{node} / {peer}: {medians[node] / medians[peer]:.2f}x")
+        if len(nodes) == 2:
+            fast, reference = (_node_name(a) for a in ("fast", "pynetdicom"))
+            print(f"{fast} / {reference}: {medians[fast] / medians[reference]:.2f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

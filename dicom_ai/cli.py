@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import sqlite3
 import ssl
 import sys
 from collections import defaultdict
@@ -21,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dicom_ai.config import load_config
+from dicom_ai.config import Config, load_config
 from dicom_ai.errors import ConfigError, DicomAIError
 
 app = typer.Typer(help="dicom-ai: a DICOM node that runs MONAI models on received series.")
@@ -74,8 +76,44 @@ def _configure_logging(verbose: bool) -> int:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
+    # Never wrapped at the terminal's width (a line per problem), brackets printed as is.
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+def _load_config(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _start_failure(exc: Exception, cfg: Config) -> str | None:
+    """What `serve` says when the node cannot start; None for a bug (which keeps its traceback).
+
+    Every failure to start is mapped here: the operator gets one line naming what to fix.
+    """
+    if isinstance(exc, DicomAIError):
+        return str(exc)
+    data_dir = cfg.node.data_dir.resolve()
+    if isinstance(exc, sqlite3.Error):
+        return f"data_dir {data_dir} is not usable: index: {exc}"
+    if not isinstance(exc, OSError):
+        return None
+    reason = exc.strerror or str(exc)
+    if exc.filename is None and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+        # Binding a socket: its error names no file.
+        node = cfg.node
+        where = [f"{node.host}:{node.port}"] if node.port is not None else []
+        if node.tls is not None:
+            where.append(f"{node.host}:{node.tls.port} (TLS)")
+        return f"cannot listen on {' and '.join(where)}: {reason}"
+    if exc.filename is None:
+        return f"cannot start: {reason}"
+    path = Path(exc.filename).resolve()
+    if path.is_relative_to(data_dir) or data_dir.is_relative_to(path):
+        return f"data_dir {data_dir} is not usable: {path}: {reason}"
+    return f"{path}: {reason}"
 
 
 @app.command()
@@ -84,19 +122,26 @@ def serve(config: ConfigOption = None, verbose: Verbose = False) -> None:
     from dicom_ai.node import Node
 
     level = _configure_logging(verbose)
+    cfg = _load_config(config)
+    node: Node | None = None
     try:
-        cfg = load_config(config)
         node = Node(cfg, log_level=level)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+        node.start()
+    except Exception as exc:
+        message = _start_failure(exc, cfg)
+        if message is None:
+            raise
+        if node is not None:
+            node.stop()  # the worker processes it started
+        raise _fail(message) from exc
+    started = node
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping", signum)
-        node.request_stop()
+        started.request_stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    node.start()
     log = logging.getLogger(__name__)
     ports = [f"{cfg.node.host}:{node.port}"] if node.port is not None else []
     if node.tls_port is not None:
@@ -200,6 +245,14 @@ def rules_check(file: Annotated[Path, typer.Argument(help="Rules YAML file.")]) 
     console.print(f"{file}: {len(rules.rules)} rules, valid")
 
 
+@rules_app.command("show-default")
+def rules_show_default() -> None:
+    """Print the rules a node without `rules` in its config routes with (to start your own)."""
+    from dicom_ai.config import DEFAULT_RULES
+
+    sys.stdout.write(DEFAULT_RULES.read_text(encoding="utf-8"))
+
+
 @rules_app.command("test")
 def rules_test(
     file: Annotated[Path, typer.Argument(help="Rules YAML file.")],
@@ -266,21 +319,22 @@ def rules_test(
 @app.command()
 def status(config: ConfigOption = None) -> None:
     """Counts of instances, series, jobs and deliveries; dead letters and failed jobs."""
-    from dicom_ai.store.index import Index
+    from dicom_ai.store.index import Index, StatusIndex
+    from dicom_ai.store.states import DeliveryState, JobState
 
     cfg = load_config(config)
-    index = Index(cfg.node.data_dir / "index.sqlite3")
+    index: StatusIndex = Index(cfg.node.data_dir / "index.sqlite3")
     table = Table(title=f"dicom-ai data in {cfg.node.data_dir}")
     table.add_column("what")
     table.add_column("count", justify="right")
     for key, value in sorted(index.counts().items()):
         table.add_row(key, str(value))
     console.print(table)
-    for job in index.jobs("failed"):
+    for job in index.jobs(JobState.FAILED):
         console.print(
             f"failed job {job.id} ({job.model}, series {job.series_instance_uid}): {job.error}"
         )
-    for delivery in index.deliveries("dead"):
+    for delivery in index.deliveries(DeliveryState.DEAD):
         console.print(
             f"dead letter {delivery.id} (job {delivery.job_id} -> {delivery.destination}): "
             f"{delivery.last_error}"
@@ -290,17 +344,18 @@ def status(config: ConfigOption = None) -> None:
 @app.command()
 def resubmit(config: ConfigOption = None) -> None:
     """Move every dead-letter delivery back to pending (the running node picks them up)."""
-    from dicom_ai.store.index import Index
+    from dicom_ai.store.index import Index, StatusIndex
 
     cfg = load_config(config)
-    count = Index(cfg.node.data_dir / "index.sqlite3").resubmit_dead()
+    index: StatusIndex = Index(cfg.node.data_dir / "index.sqlite3")
+    count = index.resubmit_dead()
     console.print(f"{count} dead-letter deliveries resubmitted")
 
 
 @app.command()
 def models(config: ConfigOption = None) -> None:
     """List the models this config can route to."""
-    cfg = load_config(config)
+    cfg = _load_config(config)
     table = Table(title="models")
     table.add_column("id")
     table.add_column("source")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from importlib.resources import files
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,7 @@ from dicom_ai.yaml_model import load_validated
 
 __all__ = [
     "BUILTIN_MODELS",
+    "DEFAULT_RULES",
     "SENDER",
     "CalledAEConfig",
     "ClientTLSConfig",
@@ -43,7 +45,10 @@ __all__ = [
     "load_config",
 ]
 
-REPO_RULES = Path(__file__).resolve().parent.parent / "rules" / "default.yaml"
+# The rules a node without `rules` routes with. They ship inside the package, so an installed
+# wheel has them; a Path, not a resource stream, because the node watches the file's mtime
+# (the package is installed as plain files, never imported from a zip).
+DEFAULT_RULES = Path(str(files("dicom_ai").joinpath("default_rules.yaml")))
 BUILTIN_MODELS = frozenset({"ct-body", "mr-brain"})
 # The destination that means "whoever sent the series": resolved through `senders`. A job's
 # delivery records it bound to the calling AE that sent the series: "sender:CT_SCANNER_1".
@@ -113,9 +118,11 @@ class NodeConfig(_Strict):
     data_dir: Path = Path("./dicom-ai-data")
     max_associations: int = Field(default=10, ge=1)
     # Processes that receive, the node's own included: they accept on its listening
-    # socket(s), so concurrent associations are received on several cores. 2: on 2 cores,
-    # 4 associations went 1-71% faster than with 1 in 6 of 6 pairs (README Speed).
+    # socket(s), so concurrent associations are received on several cores (README Speed).
     receivers: int = Field(default=2, ge=1, le=32)
+    # Who runs the wire: the node's own acceptor, or pynetdicom's (slower data phase; the
+    # reference it is tested and measured against, benchmarks.ingest --acceptor).
+    acceptor: Literal["fast", "pynetdicom"] = "fast"
     # An association silent this long is aborted; a connection that sends no association
     # request within acse_timeout_seconds is closed (the ARTIM timer).
     network_timeout_seconds: float = Field(default=60.0, gt=0)
@@ -223,7 +230,7 @@ class Config(_Strict):
     senders: dict[AETitle, DicomDestination] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     # The rules of the node's one AE title, when `called_aes` is empty.
-    rules: Path = REPO_RULES
+    rules: Path = DEFAULT_RULES
     # Several AE titles, each with its own rules and access list. When set, only these
     # titles are answered and `rules` is not used.
     called_aes: dict[AETitle, CalledAEConfig] = Field(default_factory=dict)

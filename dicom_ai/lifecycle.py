@@ -34,6 +34,6 @@ def die_with_parent(parent_pid: int) -> None:
 def wait_for_stop(stop: threading.Event) -> None:
     """Return once ``stop`` is set, by a signal handler too. Timed: the kernel may hand a
     process's SIGTERM to any thread, and then the handler runs only at the main thread's
-    next bytecode; an untimed wait never got there (a receiver was killed after 10 s)."""
+    next bytecode, which an untimed wait never reaches."""
     while not stop.wait(0.05):
         pass

@@ -3,14 +3,15 @@
 One process runs every association on its own thread, and its Python work (PDU handling,
 header parsing, indexing) holds one interpreter lock. With ``node.receivers: N`` the node
 starts N - 1 receiver processes beside its own SCP; all of them accept on the node's
-listening socket(s), passed to them at spawn. A new connection wakes every process and the
-first to accept takes it; a process already holding connections waits 5 ms for each (up to
-2) before it accepts, so an idler one takes it first (SO_REUSEPORT, tried before, hashes
-the addresses: 4 senders often landed 3 and 1, or 4 and 0). Each receiver has its own spool
-writer and its own connection to the SQLite index (WAL, so the processes share it safely);
-fsync before Success holds in every one of them. ``node.max_associations`` counts them all
-(a semaphore shared at spawn). The node logs that it is ready once its receivers listen;
-its own port opens before that.
+listening socket(s), passed to them at spawn, whichever acceptor runs (``node.acceptor``).
+A new connection wakes every process and the first to accept takes it; a process already
+holding connections waits a little before it accepts (``dimse.transport``), so an idler
+one takes it first (SO_REUSEPORT hashes the addresses instead, which can pile concurrent
+senders onto one process). Each receiver has its own spool writer and its own connection
+to the SQLite index (WAL, so the processes share it safely); fsync before Success holds in
+every one of them. ``node.max_associations`` counts them all (a semaphore shared at
+spawn). The node logs that it is ready once its receivers listen; its own port opens
+before that.
 
 A receiver dies with the node: it asks the kernel for SIGKILL when its parent exits
 (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node leaves no orphan on the port.
@@ -28,8 +29,8 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
 from dicom_ai.config import Config
-from dicom_ai.dimse.acceptor import SharedLimit
 from dicom_ai.dimse.scp import AccessPolicy, CalledAE, Listening, StorageSCP
+from dicom_ai.dimse.service import SharedLimit
 from dicom_ai.dimse.tls import server_context
 from dicom_ai.lifecycle import die_with_parent, wait_for_stop
 from dicom_ai.store.index import Index
@@ -85,6 +86,7 @@ def make_scp(
         network_timeout=config.node.network_timeout_seconds,
         acse_timeout=config.node.acse_timeout_seconds,
         shared_limit=shared_limit,
+        acceptor=config.node.acceptor,
     )
 
 

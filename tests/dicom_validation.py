@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.markers import uses
+
 __all__ = ["assert_dciodvfy_clean", "assert_sr_template_valid", "dciodvfy_output"]
 
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
@@ -35,6 +37,7 @@ def _error_lines(output: str) -> list[str]:
 
 def dciodvfy_output(path: str | Path) -> str:
     """dciodvfy's report on one file (stdout and stderr)."""
+    uses("dciodvfy", "dciodvfy")
     tool = shutil.which("dciodvfy")
     if tool is None:
         pytest.fail("dciodvfy (Debian package dicom3tools) is not on PATH")
@@ -51,6 +54,7 @@ def assert_dciodvfy_clean(path: str | Path) -> None:
 def assert_sr_template_valid(path: str | Path) -> str:
     """Fail if PixelMed's DicomSRValidator reports an ``Error`` (IOD or template) for an SR;
     returns its output for stricter checks of its warnings."""
+    uses("java", "PixelMed's DicomSRValidator")
     java = shutil.which("java")
     if java is None or not PIXELMED_JAR.is_file():
         pytest.fail(f"PixelMed needs java and {PIXELMED_JAR} (Debian libpixelmed-java)")

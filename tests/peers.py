@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tests.markers import uses
+
 if TYPE_CHECKING:
     from dicom_ai.dimse.scp import StorageSCP
 
@@ -80,6 +82,7 @@ class StoreSCP:
         self.log = directory.parent / f"storescp-{self.port}.log"
 
     def start(self) -> StoreSCP:
+        uses("dcmtk", "storescp")
         self.directory.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.pop("TCP_NODELAY", None)
@@ -126,6 +129,7 @@ def storescu_command(
     options: Sequence[str] = (),
 ) -> list[str]:
     """The storescu command line to send ``paths`` to 127.0.0.1:``port``."""
+    uses("dcmtk", "storescu")
     # -R: propose only the SOP classes of the files (else SEG etc. may have no context)
     return [
         "storescu",
@@ -165,6 +169,7 @@ def storescu(
 def echoscu(
     port: int, ae_title: str = "DICOM_AI", calling_ae: str = "ECHOSCU"
 ) -> subprocess.CompletedProcess[str]:
+    uses("dcmtk", "echoscu")
     return subprocess.run(
         ["echoscu", "-aet", calling_ae, "-aec", ae_title, "127.0.0.1", str(port)],
         capture_output=True,
@@ -302,6 +307,8 @@ class Orthanc:
 
     def start(self, nodelay: bool = True) -> Orthanc:
         import json
+
+        uses("orthanc", "Orthanc")
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         storage = self.workdir / "storage"

@@ -8,7 +8,8 @@ no exception leaves a handler.
 Who may associate is decided before any presentation context is negotiated, per called AE
 title (``AccessPolicy``): an unknown called AE, a calling AE or an address not on that title's
 list gets A-ASSOCIATE-RJ and a log line. One AE listens on a plain port, a TLS port, or both.
-The association itself (PDUs, negotiation, timeouts) is ``acceptor.Acceptor``'s.
+The association itself (PDUs, negotiation, timeouts) is the acceptor's: ``acceptor.Acceptor``
+(``acceptor="fast"``, the node's own) or ``ae_acceptor.AEAcceptor`` (``"pynetdicom"``).
 """
 
 from __future__ import annotations
@@ -28,28 +29,26 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import _STORAGE_CLASSES
 
-from dicom_ai.dimse.acceptor import (
-    Acceptor,
-    Association,
-    CStoreRequest,
-    Rejection,
-    SharedLimit,
-)
+from dicom_ai.dimse.acceptor import Acceptor
+from dicom_ai.dimse.ae_acceptor import AEAcceptor
+from dicom_ai.dimse.service import Association, CStoreRequest, Rejection, SharedLimit
 from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
-from dicom_ai.dimse.wire import EncodingError
+from dicom_ai.dimse.wire import UnencodableValueError
 from dicom_ai.errors import DicomAIError, InputError, OutOfSpaceError, StorageError
 from dicom_ai.store.header import MissingAttributeError, parse_data_set
-from dicom_ai.store.index import Index, InstanceRecord
+from dicom_ai.store.index import InstanceRecord, ReceivingIndex
 from dicom_ai.store.spool import Spool
 
-__all__ = ["AccessPolicy", "CalledAE", "Listening", "Rejection", "StorageSCP"]
+__all__ = ["ACCEPTORS", "AccessPolicy", "CalledAE", "Listening", "Rejection", "StorageSCP"]
 
 log = logging.getLogger(__name__)
 
-_STORAGE_SOP_CLASSES = frozenset(UID(uid) for uid in _STORAGE_CLASSES.values())
+_STORAGE_SOP_CLASSES = frozenset(
+    UID(str(context.abstract_syntax)) for context in AllStoragePresentationContexts
+)
 _UNCOMPRESSED: list[str | UID] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -87,6 +86,12 @@ _CALLING_AE_NOT_RECOGNIZED = 0x03
 _CALLED_AE_NOT_RECOGNIZED = 0x07
 
 _Network = IPv4Network | IPv6Network
+
+# node.acceptor: which implementation runs the wire.
+ACCEPTORS: dict[str, type[Acceptor] | type[AEAcceptor]] = {
+    "fast": Acceptor,
+    "pynetdicom": AEAcceptor,
+}
 
 
 @dataclass(frozen=True)
@@ -159,13 +164,14 @@ class StorageSCP:
         host: str,
         port: int | None,
         spool: Spool,
-        index: Index,
+        index: ReceivingIndex,
         max_associations: int = 10,
         access: AccessPolicy | None = None,
         tls: tuple[int, ssl.SSLContext] | None = None,
         network_timeout: float = 60.0,
         acse_timeout: float = 30.0,
         shared_limit: SharedLimit | None = None,
+        acceptor: str = "fast",
     ) -> None:
         self.ae_title = ae_title
         self.host = host
@@ -174,7 +180,8 @@ class StorageSCP:
         self.spool = spool
         self.index = index
         self.access = access or AccessPolicy({ae_title: CalledAE(ae_title)})
-        self._acceptor = Acceptor(
+        self.acceptor = acceptor
+        self._acceptor = ACCEPTORS[acceptor](
             self,
             [build_context(VERIFICATION_SOP_CLASS, _UNCOMPRESSED)],
             maximum_associations=max_associations,
@@ -283,7 +290,7 @@ class StorageSCP:
             raise _UnsupportedSOPClass(f"SOP class {context_sop_class} is not a storage SOP class")
         try:
             contents = request.file_contents()
-        except EncodingError as exc:
+        except UnencodableValueError as exc:
             raise InputError(f"the C-STORE-RQ's UIDs cannot go into a file: {exc}") from exc
         header = parse_data_set(request.data_set, request.context.transfer_syntax)
         if header.sop_class_uid != context_sop_class:

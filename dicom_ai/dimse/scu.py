@@ -8,7 +8,6 @@ to stream a file. TCP_NODELAY is set as soon as the association is up.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,17 +16,16 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
+from dicom_ai.dimse import _compat
 from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, SendResult
+from dicom_ai.dimse.transport import set_nodelay
 from dicom_ai.errors import DeliveryError, InputError
 
 __all__ = ["Peer", "SendResult", "echo", "send_files"]
 
 log = logging.getLogger(__name__)
-
-# Stream files from disk instead of decoding them first (SEGs can be tens of MB).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
@@ -53,10 +51,9 @@ class Peer:
 
 
 def _set_nodelay(assoc: Any) -> None:
-    try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:
-        log.debug("TCP_NODELAY not set: %s", exc)
+    sock = _compat.association_socket(assoc)
+    if sock is not None:
+        set_nodelay(sock)
 
 
 def _associate(ae: Any, peer: Peer, tls: ssl.SSLContext | None) -> Any:
@@ -128,6 +125,8 @@ def _send_batch(
     progress: Callable[[SendResult], None] | None,
     tls: ssl.SSLContext | None,
 ) -> list[SendResult]:
+    # Stream files from disk instead of decoding them first: they go as they are.
+    _compat.pynetdicom_send_chunked_datasets()
     ae = AE(ae_title=calling_ae)
     # connection_timeout also bounds the TLS handshake, done inside connect().
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout

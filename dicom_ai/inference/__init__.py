@@ -21,7 +21,8 @@ from dicom_ai.inference.findings import (
 
 if TYPE_CHECKING:
     from dicom_ai.inference.model import Model, load_model
-    from dicom_ai.inference.volume import PlanarImage, SeriesVolume, load_series
+    from dicom_ai.inference.planar import PlanarImage
+    from dicom_ai.inference.volume import SeriesVolume, load_series
 
 __all__ = [
     "AlgorithmFamily",
@@ -47,7 +48,7 @@ __all__ = [
 _LAZY = {
     "Model": "dicom_ai.inference.model",
     "load_model": "dicom_ai.inference.model",
-    "PlanarImage": "dicom_ai.inference.volume",
+    "PlanarImage": "dicom_ai.inference.planar",
     "SeriesVolume": "dicom_ai.inference.volume",
     "load_series": "dicom_ai.inference.volume",
 }

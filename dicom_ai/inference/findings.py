@@ -70,7 +70,7 @@ class SegmentationFindings:
     @functools.cached_property
     def voxel_counts(self) -> npt.NDArray[np.int64]:
         """``voxel_counts[v]``: the number of voxels with label value ``v``. Counted once
-        (~0.1 s for 300 x 512 x 512): SEG, SR and preview each need it.
+        (a pass over the whole label map): SEG, SR and preview each need it.
 
         One ``bincount`` per frame: a whole-volume ``bincount`` would first copy the volume
         to intp (8 bytes a voxel), and ``np.unique`` sorts it; both are far slower.

@@ -19,7 +19,8 @@ import torch
 
 from dicom_ai.errors import ModelError
 from dicom_ai.inference.findings import AlgorithmIdentification, Findings, TaskKind
-from dicom_ai.inference.volume import PlanarImage, SeriesVolume
+from dicom_ai.inference.planar import PlanarImage
+from dicom_ai.inference.volume import SeriesVolume
 
 __all__ = [
     "BUILTIN_MODELS",

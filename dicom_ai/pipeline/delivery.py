@@ -29,7 +29,7 @@ from dicom_ai.dimse.scu import Peer, send_files
 from dicom_ai.dimse.status import SendResult
 from dicom_ai.dimse.tls import client_context
 from dicom_ai.errors import DicomAIError
-from dicom_ai.store.index import DeliveryRecord, Index
+from dicom_ai.store.index import DeliveryIndex, DeliveryRecord
 
 __all__ = ["Deliverer", "backoff_seconds"]
 
@@ -49,7 +49,7 @@ def backoff_seconds(attempts: int, policy: DeliveryConfig) -> float:
 class Deliverer:
     def __init__(
         self,
-        index: Index,
+        index: DeliveryIndex,
         destinations: Mapping[str, DestinationConfig],
         calling_ae: str,
         policy: DeliveryConfig,

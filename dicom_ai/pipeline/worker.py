@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import logging
 import multiprocessing
 import os
 import signal
 import socket
-import sys
 import time
 import traceback
 from collections import deque
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from pydicom.dataset import Dataset
 
+    from dicom_ai.inference.arena import PrefetchArena
     from dicom_ai.inference.findings import (
         ClassificationFindings,
         DetectionFindings,
@@ -82,59 +83,88 @@ class JobOutcome:
     retry: bool = False
 
 
-_models: dict[tuple[str, Path | None, str, str | None, float], Model] = {}
+class LoadedModels:
+    """The models one worker process has loaded, kept for its life: a job for the same
+    model and settings reuses it instead of loading the weights again."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, Path | None, str, str | None, float], Model] = {}
+
+    def __call__(self, spec: JobSpec) -> Model:
+        from dicom_ai.inference.model import load_model
+
+        key = (spec.model_id, spec.bundle, spec.device, spec.task, spec.threshold)
+        if key not in self._models:
+            self._models[key] = load_model(
+                spec.model_id, spec.bundle, spec.device, task=spec.task, threshold=spec.threshold
+            )
+            _freeze_long_lived()
+        return self._models[key]
+
+
+# A worker's prefetch arena: three 300-slice 512x512 CT series as float32. Address space
+# until written (prefetch, warming).
+_ARENA_BYTES = 1 << 30
 
 
 def _freeze_long_lived() -> None:
     """Take what exists now (imported modules, loaded models: kept for the worker's life)
     out of the cyclic garbage collector's view. Otherwise every full collection walks
-    torch's and MONAI's ~10^6 objects again: prefetch took 2.9 ms per instance instead of
-    0.95 in a fresh worker, most of the difference in ``gc_collect_main`` (perf)."""
+    torch's and MONAI's objects again, and prefetch spends most of its time there."""
     gc.collect()
     gc.freeze()
 
 
-def run_job(spec: JobSpec) -> tuple[Path, ...]:
+def _new_arena() -> PrefetchArena:
+    """The worker's arena, made for its first message. The loaders (torch, MONAI) are
+    imported with it: for a first prefetch, while the series still arrives rather than when
+    its job starts. Never in the node's main process."""
+    importlib.import_module("dicom_ai.inference.volume")
+    from dicom_ai.inference.arena import PrefetchArena
+
+    return PrefetchArena(_ARENA_BYTES)
+
+
+def run_job(
+    spec: JobSpec, arena: PrefetchArena | None = None, models: LoadedModels | None = None
+) -> tuple[Path, ...]:
     """Load the series, run the model, write its results durably; returns their paths.
 
     Segmentation gives a SEG and its SR (and, with ``preview``, Secondary Capture images);
-    classification and detection give an SR.
+    classification and detection give an SR. The loaders take what was prefetched into
+    ``arena`` (the worker's); it is released for the next series after the job. ``models``:
+    the worker's loaded models (None: load the model for this job alone).
     """
-    # Imported here so the node's main process never loads torch or MONAI.
-    from dicom_ai.inference.volume import forget_prefetched_except, release_prefetched
-
-    forget_prefetched_except(spec.instance_paths)  # other series' prefetch: not coming here
+    models = LoadedModels() if models is None else models
+    if arena is None:
+        return _run_job(spec, None, models)
+    arena.keep_only(spec.instance_paths)  # other series' prefetch: not coming here
     try:
-        return _run_job(spec)
+        return _run_job(spec, arena, models)
     finally:
-        release_prefetched()  # the job's volume may lie in the prefetch arena
+        arena.release()  # the job's volume may lie in the arena
 
 
-def _run_job(spec: JobSpec) -> tuple[Path, ...]:
+def _run_job(spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels) -> tuple[Path, ...]:
+    # Imported here so the node's main process never loads torch or MONAI.
     from dicom_ai.errors import InputError
     from dicom_ai.inference.findings import SegmentationFindings, TaskKind
-    from dicom_ai.inference.model import load_model
-    from dicom_ai.inference.volume import load_planar_images, load_series
+    from dicom_ai.inference.planar import load_planar_images
+    from dicom_ai.inference.volume import load_series
     from dicom_ai.results import DeviceIdentity, result_uids
     from dicom_ai.results.encoding import file_bytes
     from dicom_ai.store.spool import Spool
 
-    key = (spec.model_id, spec.bundle, spec.device, spec.task, spec.threshold)
-    if key not in _models:
-        _models[key] = load_model(
-            spec.model_id, spec.bundle, spec.device, task=spec.task, threshold=spec.threshold
-        )
-        _freeze_long_lived()
-    model = _models[key]
+    model = models(spec)
     started = time.monotonic()
     if model.spatial_dims == 2:
-        images = load_planar_images(spec.instance_paths)
+        images = load_planar_images(spec.instance_paths, arena)
         loaded = time.monotonic()
         findings = model(images)
         headers = [image.header for image in images]
         frames = None
     else:
-        volume = load_series(spec.instance_paths)
+        volume = load_series(spec.instance_paths, arena)
         if model.task is TaskKind.SEGMENTATION and volume.frame_numbers is not None:
             instances = len(set(volume.sop_instance_uids))
             if instances > 1:
@@ -227,19 +257,25 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int, warm_bytes: 
     # highdicom narrates every module it copies at INFO: thousands of lines per job.
     logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
     inbox: deque[JobSpec | Prefetch | None] = deque()
+    arena: PrefetchArena | None = None  # made for the first message: see _new_arena
+    models = LoadedModels()  # kept for the worker's life
     while True:
         try:
-            spec = _next_message(conn, inbox, warm_bytes)
+            spec = _next_message(conn, inbox, arena, warm_bytes)
         except EOFError:
             return
         if spec is None:
             return
         if isinstance(spec, Prefetch):
-            _prefetch(spec, conn, inbox)
+            if arena is None:
+                arena = _new_arena()
+            _prefetch(spec, conn, inbox, arena)
             continue
         started = time.monotonic()
         try:
-            files = run_job(spec)
+            if arena is None:  # in the try: a loader that cannot be imported fails the job
+                arena = _new_arena()
+            files = run_job(spec, arena, models)
             outcome = JobOutcome(spec.job_id, True, files, seconds=time.monotonic() - started)
         except Exception as exc:
             log.debug("job %d failed:\n%s", spec.job_id, traceback.format_exc())
@@ -257,12 +293,15 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int, warm_bytes: 
 
 
 def _next_message(
-    conn: Connection, inbox: deque[JobSpec | Prefetch | None], warm_bytes: int = 0
+    conn: Connection,
+    inbox: deque[JobSpec | Prefetch | None],
+    arena: PrefetchArena | None = None,
+    warm_bytes: int = 0,
 ) -> JobSpec | Prefetch | None:
     """The next thing to do: a job (or the stop) before any prefetch, so a job never waits
     behind decoding of other series."""
     if not inbox:
-        _warm_while_idle(conn, warm_bytes)
+        _warm_while_idle(conn, arena, warm_bytes)
         inbox.append(conn.recv())
     while conn.poll():
         inbox.append(conn.recv())
@@ -275,16 +314,14 @@ def _next_message(
     return inbox.popleft()
 
 
-def _warm_while_idle(conn: Connection, warm_bytes: int) -> None:
-    """Until a message comes, touch the prefetch arena step by step (8 MB, a few ms each,
-    ahead of the planes prefetched so far), so that the next large series finds its
-    memory resident. Only once the worker has imported the inference code for a message:
-    an idle worker that was never sent anything stays small."""
-    if not warm_bytes or "dicom_ai.inference.volume" not in sys.modules:
+def _warm_while_idle(conn: Connection, arena: PrefetchArena | None, warm_bytes: int) -> None:
+    """Until a message comes, touch the first ``warm_bytes`` of the arena step by step
+    (ahead of the planes prefetched so far), so that the next large series finds its
+    memory resident. Only once there is an arena, made for a first message: an idle worker
+    that was never sent anything stays small."""
+    if arena is None or not warm_bytes:
         return
-    from dicom_ai.inference.volume import warm_prefetch_arena
-
-    while not conn.poll() and warm_prefetch_arena(warm_bytes):
+    while not conn.poll() and arena.warm(warm_bytes):
         pass
 
 
@@ -299,22 +336,26 @@ def _drop_prefetches(
         inbox.remove(message)
 
 
-def _prefetch(request: Prefetch, conn: Connection, inbox: deque[JobSpec | Prefetch | None]) -> None:
-    """Decode instance by instance; as soon as a message waits, put the rest back and go."""
-    from dicom_ai.inference.volume import prefetch, read_ahead
-
+def _prefetch(
+    request: Prefetch,
+    conn: Connection,
+    inbox: deque[JobSpec | Prefetch | None],
+    arena: PrefetchArena,
+) -> None:
+    """Decode instance by instance into ``arena``; as soon as a message waits, put the rest
+    back and go."""
     if gc.get_freeze_count() == 0:  # torch and MONAI just imported
         _freeze_long_lived()
     started = time.monotonic()
     added = 0
     paths = request.instance_paths
     try:
-        read_ahead(paths)
+        arena.read_ahead(paths)
         for done, path in enumerate(paths):
             if conn.poll():
                 inbox.appendleft(replace(request, instance_paths=paths[done:]))
                 break
-            added += prefetch([path])
+            added += arena.prefetch([path])
     except Exception:  # best effort: the job reads whatever is not cached
         log.debug("prefetch of series %s failed", request.series_instance_uid, exc_info=True)
     log.debug(
@@ -348,8 +389,8 @@ class _Slot:
     prefetched_series: str | None = None  # what this worker has decoded ahead
 
 
-# An idle worker exits within milliseconds of the stop message; 3 s here held test
-# teardowns (and a node's stop) for a prefetch still importing torch.
+# An idle worker exits as soon as it reads the stop message; one that does not is busy
+# prefetching (nothing it holds is kept), and waiting longer would only hold the stop.
 _STOP_GRACE_SECONDS = 0.5
 
 

@@ -1,19 +1,21 @@
 """Result datasets -> the bytes of their DICOM file.
 
 The bytes are what pydicom's ``save_as`` writes (tests compare them byte for byte). Two
-things make it faster for a SEG, whose Per-Frame Functional Groups hold ~20 elements for
-each of its hundreds of frames:
+things make it faster for a SEG, whose Per-Frame Functional Groups hold some twenty
+elements for each of its hundreds of frames:
 
-- pydicom encodes one element at a time through several layers (~18 us each): 0.25-0.45
-  s of a 765-frame SEG's 0.3-0.5 s. Top-level sequences whose items hold only the plain
-  value representations highdicom puts in them are encoded here (:func:`_encode_items`)
-  and handed to pydicom as raw elements, which it writes as they are. A sequence with
-  anything else in it (another VR, a raw element, non-ASCII text, a character set, an
-  undefined length) is left to pydicom.
+- pydicom encodes one element at a time through several layers, and for a SEG that is
+  most of the write. Top-level sequences whose items hold only the plain value
+  representations highdicom puts in them are encoded here (:func:`_encode_items`) and
+  handed to pydicom as raw elements, which it writes as they are. A sequence with anything
+  else in it (another VR, a raw element, non-ASCII text, a character set, an undefined
+  length) is left to pydicom.
 - pydicom runs its ambiguous-VR correction again at every nesting level, each run
   recursing through the whole subtree. It is run once here, and every dataset is marked
-  as already in explicit VR little endian (``set_original_encoding``) so that pydicom
-  does not run it again.
+  as already in explicit VR little endian so that pydicom does not run it again.
+
+Both lean on pydicom's writer internals (:mod:`dicom_ai._compat`); on another pydicom
+version the dataset is written by plain ``save_as``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from typing import Any
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filewriter import correct_ambiguous_vr, correct_ambiguous_vr_element
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
-from pydicom.valuerep import AMBIGUOUS_VR
+
+from dicom_ai import _compat
 
 __all__ = ["file_bytes"]
 
@@ -46,24 +48,20 @@ class _NotPlain(Exception):
 
 def file_bytes(dataset: Dataset) -> memoryview:
     """``dataset`` as a DICOM file (Part 10), encoded in its file meta's transfer syntax."""
-    if dataset.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+    if (
+        dataset.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian
+        or not _compat.pydicom_write_shortcuts()
+    ):
         return _saved(dataset)
     written = Dataset()
     written.file_meta = dataset.file_meta
     written.preamble = getattr(dataset, "preamble", None)
     for element in dataset.elements():
         written[element.tag] = _plain_sequence(element) or element
-    # What save_as would correct, in place on the shared elements (Pixel Data's OB or OW
-    # from Bits Allocated, ...); the raw sequences have no ambiguous VR in them.
-    for element in written.elements():
-        if isinstance(element, RawDataElement):
-            continue
-        if element.VR == "SQ":
-            for item in element.value:
-                correct_ambiguous_vr(item, True, [item, written])
-        elif element.VR in AMBIGUOUS_VR:
-            correct_ambiguous_vr_element(element, written, True, [written])
-    _mark_explicit_little_endian(written)
+    # In place on the elements shared with ``dataset``; the raw sequences have no
+    # ambiguous VR in them.
+    _compat.pydicom_correct_ambiguous_vr(written)
+    _compat.pydicom_mark_explicit_little_endian(written)
     return _saved(written)
 
 
@@ -146,12 +144,3 @@ def _value(vr: str, value: Any) -> bytes:
 def _number_string(value: Any) -> str:
     original = getattr(value, "original_string", None)
     return original if isinstance(original, str) else str(value)
-
-
-def _mark_explicit_little_endian(dataset: Dataset) -> None:
-    dataset.set_original_encoding(False, True, dataset._character_set)
-    for element in dataset.elements():
-        if isinstance(element, DataElement) and element.VR == "SQ":
-            items: Sequence[Dataset] = element.value
-            for item in items:
-                _mark_explicit_little_endian(item)

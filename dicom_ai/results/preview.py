@@ -28,7 +28,7 @@ from dicom_ai.errors import EncodingError
 from dicom_ai.inference.findings import SegmentationFindings, SegmentLabel
 from dicom_ai.results.codes import segment_coding
 from dicom_ai.results.device import DeviceIdentity
-from dicom_ai.results.geometry import (
+from dicom_ai.results.sources import (
     default_series_number,
     order_like_findings,
     present_labels,

@@ -12,14 +12,13 @@ frame references its source frame by Referenced Frame Number.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from highdicom import AlgorithmIdentificationSequence, _standard_utils
+from highdicom import AlgorithmIdentificationSequence
 from highdicom.color import CIELabColor
 from highdicom.seg import (
     SegmentAlgorithmTypeValues,
@@ -33,8 +32,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 
+from dicom_ai import _compat
 from dicom_ai.enhanced import is_multiframe
 from dicom_ai.errors import EncodingError
+from dicom_ai.geometry import SAME_PLANE_TOLERANCE
 from dicom_ai.inference.findings import (
     AlgorithmFamily,
     AlgorithmIdentification,
@@ -43,7 +44,7 @@ from dicom_ai.inference.findings import (
 )
 from dicom_ai.results.codes import local_coding_scheme, segment_coding
 from dicom_ai.results.device import DeviceIdentity
-from dicom_ai.results.geometry import (
+from dicom_ai.results.sources import (
     default_series_number,
     order_like_findings,
     present_labels,
@@ -60,51 +61,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-def _memoize_iod_lookup() -> None:
-    """Cache highdicom's ``is_attribute_in_iod`` where its answer is a function of the
-    attribute and SOP class alone (no excluded path elements).
-
-    A SEG build asks ``is_multiframe_image`` of every source image, and each call scans
-    the standard's module tables: 0.3 ms a call, 0.09 s of a 300-slice series' SEG, for the
-    same answer 300 times. highdicom is pinned; its module-level function is what
-    ``is_multiframe_image`` calls, so wrapping it there is enough.
-    """
-    original = _standard_utils.is_attribute_in_iod
-    if getattr(original, "memoized", False):
-        return
-
-    @functools.lru_cache(maxsize=1024)
-    def cached(attribute: str, sop_class_uid: str) -> bool:
-        return bool(original(attribute, sop_class_uid))
-
-    def is_attribute_in_iod(
-        attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
-    ) -> bool:
-        if exclude_path_elements is not None:
-            return bool(original(attribute, sop_class_uid, exclude_path_elements))
-        return cached(attribute, str(sop_class_uid))
-
-    is_attribute_in_iod.memoized = True  # type: ignore[attr-defined]
-    _standard_utils.is_attribute_in_iod = is_attribute_in_iod
-
-
-_memoize_iod_lookup()
-
 SEG_SERIES_NUMBER_OFFSET = 1000
 """Default SEG Series Number = source Series Number + this (1000 without a source number)."""
-
-
-class _WrittenSegmentation(Segmentation):
-    """A SEG the node writes and sends, and never queries. highdicom's constructor ends by
-    building lookup tables (an in-memory SQLite table of the frames) for its query methods;
-    that took ~0.13 s of a 0.45-0.8 s build of 1,065 frames (cProfile). The dataset is the
-    same element for element (tested); whatever reads the SEG back (``segread``) builds its
-    own tables. Without them, highdicom's query methods, pickling and deepcopy of this
-    object would fail; the node only reads its attributes and writes it."""
-
-    def _build_luts(self) -> None:
-        return None
 
 
 def algorithm_family_code(family: AlgorithmFamily) -> CodedConcept:
@@ -164,8 +122,12 @@ def build_seg(
     local = any(segment_coding(label.name).is_local for label in labels)
     source = ordered[0]
     name = findings.algorithm.name
+    # The node writes and sends the SEG, never queries it: highdicom's lookup tables are
+    # skipped, and its IOD lookups for the sources cached (both fall back when highdicom
+    # is not the version they were written for).
+    _compat.cache_is_attribute_in_iod()
     try:
-        seg = _WrittenSegmentation(
+        seg = _compat.segmentation_without_luts()(
             source_images=sources,
             pixel_array=pixel_array,
             segmentation_type=SegmentationTypeValues.BINARY,
@@ -285,7 +247,7 @@ def _with_shared_geometry(source: Dataset) -> Dataset:
 
 
 def _same_item(first: Dataset, other: Dataset) -> bool:
-    """Orientation and pixel spacing equal within the loader's tolerance (1e-4)."""
+    """Orientation and pixel spacing equal within the volume loader's tolerance."""
     for keyword in ("ImageOrientationPatient", "PixelSpacing"):
         a, b = first.get(keyword), other.get(keyword)
         if (a is None) != (b is None):
@@ -293,7 +255,7 @@ def _same_item(first: Dataset, other: Dataset) -> bool:
         if a is not None and (
             len(a) != len(b)
             or np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max()
-            > 1e-4
+            > SAME_PLANE_TOLERANCE
         ):
             return False
     return True
@@ -305,7 +267,7 @@ def _segment_number_map(
     """The label map with label values replaced by segment numbers 1..n (0 stays 0).
 
     When the present values already are 1..n the map is passed through uncopied; otherwise
-    a table lookup per frame (``np.take`` on the whole volume is ~20x slower: it goes
+    a table lookup per frame (``np.take`` on the whole volume is much slower: it goes
     through an intp copy of the indices).
     """
     values = [label.value for label in labels]

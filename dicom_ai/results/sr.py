@@ -56,7 +56,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_ai.errors import EncodingError
+from dicom_ai import _compat
+from dicom_ai.errors import EncodingError, GeometryError
+from dicom_ai.geometry import voxel_volume_mm3
 from dicom_ai.inference.findings import (
     AlgorithmIdentification as FindingsAlgorithm,
 )
@@ -70,13 +72,12 @@ from dicom_ai.inference.findings import (
 )
 from dicom_ai.results.codes import SegmentCoding, is_local_code, local_coding_scheme, segment_coding
 from dicom_ai.results.device import DeviceIdentity
-from dicom_ai.results.geometry import (
+from dicom_ai.results.seg import algorithm_family_code
+from dicom_ai.results.sources import (
     default_series_number,
     order_like_findings,
     present_labels,
-    voxel_volume_mm3,
 )
-from dicom_ai.results.seg import algorithm_family_code
 from dicom_ai.results.uids import ResultUIDs, derived_uid, device_observer_uid
 
 __all__ = [
@@ -136,7 +137,10 @@ def build_sr(
     counts = findings.voxel_counts
     labels = present_labels(findings)
     _check_segments_match(seg, labels)
-    voxel_ml = voxel_volume_mm3(ordered) / 1000.0
+    try:
+        voxel_ml = voxel_volume_mm3(ordered) / 1000.0
+    except GeometryError as exc:
+        raise EncodingError(f"no voxel volume for the measurements: {exc}") from exc
     source = ordered[0]
     source_series = SourceSeriesForSegmentation(str(source.SeriesInstanceUID))
     # highdicom capitalises this meaning; PS3.16 (and PixelMed's check) has it in lower case.
@@ -330,7 +334,12 @@ def _document(
 
 @contextmanager
 def _refused_by_highdicom(algorithm: FindingsAlgorithm) -> Iterator[None]:
-    """highdicom's constructors validate and raise plain errors: they become EncodingError."""
+    """highdicom's constructors validate and raise plain errors: they become EncodingError.
+
+    Every SR build runs in here; highdicom's IOD lookup, which its content items make for
+    each source image, is cached for it as for the SEG.
+    """
+    _compat.cache_is_attribute_in_iod()
     try:
         yield
     except (ValueError, TypeError, AttributeError, KeyError) as exc:

@@ -1,11 +1,17 @@
 """SQLite (WAL) index: instances, series, associations, jobs, deliveries.
 
 The index is the state machine's memory: every state a series, job or delivery can be in is a
-row here, so a restart (also after ``kill -9``) resumes exactly where the node stopped.
+row here, so a restart (also after ``kill -9``) resumes exactly where the node stopped. The
+states and the moves between them are drawn in `dicom_ai.store.states`; every method here
+that changes a state checks the move there first. When a run starts early, which results are
+held and which a later run supersedes is assembly.py's rule; the index stores it.
 
-    series:   dirty (instances since the last run) -> run started (jobs created) -> dirty again ...
-    job:      pending -> running -> done | failed          (running -> pending on restart)
-    delivery: pending -> delivered | dead                  (dead -> pending on resubmit)
+Each consumer sees the index through a narrow protocol: `ReceivingIndex` (the storage SCP),
+`RecoveryIndex` (recovery at start), `SchedulingIndex` (the scheduler), `DeliveryIndex` (the
+deliverer), `StatusIndex` (``dicom-ai status`` and ``resubmit``). `Index` is all of them.
+
+The schema changes only through `MIGRATIONS`, numbered and applied in order on open; the
+database's ``PRAGMA user_version`` says how many it has seen.
 """
 
 from __future__ import annotations
@@ -14,73 +20,103 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple, Protocol, TypeVar
 
 from dicom_ai.errors import OutOfSpaceError
+from dicom_ai.store.states import DeliveryState, JobState, SeriesState, check
 
 __all__ = [
+    "MIGRATIONS",
+    "DeliveryIndex",
     "DeliveryRecord",
     "Index",
     "InstanceRecord",
     "JobRecord",
     "PendingSeries",
+    "ReceivingIndex",
+    "RecoveryIndex",
     "RunPlan",
+    "SchedulingIndex",
+    "Sender",
+    "StatusIndex",
 ]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS associations (
-    id INTEGER PRIMARY KEY,
-    calling_ae TEXT NOT NULL, called_ae TEXT NOT NULL, source_ip TEXT NOT NULL,
-    opened_at REAL NOT NULL, closed_at REAL
-);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    series_instance_uid TEXT NOT NULL, study_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL, path TEXT NOT NULL,
-    association_id INTEGER NOT NULL, received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
-CREATE TABLE IF NOT EXISTS series (
-    series_instance_uid TEXT PRIMARY KEY,
-    study_instance_uid TEXT NOT NULL, modality TEXT NOT NULL,
-    first_received REAL NOT NULL, last_received REAL NOT NULL,
-    dirty INTEGER NOT NULL, runs INTEGER NOT NULL DEFAULT 0,
-    last_association_id INTEGER NOT NULL, routed_note TEXT
-);
-CREATE TABLE IF NOT EXISTS series_associations (
-    series_instance_uid TEXT NOT NULL, association_id INTEGER NOT NULL,
-    PRIMARY KEY (series_instance_uid, association_id)
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    series_instance_uid TEXT NOT NULL, run INTEGER NOT NULL, rule TEXT NOT NULL,
-    model TEXT NOT NULL, destinations TEXT NOT NULL,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
-    result_files TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    preview INTEGER NOT NULL DEFAULT 0, hold_until REAL,
-    UNIQUE (series_instance_uid, run, rule)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL, destination TEXT NOT NULL, files TEXT NOT NULL,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL, last_error TEXT, delivered_at REAL,
-    UNIQUE (job_id, destination)
-);
-CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt_at);
-"""
+
+# -- schema ----------------------------------------------------------------------------------
+
+Migration = Callable[[sqlite3.Connection], None]
 
 
-_JOB_COLUMNS = (
-    "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error, "
-    "preview "
-    "FROM jobs"
+def _statements(*sql: str) -> Migration:
+    def apply(db: sqlite3.Connection) -> None:
+        for statement in sql:
+            db.execute(statement)
+
+    return apply
+
+
+def _add_column(table: str, column: str, declaration: str) -> Migration:
+    """Indexes written before numbered migrations (user_version 0) may have the column."""
+
+    def apply(db: sqlite3.Connection) -> None:
+        columns = {str(row["name"]) for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    return apply
+
+
+# Append only: a released node may have applied any prefix of these.
+MIGRATIONS: tuple[tuple[int, Migration], ...] = (
+    (
+        1,
+        _statements(
+            "CREATE TABLE IF NOT EXISTS associations ("
+            " id INTEGER PRIMARY KEY,"
+            " calling_ae TEXT NOT NULL, called_ae TEXT NOT NULL, source_ip TEXT NOT NULL,"
+            " opened_at REAL NOT NULL, closed_at REAL)",
+            "CREATE TABLE IF NOT EXISTS instances ("
+            " sop_instance_uid TEXT PRIMARY KEY,"
+            " series_instance_uid TEXT NOT NULL, study_instance_uid TEXT NOT NULL,"
+            " sop_class_uid TEXT NOT NULL, path TEXT NOT NULL,"
+            " association_id INTEGER NOT NULL, received_at REAL NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid)",
+            "CREATE TABLE IF NOT EXISTS series ("
+            " series_instance_uid TEXT PRIMARY KEY,"
+            " study_instance_uid TEXT NOT NULL, modality TEXT NOT NULL,"
+            " first_received REAL NOT NULL, last_received REAL NOT NULL,"
+            " dirty INTEGER NOT NULL, runs INTEGER NOT NULL DEFAULT 0,"
+            " last_association_id INTEGER NOT NULL, routed_note TEXT)",
+            "CREATE TABLE IF NOT EXISTS series_associations ("
+            " series_instance_uid TEXT NOT NULL, association_id INTEGER NOT NULL,"
+            " PRIMARY KEY (series_instance_uid, association_id))",
+            "CREATE TABLE IF NOT EXISTS jobs ("
+            " id INTEGER PRIMARY KEY,"
+            " series_instance_uid TEXT NOT NULL, run INTEGER NOT NULL, rule TEXT NOT NULL,"
+            " model TEXT NOT NULL, destinations TEXT NOT NULL,"
+            " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT,"
+            " result_files TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+            " UNIQUE (series_instance_uid, run, rule))",
+            "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state)",
+            "CREATE TABLE IF NOT EXISTS deliveries ("
+            " id INTEGER PRIMARY KEY,"
+            " job_id INTEGER NOT NULL, destination TEXT NOT NULL, files TEXT NOT NULL,"
+            " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " next_attempt_at REAL NOT NULL, last_error TEXT, delivered_at REAL,"
+            " UNIQUE (job_id, destination))",
+            "CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt_at)",
+        ),
+    ),
+    (2, _add_column("jobs", "preview", "INTEGER NOT NULL DEFAULT 0")),
+    (3, _add_column("jobs", "hold_until", "REAL")),
 )
+
+
+# -- records ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -106,6 +142,14 @@ class PendingSeries:
     batch_instances: int = 0  # instances they delivered
 
 
+class Sender(NamedTuple):
+    """Who delivered (part of) a series: one association's AE titles and peer address."""
+
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """One job to create for a series run (a matched rule)."""
@@ -124,7 +168,7 @@ class JobRecord:
     rule: str
     model: str
     destinations: tuple[str, ...]
-    state: str
+    state: JobState
     attempts: int
     error: str | None
     preview: bool = False
@@ -136,9 +180,84 @@ class DeliveryRecord:
     job_id: int
     destination: str
     files: tuple[Path, ...]
-    state: str
+    state: DeliveryState
     attempts: int
     last_error: str | None
+
+
+# -- what each consumer sees -----------------------------------------------------------------
+
+
+class ReceivingIndex(Protocol):
+    """The storage SCP: associations and the instances they deliver."""
+
+    def open_association(self, calling_ae: str, called_ae: str, source_ip: str) -> int: ...
+    def close_association(self, association_id: int) -> None: ...
+    def add_instance(self, record: InstanceRecord) -> None: ...
+
+
+class RecoveryIndex(ReceivingIndex, Protocol):
+    """Recovery at start: what an earlier process left half done."""
+
+    def close_stale_associations(self) -> int: ...
+    def requeue_running_jobs(self) -> int: ...
+    def unindexed(self, paths: Sequence[Path]) -> list[Path]: ...
+    def series_last_association(self, series_uid: str) -> int | None: ...
+
+
+class SchedulingIndex(Protocol):
+    """The scheduler: pending series, runs, jobs and their outcomes."""
+
+    def version(self) -> tuple[int, int]: ...
+    def pending_series(self) -> list[PendingSeries]: ...
+    def series_instance_paths(self, series_uid: str, skip: int = 0) -> list[Path]: ...
+    def series_senders(self, series_uid: str) -> list[Sender]: ...
+    def start_run(
+        self,
+        series_uid: str,
+        plans: Sequence[RunPlan],
+        note: str,
+        hold_until: float | None = None,
+    ) -> list[int]: ...
+    def claim_pending_jobs(self, limit: int) -> list[JobRecord]: ...
+    def job(self, job_id: int) -> JobRecord: ...
+    def finish_job(
+        self, job_id: int, files: Sequence[Path], destinations: Sequence[str]
+    ) -> None: ...
+    def fail_job(self, job_id: int, reason: str, retry: bool) -> None: ...
+
+
+class DeliveryIndex(Protocol):
+    """The deliverer: deliveries that are due, and each attempt's outcome."""
+
+    def due_deliveries(self, now: float) -> list[DeliveryRecord]: ...
+    def delivery_succeeded(self, delivery_id: int) -> None: ...
+    def delivery_failed(
+        self, delivery_id: int, error: str, next_attempt_at: float | None
+    ) -> None: ...
+
+
+class StatusIndex(Protocol):
+    """The operator: counts, failures, dead letters, and resubmitting them."""
+
+    def counts(self) -> dict[str, int]: ...
+    def jobs(self, state: JobState | None = None) -> list[JobRecord]: ...
+    def deliveries(self, state: DeliveryState | None = None) -> list[DeliveryRecord]: ...
+    def resubmit_dead(self) -> int: ...
+
+
+# -- the index -------------------------------------------------------------------------------
+
+_State = TypeVar("_State", JobState, DeliveryState)
+
+_JOBS = (
+    "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error, "
+    "preview FROM jobs"
+)
+_DELIVERIES = (
+    "SELECT d.id, d.job_id, d.destination, d.files, d.state, d.attempts, d.last_error "
+    "FROM deliveries d"
+)
 
 
 class Index:
@@ -149,21 +268,27 @@ class Index:
         self._lock = threading.Lock()
         self._commits = 0  # this connection's; other connections' show in data_version
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit survives a process crash (kill -9) but not power loss; the
         # instance file itself is fsynced before Success, and `unindexed` finds files a
         # power loss took out of the index, so nothing acknowledged is lost.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._add_column("jobs", "preview", "INTEGER NOT NULL DEFAULT 0")
-        self._add_column("jobs", "hold_until", "REAL")
+        self._migrate()
 
-    def _add_column(self, table: str, column: str, declaration: str) -> None:
-        """Bring an index written by an older version up to the current schema."""
-        with self._tx() as db:  # BEGIN IMMEDIATE: a second process opening it waits
-            columns = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
-            if column not in columns:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    def _migrate(self) -> None:
+        # BEGIN IMMEDIATE: a receiver process opening the index at the same time waits.
+        with self._tx() as db:
+            (seen,) = db.execute("PRAGMA user_version").fetchone()
+            for number, migration in MIGRATIONS:
+                if number > seen:
+                    migration(db)
+            latest = MIGRATIONS[-1][0]
+            if seen < latest:
+                db.execute(f"PRAGMA user_version = {latest}")
+
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
 
     def close(self) -> None:
         with self._lock:
@@ -173,6 +298,7 @@ class Index:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
+                changes = self._db.total_changes
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
@@ -180,7 +306,10 @@ class Index:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
-                self._commits += 1
+                # A transaction that changed nothing (no pending job to claim) leaves the
+                # version alone, so what was read before stays current.
+                if self._db.total_changes != changes:
+                    self._commits += 1
             except sqlite3.OperationalError as exc:
                 if "full" in str(exc):  # SQLITE_FULL: the index's disk is full
                     raise OutOfSpaceError(f"index: {exc}") from exc
@@ -193,9 +322,34 @@ class Index:
             (data_version,) = self._db.execute("PRAGMA data_version").fetchone()
             return self._commits, int(data_version)
 
-    def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _move(
+        db: sqlite3.Connection,
+        table: str,
+        where: str,
+        args: Sequence[object],
+        new: _State,
+        assign: str = "",
+        assign_args: Sequence[object] = (),
+    ) -> list[int]:
+        """Move the rows of ``table`` (jobs or deliveries) that ``where`` selects to ``new``,
+        each move checked; ``assign``: more columns to set. The ids moved."""
+        rows = db.execute(
+            f"SELECT id, state FROM {table} WHERE {where} ORDER BY id", args
+        ).fetchall()
+        kind = type(new)
+        for row in rows:
+            check(kind(row["state"]), new, f"{row['id']}")
+        ids = [int(row["id"]) for row in rows]
+        db.executemany(
+            f"UPDATE {table} SET state = ?{assign} WHERE id = ?",
+            [(new.value, *assign_args, row_id) for row_id in ids],
+        )
+        return ids
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -215,24 +369,19 @@ class Index:
                 (time.time(), association_id),
             )
 
-    def close_stale_associations(self) -> None:
-        """On start: no association of an earlier process is still open."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE associations SET closed_at = ? WHERE closed_at IS NULL", (time.time(),)
-            )
-
-    def unindexed(self, paths: Sequence[Path]) -> list[Path]:
-        """Those of ``paths`` that no instance row points to."""
-        known = {str(r[0]) for r in self._query("SELECT path FROM instances")}
-        return [p for p in paths if str(p) not in known]
-
     def add_instance(self, record: InstanceRecord) -> None:
         """Index a durable instance file; the series becomes due for a (new) run."""
         now = time.time()
         with self._tx() as db:
+            check(
+                _series_state(db, record.series_instance_uid),
+                SeriesState.PENDING,
+                record.series_instance_uid,
+            )
             db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_instance_uid, "
+                "study_instance_uid, sop_class_uid, path, association_id, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.sop_instance_uid,
                     record.series_instance_uid,
@@ -260,20 +409,57 @@ class Index:
                 ),
             )
             db.execute(
-                "INSERT OR IGNORE INTO series_associations VALUES (?, ?)",
+                "INSERT OR IGNORE INTO series_associations (series_instance_uid, "
+                "association_id) VALUES (?, ?)",
                 (record.series_instance_uid, record.association_id),
             )
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def close_stale_associations(self) -> int:
+        """On start: no association of an earlier process is still open."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE associations SET closed_at = ? WHERE closed_at IS NULL", (time.time(),)
+            )
+            return cur.rowcount
+
+    def requeue_running_jobs(self) -> int:
+        """On start: a job that was running when the node stopped runs again."""
+        with self._tx() as db:
+            moved = self._move(
+                db,
+                "jobs",
+                "state = ?",
+                (JobState.RUNNING.value,),
+                JobState.PENDING,
+                ", updated_at = ?",
+                (time.time(),),
+            )
+            return len(moved)
+
+    def unindexed(self, paths: Sequence[Path]) -> list[Path]:
+        """Those of ``paths`` that no instance row points to."""
+        known = {str(r["path"]) for r in self._query("SELECT path FROM instances")}
+        return [p for p in paths if str(p) not in known]
+
+    def series_last_association(self, series_uid: str) -> int | None:
+        rows = self._query(
+            "SELECT last_association_id FROM series WHERE series_instance_uid = ?", (series_uid,)
+        )
+        return int(rows[0]["last_association_id"]) if rows else None
 
     # -- assembly and routing ----------------------------------------------------------------
 
     def pending_series(self) -> list[PendingSeries]:
         rows = self._query(
-            "SELECT s.series_instance_uid, s.last_received, "
-            "  SUM(CASE WHEN a.closed_at IS NULL THEN 1 ELSE 0 END), MAX(a.closed_at), "
-            "  COUNT(*), (SELECT COUNT(*) FROM instances i "
+            "SELECT s.series_instance_uid AS uid, s.last_received AS last_received, "
+            "  SUM(CASE WHEN a.closed_at IS NULL THEN 1 ELSE 0 END) AS open_associations, "
+            "  MAX(a.closed_at) AS last_closed_at, COUNT(*) AS batch_associations, "
+            "  (SELECT COUNT(*) FROM instances i "
             "    WHERE i.series_instance_uid = s.series_instance_uid AND i.association_id IN "
             "    (SELECT association_id FROM series_associations "
-            "     WHERE series_instance_uid = s.series_instance_uid)) "
+            "     WHERE series_instance_uid = s.series_instance_uid)) AS batch_instances "
             "FROM series s "
             "JOIN series_associations sa ON sa.series_instance_uid = s.series_instance_uid "
             "JOIN associations a ON a.id = sa.association_id "
@@ -281,12 +467,12 @@ class Index:
         )
         return [
             PendingSeries(
-                str(r[0]),
-                float(r[1]),
-                int(r[2]),
-                None if r[3] is None else float(r[3]),
-                int(r[4]),
-                int(r[5]),
+                series_instance_uid=str(r["uid"]),
+                last_received=float(r["last_received"]),
+                open_associations=int(r["open_associations"]),
+                last_closed_at=None if r["last_closed_at"] is None else float(r["last_closed_at"]),
+                batch_associations=int(r["batch_associations"]),
+                batch_instances=int(r["batch_instances"]),
             )
             for r in rows
         ]
@@ -298,11 +484,11 @@ class Index:
             "LIMIT -1 OFFSET ?",
             (series_uid, skip),
         )
-        return [Path(str(r[0])) for r in rows]
+        return [Path(str(r["path"])) for r in rows]
 
-    def series_senders(self, series_uid: str) -> list[tuple[str, str, str]]:
-        """(calling AE, called AE, source IP) of each association that delivered the series'
-        current batch, first come first; the last association's when the batch has none."""
+    def series_senders(self, series_uid: str) -> list[Sender]:
+        """Each association that delivered the series' current batch, first come first; the
+        last association when the batch has none."""
         rows = self._query(
             "SELECT DISTINCT a.calling_ae, a.called_ae, a.source_ip FROM series_associations sa "
             "JOIN associations a ON a.id = sa.association_id "
@@ -313,13 +499,9 @@ class Index:
             "JOIN associations a ON a.id = s.last_association_id WHERE s.series_instance_uid = ?",
             (series_uid,),
         )
-        return [(str(c), str(d), str(ip)) for c, d, ip in rows]
-
-    def series_last_association(self, series_uid: str) -> int | None:
-        rows = self._query(
-            "SELECT last_association_id FROM series WHERE series_instance_uid = ?", (series_uid,)
-        )
-        return int(rows[0][0]) if rows else None
+        return [
+            Sender(str(r["calling_ae"]), str(r["called_ae"]), str(r["source_ip"])) for r in rows
+        ]
 
     def start_run(
         self,
@@ -330,13 +512,13 @@ class Index:
     ) -> list[int]:
         """Close the series' current batch of instances into a run with one job per plan.
 
-        ``hold_until``: the run starts before the series is known complete (speculatively);
-        its results go out only from that time on, and only if no instance came since and
-        no later run started (``due_deliveries``). A new run supersedes the held results of
-        earlier ones.
+        ``hold_until``: the run starts before the series is known complete; its results
+        are held until then (assembly.py has the rule). A new run supersedes the held
+        results of earlier runs.
         """
         now = time.time()
         with self._tx() as db:
+            check(_series_state(db, series_uid), SeriesState.ROUTED, series_uid)
             (runs,) = db.execute(
                 "SELECT runs FROM series WHERE series_instance_uid = ?", (series_uid,)
             ).fetchone()
@@ -349,24 +531,30 @@ class Index:
             db.execute(
                 "DELETE FROM series_associations WHERE series_instance_uid = ?", (series_uid,)
             )
-            db.execute(
-                "UPDATE deliveries SET state = 'superseded', last_error = ? "
-                "WHERE state = 'pending' AND job_id IN (SELECT id FROM jobs "
+            self._move(
+                db,
+                "deliveries",
+                "state = ? AND job_id IN (SELECT id FROM jobs "
                 "WHERE series_instance_uid = ? AND run < ? AND hold_until IS NOT NULL)",
-                (f"held, then superseded by run {run}", series_uid, run),
+                (DeliveryState.PENDING.value, series_uid, run),
+                DeliveryState.SUPERSEDED,
+                ", last_error = ?",
+                (f"held, then superseded by run {run}",),
             )
+            state = check(None, JobState.PENDING)
             job_ids = []
             for plan in plans:
                 cur = db.execute(
                     "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
                     "created_at, updated_at, preview, hold_until) "
-                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         series_uid,
                         run,
                         plan.rule,
                         plan.model,
                         json.dumps(plan.destinations),
+                        state.value,
                         now,
                         now,
                         int(plan.preview),
@@ -378,45 +566,31 @@ class Index:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def requeue_running_jobs(self) -> int:
-        """On start: a job that was running when the node stopped runs again."""
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'running'",
-                (time.time(),),
-            )
-            return cur.rowcount
-
     def claim_pending_jobs(self, limit: int) -> list[JobRecord]:
         """Move up to ``limit`` pending jobs (oldest first) to running and return them."""
         if limit <= 0:
             return []
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
-            ids = [int(r[0]) for r in rows]
-            for job_id in ids:
-                db.execute(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ? "
-                    "WHERE id = ?",
-                    (time.time(), job_id),
-                )
-        return [self.job(job_id) for job_id in ids]
+            ids = self._move(
+                db,
+                "jobs",
+                "id IN (SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT ?)",
+                (JobState.PENDING.value, limit),
+                JobState.RUNNING,
+                ", attempts = attempts + 1, updated_at = ?",
+                (time.time(),),
+            )
+            return [_job(db.execute(_JOBS + " WHERE id = ?", (i,)).fetchone()) for i in ids]
 
     def job(self, job_id: int) -> JobRecord:
-        rows = self._query(
-            _JOB_COLUMNS + " WHERE id = ?",
-            (job_id,),
-        )
-        return _job(rows[0])
+        (row,) = self._query(_JOBS + " WHERE id = ?", (job_id,))
+        return _job(row)
 
-    def jobs(self, state: str | None = None) -> list[JobRecord]:
-        sql = _JOB_COLUMNS
+    def jobs(self, state: JobState | None = None) -> list[JobRecord]:
         rows = (
-            self._query(sql + " WHERE state = ? ORDER BY id", (state,))
+            self._query(_JOBS + " WHERE state = ? ORDER BY id", (JobState(state).value,))
             if state
-            else self._query(sql + " ORDER BY id")
+            else self._query(_JOBS + " ORDER BY id")
         )
         return [_job(r) for r in rows]
 
@@ -432,141 +606,185 @@ class Index:
         now = time.time()
         encoded = json.dumps([str(f) for f in files])
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'done', result_files = ?, error = NULL, updated_at = ? "
-                "WHERE id = ?",
-                (encoded, now, job_id),
+            self._move(
+                db,
+                "jobs",
+                "id = ?",
+                (job_id,),
+                JobState.DONE,
+                ", result_files = ?, error = NULL, updated_at = ?",
+                (encoded, now),
             )
-            series_uid, model, run, held = db.execute(
-                "SELECT series_instance_uid, model, run, hold_until IS NOT NULL FROM jobs "
-                "WHERE id = ?",
+            job = db.execute(
+                "SELECT series_instance_uid, model, run, hold_until IS NOT NULL AS held "
+                "FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
+            series_uid, model, run = job["series_instance_uid"], job["model"], job["run"]
             later = db.execute(
-                "SELECT MAX(run) FROM jobs WHERE series_instance_uid = ? AND model = ? "
-                "AND run > ? AND (state = 'done' OR ?)",
+                "SELECT MAX(run) AS run FROM jobs WHERE series_instance_uid = ? AND model = ? "
+                "AND run > ? AND (state = ? OR ?)",
                 # Held results of a run that a later run has replaced never go out.
-                (series_uid, model, run, bool(held)),
-            ).fetchone()[0]
+                (series_uid, model, run, JobState.DONE.value, bool(job["held"])),
+            ).fetchone()["run"]
+            state = check(
+                None, DeliveryState.PENDING if later is None else DeliveryState.SUPERSEDED
+            )
             for destination in destinations:
                 db.execute(
-                    "INSERT OR REPLACE INTO deliveries (job_id, destination, files, state, "
+                    "INSERT INTO deliveries (job_id, destination, files, state, "
                     "attempts, next_attempt_at, last_error) VALUES (?, ?, ?, ?, 0, ?, ?)",
                     (
                         job_id,
                         destination,
                         encoded,
-                        "pending" if later is None else "superseded",
+                        state.value,
                         now,
                         None if later is None else f"superseded by run {later}",
                     ),
                 )
                 if later is None:
-                    db.execute(
-                        "UPDATE deliveries SET state = 'superseded', last_error = ? "
-                        "WHERE destination = ? AND state IN ('pending', 'dead') AND job_id IN "
+                    self._move(
+                        db,
+                        "deliveries",
+                        "destination = ? AND state IN (?, ?) AND job_id IN "
                         "(SELECT id FROM jobs WHERE series_instance_uid = ? AND model = ? "
                         "AND run < ?)",
-                        (f"superseded by run {run}", destination, series_uid, model, run),
+                        (
+                            destination,
+                            DeliveryState.PENDING.value,
+                            DeliveryState.DEAD.value,
+                            series_uid,
+                            model,
+                            run,
+                        ),
+                        DeliveryState.SUPERSEDED,
+                        ", last_error = ?",
+                        (f"superseded by run {run}",),
                     )
 
     def fail_job(self, job_id: int, reason: str, retry: bool) -> None:
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?",
-                ("pending" if retry else "failed", reason, time.time(), job_id),
+            self._move(
+                db,
+                "jobs",
+                "id = ?",
+                (job_id,),
+                JobState.PENDING if retry else JobState.FAILED,
+                ", error = ?, updated_at = ?",
+                (reason, time.time()),
             )
 
     # -- deliveries --------------------------------------------------------------------------
 
     def due_deliveries(self, now: float) -> list[DeliveryRecord]:
+        """Pending deliveries whose next attempt is due. Held results (an early start, see
+        assembly.py) are due from their hold time on, and only while nothing of the series
+        came since and no later run started."""
         rows = self._query(
-            "SELECT d.id, d.job_id, d.destination, d.files, d.state, d.attempts, d.last_error "
-            "FROM deliveries d JOIN jobs j ON j.id = d.job_id "
+            _DELIVERIES + " JOIN jobs j ON j.id = d.job_id "
             "JOIN series s ON s.series_instance_uid = j.series_instance_uid "
-            "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND (j.hold_until IS NULL "
+            "WHERE d.state = ? AND d.next_attempt_at <= ? AND (j.hold_until IS NULL "
             "  OR (j.hold_until <= ? AND s.dirty = 0 AND s.runs = j.run)) "
             "ORDER BY d.next_attempt_at",
-            (now, now),
+            (DeliveryState.PENDING.value, now, now),
         )
         return [_delivery(r) for r in rows]
 
-    def deliveries(self, state: str | None = None) -> list[DeliveryRecord]:
-        sql = "SELECT id, job_id, destination, files, state, attempts, last_error FROM deliveries"
+    def deliveries(self, state: DeliveryState | None = None) -> list[DeliveryRecord]:
         rows = (
-            self._query(sql + " WHERE state = ? ORDER BY id", (state,))
+            self._query(
+                _DELIVERIES + " WHERE d.state = ? ORDER BY d.id", (DeliveryState(state).value,)
+            )
             if state
-            else self._query(sql + " ORDER BY id")
+            else self._query(_DELIVERIES + " ORDER BY d.id")
         )
         return [_delivery(r) for r in rows]
 
     def delivery_succeeded(self, delivery_id: int) -> None:
         with self._tx() as db:
-            db.execute(
-                "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, "
-                "delivered_at = ?, last_error = NULL WHERE id = ?",
-                (time.time(), delivery_id),
+            self._move(
+                db,
+                "deliveries",
+                "id = ?",
+                (delivery_id,),
+                DeliveryState.DELIVERED,
+                ", attempts = attempts + 1, delivered_at = ?, last_error = NULL",
+                (time.time(),),
             )
 
     def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt; ``None`` for the next attempt parks it as dead letter."""
         with self._tx() as db:
-            db.execute(
+            self._move(
+                db,
+                "deliveries",
                 # A delivery superseded while it was being sent stays superseded.
-                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
-                "next_attempt_at = ? WHERE id = ? AND state = 'pending'",
-                (
-                    "dead" if next_attempt_at is None else "pending",
-                    error,
-                    next_attempt_at or 0.0,
-                    delivery_id,
-                ),
+                "id = ? AND state = ?",
+                (delivery_id, DeliveryState.PENDING.value),
+                DeliveryState.DEAD if next_attempt_at is None else DeliveryState.PENDING,
+                ", attempts = attempts + 1, last_error = ?, next_attempt_at = ?",
+                (error, next_attempt_at or 0.0),
             )
 
     def resubmit_dead(self) -> int:
         """Dead letters go back to pending with a fresh attempt budget."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ? "
-                "WHERE state = 'dead'",
+            moved = self._move(
+                db,
+                "deliveries",
+                "state = ?",
+                (DeliveryState.DEAD.value,),
+                DeliveryState.PENDING,
+                ", attempts = 0, next_attempt_at = ?",
                 (time.time(),),
             )
-            return cur.rowcount
+            return len(moved)
 
     # -- status ------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for table in ("instances", "series"):
-            out[table] = int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])
+            out[table] = int(self._query(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"])
         for table in ("jobs", "deliveries"):
-            for state, n in self._query(f"SELECT state, COUNT(*) FROM {table} GROUP BY state"):
-                out[f"{table}.{state}"] = int(n)
+            rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+            for r in rows:
+                out[f"{table}.{r['state']}"] = int(r["n"])
         return out
 
 
-def _job(row: tuple[Any, ...]) -> JobRecord:
+def _series_state(db: sqlite3.Connection, series_uid: str) -> SeriesState | None:
+    row = db.execute(
+        "SELECT dirty FROM series WHERE series_instance_uid = ?", (series_uid,)
+    ).fetchone()
+    if row is None:
+        return None
+    return SeriesState.PENDING if row["dirty"] else SeriesState.ROUTED
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
-        id=int(row[0]),
-        series_instance_uid=str(row[1]),
-        run=int(row[2]),
-        rule=str(row[3]),
-        model=str(row[4]),
-        destinations=tuple(json.loads(str(row[5]))),
-        state=str(row[6]),
-        attempts=int(row[7]),
-        error=None if row[8] is None else str(row[8]),
-        preview=bool(row[9]),
+        id=int(row["id"]),
+        series_instance_uid=str(row["series_instance_uid"]),
+        run=int(row["run"]),
+        rule=str(row["rule"]),
+        model=str(row["model"]),
+        destinations=tuple(json.loads(str(row["destinations"]))),
+        state=JobState(row["state"]),
+        attempts=int(row["attempts"]),
+        error=None if row["error"] is None else str(row["error"]),
+        preview=bool(row["preview"]),
     )
 
 
-def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:
+def _delivery(row: sqlite3.Row) -> DeliveryRecord:
     return DeliveryRecord(
-        id=int(row[0]),
-        job_id=int(row[1]),
-        destination=str(row[2]),
-        files=tuple(Path(p) for p in json.loads(str(row[3]))),
-        state=str(row[4]),
-        attempts=int(row[5]),
-        last_error=None if row[6] is None else str(row[6]),
+        id=int(row["id"]),
+        job_id=int(row["job_id"]),
+        destination=str(row["destination"]),
+        files=tuple(Path(p) for p in json.loads(str(row["files"]))),
+        state=DeliveryState(row["state"]),
+        attempts=int(row["attempts"]),
+        last_error=None if row["last_error"] is None else str(row["last_error"]),
     )

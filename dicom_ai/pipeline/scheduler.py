@@ -1,0 +1,226 @@
+"""The scheduler: from pending series to jobs on workers, one round at a time.
+
+`Scheduler.step` does one round: reload changed rules; read the pending series (again only
+when the index changed); start a run for each series assembly says may run; hand pending
+jobs to idle workers; have idle workers decode ahead the series still arriving; record the
+outcomes of finished jobs. Everything it touches is passed in (the index, a pool, the rules,
+the assembly policy), so a test drives it with a fake pool and no sockets; the node runs
+``step`` in a loop on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import dcmread
+
+from dicom_ai.assembly import AssemblyPolicy, RunStart
+from dicom_ai.config import Config
+from dicom_ai.pipeline.worker import JobOutcome, JobSpec
+from dicom_ai.routing import LiveRules, plan_runs
+from dicom_ai.store.index import JobRecord, PendingSeries, RunPlan, SchedulingIndex
+from dicom_ai.store.spool import Spool
+
+__all__ = ["JobSpecs", "Pool", "Prefetcher", "Scheduler"]
+
+log = logging.getLogger(__name__)
+
+
+class Pool(Protocol):
+    """What the scheduler needs of `WorkerPool`."""
+
+    def idle(self) -> int: ...
+    def submit(self, spec: JobSpec) -> None: ...
+    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool: ...
+    def poll(self, timeout: float = 0.0, wake: socket.socket | None = None) -> list[JobOutcome]: ...
+
+
+@dataclass(frozen=True)
+class JobSpecs:
+    """A job's spec for a worker: the job, its model's settings, its instance files."""
+
+    config: Config
+    spool: Spool
+
+    def __call__(self, job: JobRecord, instance_paths: tuple[Path, ...]) -> JobSpec:
+        model = self.config.model(job.model)
+        return JobSpec(
+            job_id=job.id,
+            series_instance_uid=job.series_instance_uid,
+            model_id=job.model,
+            bundle=model.bundle,
+            device=model.device,
+            timeout_seconds=model.timeout_seconds,
+            task=model.task,
+            threshold=model.threshold,
+            preview=job.preview,
+            instance_paths=instance_paths,
+            results_dir=self.spool.results_dir(job.id),
+            device_serial_number=self.config.device_serial_number,
+            min_free_bytes=self.config.node.min_free_bytes,
+        )
+
+
+_NO_MODEL = -1
+
+
+class Prefetcher:
+    """Has idle workers decode the instances of series still arriving (or waiting out their
+    grace) that a rule sends to a model, so their job starts with them loaded.
+
+    Keeps, per series, how many of its instances were sent (`_NO_MODEL`: none will be,
+    no rule runs a model on it); best effort throughout: a job reads whatever was not
+    prefetched.
+    """
+
+    def __init__(
+        self,
+        index: SchedulingIndex,
+        pool: Pool,
+        plans: Callable[[str, list[Path]], list[RunPlan]],
+    ) -> None:
+        self._index = index
+        self._pool = pool
+        self._plans = plans
+        self._sent: dict[str, int] = {}
+
+    def forget(self, series_uid: str) -> None:
+        """The series' run started: what comes next is a new batch."""
+        self._sent.pop(series_uid, None)
+
+    def arriving(self, pending: list[PendingSeries]) -> None:
+        for series in pending:
+            uid = series.series_instance_uid
+            sent = self._sent.get(uid)
+            if sent == _NO_MODEL:
+                continue
+            try:
+                new = self._index.series_instance_paths(uid, skip=sent or 0)
+                if sent is None:  # first sight: worth it only if a rule would run a model
+                    sent = self._sent[uid] = 0 if self._plans(uid, new) else _NO_MODEL
+                    if sent == _NO_MODEL:
+                        continue
+                if new and self._pool.prefetch(uid, tuple(new)):
+                    self._sent[uid] = sent + len(new)
+            except Exception:  # best effort: the job reads whatever was not prefetched
+                log.debug("no prefetch for series %s", uid, exc_info=True)
+                self._sent[uid] = _NO_MODEL
+
+
+def _nothing() -> None:
+    pass
+
+
+class Scheduler:
+    """Assembly, routing, job dispatch, prefetch and job outcomes, one `step` at a time.
+
+    ``make_spec``: a job's spec for a worker (`JobSpecs`); ``results_ready``: called when
+    a job recorded results to deliver; ``wake``: a socket whose byte ends ``step``'s wait
+    for job outcomes early (an association released: its series may be complete now).
+    """
+
+    def __init__(
+        self,
+        index: SchedulingIndex,
+        pool: Pool,
+        rules: LiveRules,
+        assembly: AssemblyPolicy,
+        make_spec: Callable[[JobRecord, tuple[Path, ...]], JobSpec],
+        max_job_attempts: int,
+        results_ready: Callable[[], None] = _nothing,
+        wake: socket.socket | None = None,
+    ) -> None:
+        self.index = index
+        self.pool = pool
+        self.rules = rules
+        self.assembly = assembly
+        self.make_spec = make_spec
+        self.max_job_attempts = max_job_attempts
+        self.results_ready = results_ready
+        self.wake = wake
+        self.prefetcher = Prefetcher(index, pool, lambda uid, paths: self.plan(uid, paths)[0])
+        self._pending: list[PendingSeries] = []
+        self._pending_version: tuple[int, int] | None = None
+
+    def step(self, now: float, wait: float = 0.0) -> None:
+        """One round at time ``now``; waits up to ``wait`` seconds for a job outcome."""
+        self.rules.reload_if_changed()
+        pending = self._pending_series()
+        routed = set()
+        for start in self.assembly.runnable(pending, now):
+            self._start_run(start, now)
+            routed.add(start.series.series_instance_uid)
+        self._dispatch_jobs()
+        self.prefetcher.arriving([s for s in pending if s.series_instance_uid not in routed])
+        for outcome in self.pool.poll(timeout=wait, wake=self.wake):
+            self._record(outcome)
+
+    def plan(self, series_uid: str, paths: list[Path]) -> tuple[list[RunPlan], list[str]]:
+        """What the rules say for the series' batch whose last instance is ``paths[-1]``:
+        runs to make, and why."""
+        header = dcmread(paths[-1], stop_before_pixels=True)
+        senders = self.index.series_senders(series_uid)
+        return plan_runs(header, senders, self.rules.by_called_ae())
+
+    def _pending_series(self) -> list[PendingSeries]:
+        """The index's pending series, queried again only when the index changed: the
+        scheduler asks every round, and the query holds the interpreter lock that the
+        receiving threads need."""
+        version = self.index.version()
+        if version != self._pending_version:
+            self._pending = self.index.pending_series()
+            self._pending_version = version
+        return self._pending
+
+    def _start_run(self, start: RunStart, now: float) -> None:
+        uid = start.series.series_instance_uid
+        self.prefetcher.forget(uid)
+        paths = self.index.series_instance_paths(uid)
+        plans, notes = self.plan(uid, paths)
+        note = "; ".join(notes) or "no rule matched"
+        hold_until = start.hold_until if plans else None
+        job_ids = self.index.start_run(uid, plans, note, hold_until)
+        if not job_ids:
+            log.info(
+                "series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note
+            )
+            return
+        log.info(
+            "series %s complete (%d instances%s): jobs %s by %s",
+            uid,
+            len(paths),
+            ""
+            if hold_until is None
+            else ", its one association released: started early, results held "
+            f"{max(0.0, hold_until - now):.1f} s for late instances",
+            job_ids,
+            ", ".join(p.rule for p in plans),
+        )
+
+    def _dispatch_jobs(self) -> None:
+        for job in self.index.claim_pending_jobs(self.pool.idle()):
+            paths = tuple(self.index.series_instance_paths(job.series_instance_uid))
+            self.pool.submit(self.make_spec(job, paths))
+
+    def _record(self, outcome: JobOutcome) -> None:
+        job = self.index.job(outcome.job_id)
+        if outcome.ok:
+            self.index.finish_job(job.id, outcome.files, job.destinations)
+            log.info("job %d done in %.1f s", job.id, outcome.seconds)
+            self.results_ready()
+            return
+        retry = outcome.retry and job.attempts < self.max_job_attempts
+        self.index.fail_job(job.id, outcome.reason, retry=retry)
+        log.error(
+            "job %d (%s on series %s) failed%s: %s",
+            job.id,
+            job.model,
+            job.series_instance_uid,
+            ", will retry" if retry else "",
+            outcome.reason,
+        )

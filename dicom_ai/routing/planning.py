@@ -1,0 +1,61 @@
+"""Run planning: what the rules say for one batch of a series, as the runs to make.
+
+A series batch may reach the node through several called AE titles; each title routes it
+by its own rules only, with the sender context of the association that delivered it there.
+Decisions that name the same model and the same destinations become one run (their results
+would carry the same UIDs); if either asked for a preview, that run makes it. ``sender``
+destinations are bound to the calling AE title that delivered the batch to the title whose
+rule named it.
+
+`plan_runs` is pure: the header, the senders and the rules in; runs and notes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from pydicom.dataset import Dataset
+
+from dicom_ai.config import bind_sender
+from dicom_ai.routing.engine import RuleSet, SenderContext
+from dicom_ai.store.index import RunPlan, Sender
+
+__all__ = ["plan_runs"]
+
+
+def plan_runs(
+    header: Dataset,
+    senders: Sequence[Sender],
+    rules_by_called_ae: Mapping[str, RuleSet],
+) -> tuple[list[RunPlan], list[str]]:
+    """The runs to make for a batch with this ``header`` that ``senders`` delivered, first
+    come first, and a note per decision (why it routed, or why nothing did)."""
+    plans: list[RunPlan] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    for calling, called, ip in senders:
+        if called in seen:
+            continue
+        seen.add(called)
+        rules = rules_by_called_ae.get(called)
+        if rules is None:
+            # Received on a title the node no longer serves (config changed since).
+            notes.append(f"called AE {called!r} is no longer configured")
+            continue
+        for decision in rules.evaluate(header, SenderContext(calling, called, ip)).decisions:
+            notes.append(f"{called}/{decision.rule}: {', '.join(decision.reasons)}")
+            if not decision.model:
+                continue
+            destinations = tuple(bind_sender(name, calling) for name in decision.destinations)
+            same = [
+                n
+                for n, plan in enumerate(plans)
+                if (plan.model, plan.destinations) == (decision.model, destinations)
+            ]
+            if not same:
+                plans.append(RunPlan(decision.rule, decision.model, destinations, decision.preview))
+            elif decision.preview and not plans[same[0]].preview:
+                # One run serves both rules (same UIDs): it makes the preview too.
+                plans[same[0]] = replace(plans[same[0]], preview=True)
+    return plans, notes
