@@ -45,7 +45,13 @@ from tests.results_check import (
     source_headers,
 )
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.orthanc, pytest.mark.dciodvfy, pytest.mark.java]
+pytestmark = [
+    pytest.mark.dcmtk,
+    pytest.mark.orthanc,
+    pytest.mark.dciodvfy,
+    pytest.mark.java,
+    pytest.mark.slow,
+]
 
 RESULTS_DEADLINE_S = 120
 DECISION_DEADLINE_S = 30

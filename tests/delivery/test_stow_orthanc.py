@@ -17,7 +17,7 @@ from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_until
 from tests.results_check import check_phantom_results
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.orthanc, pytest.mark.dciodvfy]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.orthanc, pytest.mark.dciodvfy, pytest.mark.slow]
 
 SOP_INSTANCE_UID = "00080018"
 MODALITY = "00080060"

@@ -67,6 +67,7 @@ def spleen_run(
     return model, volume, model(volume)
 
 
+@pytest.mark.slow
 def test_wholebody_runs_unchanged_with_metadata_labels(
     wb_run: tuple[BundleModel, SeriesVolume, SegmentationFindings, float],
     wholebody_bundle: Path,  # noqa: F811

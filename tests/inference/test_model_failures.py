@@ -21,7 +21,7 @@ from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.failing_models import make_crashing_bundle, make_hanging_bundle
 from tests.peers import NodeProcess, StoreSCP, echoscu, node_config, storescu, wait_until
 
-pytestmark = [pytest.mark.dcmtk]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 HANG_TIMEOUT = 25  # seconds; a fresh worker on a busy machine takes ~12 s to load torch, MONAI
 MAX_ATTEMPTS = 2

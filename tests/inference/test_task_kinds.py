@@ -61,7 +61,7 @@ from tests.task_bundles import (
     make_cxr_classifier_bundle,
 )
 
-pytestmark = [pytest.mark.dciodvfy, pytest.mark.java]
+pytestmark = [pytest.mark.dciodvfy, pytest.mark.java, pytest.mark.slow]
 
 DEVICE = DeviceIdentity.for_node("node-kinds")
 SPEC = PhantomSpec(slices=8, rows=64, columns=64, pixel_spacing_mm=5.0, slice_thickness_mm=4.0)

@@ -14,7 +14,7 @@ from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.peers import NodeProcess, StoreSCP, echoscu, free_port, node_config, storescu, wait_until
 from tests.results_check import Delivered, check_phantom_results
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.slow]
 
 DELIVERY_TIMEOUT = 240
 

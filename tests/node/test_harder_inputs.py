@@ -30,7 +30,7 @@ from tests.results_check import (
     sr_volumes_ml,
 )
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java, pytest.mark.slow]
 
 DELIVERY_TIMEOUT = 240
 # Small enough to be quick, large enough for ct-body's body, lung and bone.

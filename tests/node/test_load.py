@@ -28,7 +28,7 @@ from tests.results_check import (
     sr_evidence_uids,
 )
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.slow]
 
 SENDERS = 8
 SLICES = 100

@@ -29,7 +29,7 @@ from tests.results_check import (
     sr_volumes_ml,
 )
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java, pytest.mark.slow]
 
 DELIVERY_TIMEOUT = 300
 BRAIN_SNOMED = "12738006"

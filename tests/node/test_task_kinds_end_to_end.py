@@ -27,7 +27,7 @@ from tests.task_bundles import (
     make_cxr_classifier_bundle,
 )
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java, pytest.mark.slow]
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

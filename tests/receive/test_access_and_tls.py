@@ -28,7 +28,7 @@ from tests.peers import (
 from tests.results_check import check_phantom_results
 from tests.tls_certs import Pki, make_pki
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.slow]
 
 DEADLINE = 120
 

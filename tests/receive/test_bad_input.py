@@ -318,6 +318,7 @@ def _jpeg_ls_with_garbage(directory: Path, slices: int) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_undecodable_pixel_data_fails_its_job_only(tmp_path: Path, pacs: StoreSCP) -> None:
     """Pixel data is only decoded in the pipeline: the broken series is received, its job
     fails with the reason, and a good series sent with it gets its SEG and SR."""
@@ -390,6 +391,7 @@ def _many_tiny_instances(directory: Path, count: int) -> tuple[list[Path], str]:
     return paths, spec.series_instance_uid
 
 
+@pytest.mark.slow
 def test_a_2000_instance_series_in_one_association(tmp_path: Path, pacs: StoreSCP) -> None:
     """Every instance acknowledged and indexed, and the series routed once, as one."""
     count = 2000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import signal
@@ -9,6 +10,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -46,6 +48,7 @@ def _accepted(node: NodeProcess) -> list[int]:
     ]
 
 
+@pytest.mark.slow
 def test_receivers_share_the_port_and_die_with_the_node(tmp_path: Path, pacs: StoreSCP) -> None:
     node = NodeProcess(
         tmp_path / "node", node_config(tmp_path / "node", pacs.port, node={"receivers": RECEIVERS})
@@ -142,13 +145,21 @@ def test_max_associations_counts_every_receiver_process(
     node = NodeProcess(tmp_path / "node", config).start()
     ae = AE(ae_title="HELD")
     ae.add_requested_context("1.2.840.10008.1.1")
-    held = []
+    held: list[Any] = []
     try:
-        for _ in range(2):
-            held.append(ae.associate("127.0.0.1", node.port, ae_title="DICOM_AI"))
-            assert held[-1].is_established
-        # Held in two processes: a per-process limit of 2 would take a third anywhere.
-        wait_until(lambda: sorted(_accepted(node)) == [0, 1, 1], 10, "one each", 0.01)
+        # Held in two processes: a per-process limit of 2 would take a third anywhere. The
+        # kernel picks the accepting process; both in one is a retry, not a failure.
+        for _ in range(20):
+            for _ in range(2):
+                held.append(ae.associate("127.0.0.1", node.port, ae_title="DICOM_AI"))
+                assert held[-1].is_established
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: sorted(_accepted(node)) == [0, 1, 1], 2, "one each", 0.01)
+                break
+            while held:
+                held.pop().release()
+            wait_until(lambda: sum(_accepted(node)) == 0, 10, "the releases", 0.01)
+        assert sorted(_accepted(node)) == [0, 1, 1], "20 tries all landed in one process"
         for _ in range(3):
             assert echoscu(node.port).returncode != 0  # A-ASSOCIATE-RJ, whoever accepts
         held.pop().release()

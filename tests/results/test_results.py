@@ -190,6 +190,7 @@ def test_sr_passes_dciodvfy(case: Case) -> None:
     assert_dciodvfy_clean(case.sr_path)
 
 
+@pytest.mark.slow
 def test_sr_passes_pixelmed_tid1500_validation(case: Case) -> None:
     output = assert_sr_template_valid(case.sr_path)
     assert "Found Root Template TID_1500" in output

@@ -317,6 +317,7 @@ def test_highdicom_reads_the_masks_back_per_source_frame(case: Case) -> None:
         np.testing.assert_array_equal(pixels, label_map)
 
 
+@pytest.mark.slow
 def test_sr_volumes_use_the_source_spacing(case: Case, tmp_path: Path) -> None:
     volume = case.volume
     # voxel volume from the headers (functional groups for multi-frame) = the loader's

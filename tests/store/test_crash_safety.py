@@ -59,7 +59,7 @@ from tests.peers import (
 )
 from tests.results_check import COMPREHENSIVE_3D_SR, SEG_SOP_CLASS, sr_evidence_uids
 
-pytestmark = [pytest.mark.dcmtk]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 SEED = int(os.environ.get("DICOM_AI_CRASH_SEED", "1"))
 STUDIES, SERIES_PER_STUDY, SLICES = 20, 3, 6
