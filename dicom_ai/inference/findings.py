@@ -95,6 +95,7 @@ class TaskKind(Enum):
     SEGMENTATION = "segmentation"
     CLASSIFICATION = "classification"
     DETECTION = "detection"
+    LANDMARKS = "landmarks"
 
 
 @dataclass(frozen=True)
@@ -173,5 +174,30 @@ class DetectionFindings:
     source_frame_numbers: tuple[int, ...] | None = None
 
 
-Findings = SegmentationFindings | ClassificationFindings | DetectionFindings
+@dataclass(frozen=True)
+class Landmark:
+    """One located point: a landmark the model names, in patient space (DICOM LPS, mm),
+    found on one source image (frame)."""
+
+    name: str
+    position: npt.NDArray[np.float64]
+    source_sop_instance_uid: str
+    source_frame_number: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.position.shape != (3,):
+            raise ValueError("a landmark needs a position (3,) in patient space")
+
+
+@dataclass(frozen=True)
+class LandmarkFindings:
+    """Landmarks (points) on the images of one series, in its frame of reference."""
+
+    landmarks: tuple[Landmark, ...]
+    algorithm: AlgorithmIdentification
+    source_sop_instance_uids: tuple[str, ...]
+    frame_of_reference_uid: str
+
+
+Findings = SegmentationFindings | ClassificationFindings | DetectionFindings | LandmarkFindings
 """Whatever a model returns."""
