@@ -188,9 +188,14 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_seconds: float = Field(default=600.0, gt=0)
     # What the model outputs; None: read from the bundle's metadata.json (outputs.pred).
-    task: Literal["segmentation", "classification", "detection"] | None = None
+    task: Literal["segmentation", "classification", "detection", "landmarks"] | None = None
     # Classes and detections with a probability at or above this are reported as found.
     threshold: float = Field(default=0.5, ge=0, le=1)
+    # A bundle's config files (under its configs/), merged in order as MONAI's runner does;
+    # empty: its inference.json / inference.yaml.
+    config_files: list[str] = Field(default_factory=list)
+    # A promptable bundle's label prompts (label ids); None: every class its metadata lists.
+    prompts: list[int] | None = None
 
 
 class PipelineConfig(_Strict):

@@ -41,12 +41,12 @@ detection are 3-D only. Like MONAI's own bundle runner, the bundle root is put o
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import sys
 import warnings
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from itertools import permutations
 from pathlib import Path
 from typing import Any, cast
@@ -79,7 +79,14 @@ from dicom_ai.inference.findings import (
 from dicom_ai.inference.model import ModelInput, limit_torch_threads, resolve_device
 from dicom_ai.inference.volume import SeriesVolume
 
-__all__ = ["BundleModel", "read_bundle_classes", "read_bundle_labels", "read_bundle_task"]
+__all__ = [
+    "BundleModel",
+    "bundle_config_files",
+    "read_bundle_classes",
+    "read_bundle_labels",
+    "read_bundle_metadata",
+    "read_bundle_task",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +115,9 @@ class BundleModel:
         max_threads: cap for torch's CPU threads (default: the CPUs this process may use).
         task: what the bundle outputs, overriding its metadata (see the module docstring).
         threshold: probability from which a class or a detection counts as found.
+        config_files: config files under ``configs/`` merged in order, as MONAI's runner
+            merges them (default: ``inference.json`` or ``inference.yaml``).
+        prompts: a promptable bundle's label prompts (default: every class of its metadata).
     """
 
     def __init__(
@@ -120,21 +130,18 @@ class BundleModel:
         max_threads: int | None = None,
         task: str | None = None,
         threshold: float = 0.5,
+        config_files: Sequence[str] = (),
+        prompts: Sequence[int] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
         self.model_id = model_id or self.bundle_dir.name
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             limit_torch_threads(max_threads)
-        config_file = self.bundle_dir / "configs" / "inference.json"
-        meta_file = self.bundle_dir / "configs" / "metadata.json"
-        for required in (config_file, meta_file):
-            if not required.is_file():
-                raise ModelError(f"bundle {self.bundle_dir}: missing {required.name}")
-        try:
-            metadata = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"bundle {self.bundle_dir}: unreadable metadata.json: {exc}") from exc
+        config_files = bundle_config_files(self.bundle_dir, config_files)
+        meta_file = _first_file(self.bundle_dir / "configs", "metadata")
+        metadata = read_bundle_metadata(self.bundle_dir)
+        self.prompts = prompts
         self.task = TaskKind(task) if task else read_bundle_task(metadata)
         self.spatial_dims = _spatial_dims(metadata)
         self.threshold = threshold
@@ -159,7 +166,7 @@ class BundleModel:
                 # Known, harmless noise from parsing zoo configs with MONAI 1.6.
                 for message in _QUIET:
                     warnings.filterwarnings("ignore", message=message)
-                self._setup(config_file, meta_file, overrides or {})
+                self._setup(config_files, meta_file, overrides or {})
         except ModelError:
             raise
         except Exception as exc:  # config expressions can raise anything
@@ -172,7 +179,9 @@ class BundleModel:
             self.device,
         )
 
-    def _setup(self, config_file: Path, meta_file: Path, overrides: Mapping[str, Any]) -> None:
+    def _setup(
+        self, config_files: Sequence[Path], meta_file: Path, overrides: Mapping[str, Any]
+    ) -> None:
         # As MONAI's runner does: configs may import the bundle's scripts/. First on the path,
         # and no `scripts` of a bundle loaded before in this worker left in the module cache.
         root = str(self.bundle_dir)
@@ -182,9 +191,12 @@ class BundleModel:
         for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
             del sys.modules[name]
         parser = ConfigParser()
-        parser.read_config(config_file)
+        parser.read_config([str(f) for f in config_files])
         parser.read_meta(meta_file)
         parser["bundle_root"] = str(self.bundle_dir)
+        if self.device.type != "cuda":
+            _run_cuda_on(parser, self.device)
+        _drop_file_readers(parser)
         parser["device"] = self.device
         for key in ("inferer#device", "inferer#sw_device"):
             if key in parser:
@@ -196,9 +208,13 @@ class BundleModel:
         self._label_key = str(parser.get("label_key", "label"))
         self._score_key = str(parser.get("pred_score_key", f"{self._label_key}_scores"))
 
-        network = cast(torch.nn.Module, parser.get_parsed_content("network_def"))
+        with _numpy_in_checkpoints():  # an architecture file the config loads (DiNTS)
+            network = cast(torch.nn.Module, parser.get_parsed_content("network_def"))
         weights = self._weights_path(parser)
-        network.load_state_dict(_state_dict(weights, self.device))
+        if weights.suffix == ".ts":
+            network = torch.jit.load(str(weights), map_location=self.device)
+        else:
+            network.load_state_dict(_state_dict(weights, self.device, _load_dict_keys(parser)))
         network.to(self.device).eval()
         for parameter in network.parameters():
             parameter.requires_grad_(False)
@@ -230,15 +246,21 @@ class BundleModel:
         self.amp = amp and self.device.type == "cuda"  # mixed precision only on CUDA
 
     def _weights_path(self, parser: ConfigParser) -> Path:
-        if "checkpointloader#load_path" in parser:
-            path = Path(str(parser.get_parsed_content("checkpointloader#load_path")))
+        """Where the config's checkpoint loader reads, else ``models/model.pt`` or the
+        TorchScript ``models/model.ts``."""
+        loader = _checkpoint_loader_id(parser)
+        if loader is not None:
+            named = [Path(str(parser.get_parsed_content(f"{loader}#load_path")))]
         elif "modelname" in parser:
-            path = self.bundle_dir / "models" / str(parser.get_parsed_content("modelname"))
+            named = [self.bundle_dir / "models" / str(parser.get_parsed_content("modelname"))]
         else:
-            path = self.bundle_dir / "models" / "model.pt"
-        if not path.is_file():
-            raise ModelError(f"bundle {self.bundle_dir}: no weights at {path}")
-        return path
+            named = []
+        candidates = [*named, self.bundle_dir / "models" / "model.pt"]
+        candidates.append(self.bundle_dir / "models" / "model.ts")
+        for path in candidates:
+            if path.is_file():
+                return path
+        raise ModelError(f"bundle {self.bundle_dir}: no weights at {candidates[0]}")
 
     def __call__(self, source: ModelInput) -> Findings:
         try:
@@ -421,8 +443,9 @@ class BundleModel:
 
 
 def read_bundle_labels(metadata: Mapping[str, Any]) -> tuple[SegmentLabel, ...]:
-    """Labels from ``network_data_format.outputs.pred.channel_def``, background dropped."""
-    channel_def = _pred_output(metadata).get("channel_def")
+    """Labels from ``network_data_format.outputs.pred.channel_def`` (or ``label_def``),
+    background dropped."""
+    channel_def = _channel_def(metadata)
     if not isinstance(channel_def, Mapping) or not channel_def:
         raise ModelError(
             "bundle metadata has no network_data_format.outputs.pred.channel_def: "
@@ -474,7 +497,7 @@ def read_bundle_task(metadata: Mapping[str, Any]) -> TaskKind:
 
 def read_bundle_classes(metadata: Mapping[str, Any], *, required: bool) -> tuple[SegmentLabel, ...]:
     """Every ``channel_def`` entry in channel order (a classifier's class 0 is a class too)."""
-    channel_def = _pred_output(metadata).get("channel_def")
+    channel_def = _channel_def(metadata)
     if not isinstance(channel_def, Mapping) or not channel_def:
         if required:
             raise ModelError(
@@ -487,6 +510,11 @@ def read_bundle_classes(metadata: Mapping[str, Any], *, required: bool) -> tuple
     except ValueError as exc:
         raise ModelError(f"channel_def has a key that is not a channel number: {exc}") from exc
     return tuple(sorted(classes, key=lambda label: label.value))
+
+
+def _channel_def(metadata: Mapping[str, Any]) -> Any:
+    output = _pred_output(metadata)
+    return output.get("channel_def") or output.get("label_def")
 
 
 def _pred_output(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -508,16 +536,144 @@ def _flat(compose: Compose) -> list[Any]:
     return list(flat.transforms)
 
 
-def _state_dict(path: Path, device: torch.device) -> Mapping[str, torch.Tensor]:
-    """Weights as the zoo stores them: a bare state dict, or one under "model"/"state_dict"."""
+def _state_dict(
+    path: Path, device: torch.device, keys: Sequence[str] = ()
+) -> Mapping[str, torch.Tensor]:
+    """Weights as the zoo stores them: a bare state dict, or one under the checkpoint
+    loader's ``load_dict`` key, "model" or "state_dict"."""
     try:
         loaded = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise ModelError(f"cannot read weights {path}: {exc}") from exc
     if isinstance(loaded, Mapping):
-        for key in ("model", "state_dict"):
+        for key in (*keys, "model", "state_dict"):
             inner = loaded.get(key)
             if isinstance(inner, Mapping):
                 return cast(Mapping[str, torch.Tensor], inner)
         return cast(Mapping[str, torch.Tensor], loaded)
     raise ModelError(f"weights {path} hold a {type(loaded).__name__}, not a state dict")
+
+
+_CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _first_file(directory: Path, stem: str) -> Path:
+    for suffix in _CONFIG_SUFFIXES:
+        path = directory / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    raise ModelError(f"bundle {directory.parent}: missing configs/{stem}.json (or .yaml)")
+
+
+def bundle_config_files(bundle_dir: Path, names: Sequence[str] = ()) -> list[Path]:
+    """The config files to merge: ``names`` under ``configs/`` in order, or the bundle's
+    ``inference.json`` / ``inference.yaml``."""
+    configs = Path(bundle_dir) / "configs"
+    if not names:
+        return [_first_file(configs, "inference")]
+    files = [configs / name for name in names]
+    for path in files:
+        if not path.is_file():
+            raise ModelError(f"bundle {bundle_dir}: missing configs/{path.name}")
+    return files
+
+
+def read_bundle_metadata(bundle_dir: Path) -> dict[str, Any]:
+    """``configs/metadata.json`` (or YAML) as a dict."""
+    path = _first_file(Path(bundle_dir) / "configs", "metadata")
+    try:
+        metadata = ConfigParser.load_config_file(path)
+    except Exception as exc:  # json, yaml and OS errors alike
+        raise ModelError(f"bundle {bundle_dir}: unreadable {path.name}: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ModelError(f"bundle {bundle_dir}: {path.name} is not a mapping")
+    return metadata
+
+
+# A CUDA device named in a config expression or value: the zoo writes ``torch.device('cuda')``
+# (DiNTS' architecture file and search space) and ``"cuda:0"``.
+_CUDA_EXPRESSION = re.compile(r"""torch\.device\(\s*(['"])cuda(:\d+)?\1\s*\)""")
+_CUDA_VALUE = re.compile(r"cuda(:\d+)?")
+
+
+def _run_cuda_on(parser: ConfigParser, device: torch.device) -> None:
+    """Point every CUDA device the config names at ``device``, in memory: a config that asks
+    for CUDA runs on a machine without one. Expressions that choose CUDA only when it is
+    available stay as they are."""
+    replacement = f"torch.device('{device}')"
+    for id_, value in list(_walk(parser.get(), "")):
+        if not isinstance(value, str):
+            continue
+        if value.startswith("$") and _CUDA_EXPRESSION.search(value):
+            parser[id_] = _CUDA_EXPRESSION.sub(replacement, value)
+        elif _CUDA_VALUE.fullmatch(value):
+            parser[id_] = str(device)
+
+
+_LOADER_TARGETS = re.compile(r"(^|\.)LoadImaged?$")
+
+
+def _drop_file_readers(parser: ConfigParser) -> None:
+    """The node feeds decoded series, so a file loader's ``reader`` (ITK, NIfTI, ...) is
+    never used; dropped in memory so a reader package the node lacks does not stop it."""
+    for id_, value in list(_walk(parser.get(), "")):
+        if (
+            isinstance(value, Mapping)
+            and _LOADER_TARGETS.search(str(value.get("_target_", "")))
+            and "reader" in value
+        ):
+            parser[id_] = {k: v for k, v in value.items() if k != "reader"}
+
+
+def _walk(value: Any, id_: str) -> Iterator[tuple[str, Any]]:
+    """Every (config id, raw value) under ``value``, parents before children."""
+    yield id_, value
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return
+    for key, item in items:
+        yield from _walk(item, f"{id_}#{key}" if id_ else str(key))
+
+
+@contextmanager
+def _numpy_in_checkpoints() -> Iterator[None]:
+    """Let ``torch.load``'s safe (weights-only) unpickler read numpy arrays, as a DiNTS
+    architecture file holds them; no other globals are allowed."""
+    core: Any = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1 (bundle envs)
+    reconstruct = core.multiarray._reconstruct
+    # Files written under numpy 1 name numpy.core, under numpy 2 numpy._core.
+    allowed: list[Any] = [np.ndarray, np.dtype, reconstruct]
+    allowed += [(reconstruct, f"numpy.{m}.multiarray._reconstruct") for m in ("core", "_core")]
+    allowed += [type(np.dtype(t)) for t in (np.float32, np.float64, np.int32, np.int64, np.bool_)]
+    with torch.serialization.safe_globals(allowed):
+        yield
+
+
+def _checkpoint_loader_id(parser: ConfigParser) -> str | None:
+    """The config id of the bundle's ``CheckpointLoader``: ``checkpointloader`` or one of
+    the ``handlers``, as MONAI's evaluator would run it."""
+    if "checkpointloader#load_path" in parser:
+        return "checkpointloader"
+    handlers = parser.get("handlers")
+    if isinstance(handlers, list):
+        for index, handler in enumerate(handlers):
+            target = str(handler.get("_target_", "")) if isinstance(handler, Mapping) else ""
+            disabled = handler.get("_disabled_") if isinstance(handler, Mapping) else None
+            if target.endswith("CheckpointLoader") and "load_path" in handler:
+                if disabled is True or (
+                    isinstance(disabled, str) and disabled.strip().lower() == "true"
+                ):
+                    continue
+                return f"handlers#{index}"
+    return None
+
+
+def _load_dict_keys(parser: ConfigParser) -> tuple[str, ...]:
+    """The keys of the checkpoint loader's ``load_dict`` (a checkpoint saved by MONAI's
+    CheckpointSaver holds the weights under them)."""
+    loader = _checkpoint_loader_id(parser)
+    load_dict = parser.get(f"{loader}#load_dict") if loader else None
+    return tuple(str(k) for k in load_dict) if isinstance(load_dict, Mapping) else ()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -68,6 +69,8 @@ def load_model(
     *,
     task: str | None = None,
     threshold: float = 0.5,
+    config_files: Sequence[str] = (),
+    prompts: Sequence[int] | None = None,
 ) -> Model:
     """The model for ``model_id``: a MONAI bundle when ``bundle`` is given, else a built-in.
 
@@ -81,7 +84,15 @@ def load_model(
     from dicom_ai.inference.bundle import BundleModel
 
     if bundle is not None:
-        return BundleModel(bundle, device, model_id=model_id, task=task, threshold=threshold)
+        return BundleModel(
+            bundle,
+            device,
+            model_id=model_id,
+            task=task,
+            threshold=threshold,
+            config_files=config_files,
+            prompts=prompts,
+        )
     resolve_device(device)  # a bad device string is a config error for built-ins too
     if model_id == "ct-body":
         return CTBodyModel()

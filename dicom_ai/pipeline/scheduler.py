@@ -26,7 +26,7 @@ from dicom_ai.routing import LiveRules, plan_runs
 from dicom_ai.store.index import JobRecord, PendingSeries, RunPlan, SchedulingIndex
 from dicom_ai.store.spool import Spool
 
-__all__ = ["JobSpecs", "Pool", "Prefetcher", "Scheduler"]
+__all__ = ["Health", "JobSpecs", "Pool", "Prefetcher", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,24 @@ class Pool(Protocol):
     def poll(self, timeout: float = 0.0, wake: socket.socket | None = None) -> list[JobOutcome]: ...
 
 
+class Health(Protocol):
+    """What the scheduler needs of `pipeline.health.ModelHealth`."""
+
+    def broken(self, model_id: str) -> str | None: ...
+
+
+def _node_python(model_id: str) -> Path | None:
+    return None
+
+
 @dataclass(frozen=True)
 class JobSpecs:
     """A job's spec for a worker: the job, its model's settings, its instance files."""
 
     config: Config
     spool: Spool
+    # The interpreter a model's jobs run (`ModelHealth.python`); None: the node's.
+    python: Callable[[str], Path | None] = _node_python
 
     def __call__(self, job: JobRecord, instance_paths: tuple[Path, ...]) -> JobSpec:
         model = self.config.model(job.model)
@@ -58,7 +70,10 @@ class JobSpecs:
             timeout_seconds=model.timeout_seconds,
             task=model.task,
             threshold=model.threshold,
+            config_files=tuple(model.config_files),
+            prompts=None if model.prompts is None else tuple(model.prompts),
             preview=job.preview,
+            python=self.python(job.model),
             instance_paths=instance_paths,
             results_dir=self.spool.results_dir(job.id),
             device_serial_number=self.config.device_serial_number,
@@ -121,7 +136,10 @@ class Scheduler:
 
     ``make_spec``: a job's spec for a worker (`JobSpecs`); ``results_ready``: called when
     a job recorded results to deliver; ``wake``: a socket whose byte ends ``step``'s wait
-    for job outcomes early (an association released: its series may be complete now).
+    for job outcomes early (an association released: its series may be complete now);
+    ``health``: the start-time model checks: a job of a model they found broken fails at
+    once with the reason (one whose check has not finished runs as usual: a broken model
+    fails it in its worker, and the receiving of images never waits for a check).
     """
 
     def __init__(
@@ -134,6 +152,7 @@ class Scheduler:
         max_job_attempts: int,
         results_ready: Callable[[], None] = _nothing,
         wake: socket.socket | None = None,
+        health: Health | None = None,
     ) -> None:
         self.index = index
         self.pool = pool
@@ -143,6 +162,7 @@ class Scheduler:
         self.max_job_attempts = max_job_attempts
         self.results_ready = results_ready
         self.wake = wake
+        self.health = health
         self.prefetcher = Prefetcher(index, pool, lambda uid, paths: self.plan(uid, paths)[0])
         self._pending: list[PendingSeries] = []
         self._pending_version: tuple[int, int] | None = None
@@ -204,8 +224,25 @@ class Scheduler:
 
     def _dispatch_jobs(self) -> None:
         for job in self.index.claim_pending_jobs(self.pool.idle()):
-            paths = tuple(self.index.series_instance_paths(job.series_instance_uid))
-            self.pool.submit(self.make_spec(job, paths))
+            self._dispatch(job)
+
+    def _dispatch(self, job: JobRecord) -> None:
+        if self.health is not None:
+            reason = self.health.broken(job.model)
+            if reason is not None:
+                # Known before any worker loads it: the job fails now, with the reason.
+                reason = f"model {job.model} is broken: {reason}"
+                self.index.fail_job(job.id, reason, retry=False)
+                log.error(
+                    "job %d (%s on series %s) failed: %s",
+                    job.id,
+                    job.model,
+                    job.series_instance_uid,
+                    reason,
+                )
+                return
+        paths = tuple(self.index.series_instance_paths(job.series_instance_uid))
+        self.pool.submit(self.make_spec(job, paths))
 
     def _record(self, outcome: JobOutcome) -> None:
         job = self.index.job(outcome.job_id)

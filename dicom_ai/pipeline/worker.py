@@ -3,21 +3,32 @@
 Models run in spawned worker processes, never in the node's process or an association
 thread: a model that crashes kills only its worker, and one that hangs past its timeout is
 killed. Either way the job fails with a reason and a fresh worker takes the slot.
+
+A job may name another interpreter (`JobSpec.python`: a bundle's prepared environment, see
+`inference/environment.py`); its worker is spawned with that interpreter, and an idle
+worker on another interpreter is replaced for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import importlib
+import json
 import logging
 import multiprocessing
+import multiprocessing.spawn
 import os
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -33,6 +44,7 @@ if TYPE_CHECKING:
     from dicom_ai.inference.findings import (
         ClassificationFindings,
         DetectionFindings,
+        LandmarkFindings,
         SegmentationFindings,
     )
     from dicom_ai.inference.model import Model
@@ -60,6 +72,11 @@ class JobSpec:
     task: str | None = None  # None: the model (bundle metadata) says
     threshold: float = 0.5
     preview: bool = False  # a Secondary Capture preview of a segmentation too
+    # The interpreter the job's worker runs (a bundle's prepared environment); None: the
+    # node's own.
+    python: Path | None = None
+    config_files: tuple[str, ...] = ()  # a bundle's configs to merge; () = its inference config
+    prompts: tuple[int, ...] | None = None  # a promptable bundle's label prompts; None = all
 
 
 @dataclass(frozen=True)
@@ -88,15 +105,29 @@ class LoadedModels:
     model and settings reuses it instead of loading the weights again."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, Path | None, str, str | None, float], Model] = {}
+        self._models: dict[tuple[object, ...], Model] = {}
 
     def __call__(self, spec: JobSpec) -> Model:
         from dicom_ai.inference.model import load_model
 
-        key = (spec.model_id, spec.bundle, spec.device, spec.task, spec.threshold)
+        key = (
+            spec.model_id,
+            spec.bundle,
+            spec.device,
+            spec.task,
+            spec.threshold,
+            spec.config_files,
+            spec.prompts,
+        )
         if key not in self._models:
             self._models[key] = load_model(
-                spec.model_id, spec.bundle, spec.device, task=spec.task, threshold=spec.threshold
+                spec.model_id,
+                spec.bundle,
+                spec.device,
+                task=spec.task,
+                threshold=spec.threshold,
+                config_files=spec.config_files,
+                prompts=spec.prompts,
             )
             _freeze_long_lived()
         return self._models[key]
@@ -235,15 +266,17 @@ def _segmentation_results(
 
 def _report(
     headers: list[Dataset],
-    findings: ClassificationFindings | DetectionFindings,
+    findings: ClassificationFindings | DetectionFindings | LandmarkFindings,
     uids: ResultUIDs,
     device: DeviceIdentity,
 ) -> Dataset:
-    from dicom_ai.inference.findings import ClassificationFindings
-    from dicom_ai.results import build_classification_sr, build_detection_sr
+    from dicom_ai.inference.findings import ClassificationFindings, LandmarkFindings
+    from dicom_ai.results import build_classification_sr, build_detection_sr, build_landmark_sr
 
     if isinstance(findings, ClassificationFindings):
         return build_classification_sr(headers, findings, uids, device)
+    if isinstance(findings, LandmarkFindings):
+        return build_landmark_sr(headers, findings, uids, device)
     return build_detection_sr(headers, findings, uids, device)
 
 
@@ -387,6 +420,55 @@ class _Slot:
     job: JobSpec | None = None
     deadline: float = 0.0
     prefetched_series: str | None = None  # what this worker has decoded ahead
+    python: Path | None = None  # the interpreter it runs; None: the node's
+
+
+class _Keep(enum.Enum):
+    SAME = "the interpreter the worker ran"
+
+
+# multiprocessing's spawn settings are process-wide: one worker start at a time changes them.
+_SPAWN_LOCK = threading.Lock()
+
+
+def _interpreter_path(python: Path) -> list[str]:
+    """The sys.path ``python`` starts with (its site-packages first, and whatever its .pth
+    files add after them)."""
+    done = subprocess.run(
+        [str(python), "-c", "import json, sys; print(json.dumps(sys.path))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [entry for entry in json.loads(done.stdout.strip().splitlines()[-1]) if entry]
+
+
+@contextlib.contextmanager
+def _spawning_with(python: Path, sys_path: list[str]) -> Iterator[None]:
+    """Processes started in this block run ``python`` and start with ``sys_path`` before the
+    node's own. Spawn hands the child the parent's sys.path before it imports anything
+    (the node's ``__main__`` among them, which imports numpy): the environment's
+    site-packages must be first in it, or the child would import the node's numpy and
+    MONAI."""
+    spawn = multiprocessing.spawn
+    executable = spawn.get_executable()
+    preparation = spawn.get_preparation_data
+
+    def prepared(name: str) -> dict[str, object]:
+        data: dict[str, object] = preparation(name)
+        parent = [str(p) for p in data.get("sys_path", sys.path)]  # type: ignore[attr-defined]
+        data["sys_path"] = sys_path + [p for p in parent if p not in sys_path]
+        return data
+
+    with _SPAWN_LOCK:
+        spawn.set_executable(str(python))
+        spawn.get_preparation_data = prepared
+        try:
+            yield
+        finally:
+            spawn.set_executable(str(executable))
+            spawn.get_preparation_data = preparation
 
 
 # An idle worker exits as soon as it reads the stop message; one that does not is busy
@@ -401,9 +483,10 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         self._log_level = log_level
         self._warm_bytes = warm_bytes
+        self._paths: dict[Path, list[str]] = {}  # each other interpreter's sys.path
         self._slots = [self._new_slot() for _ in range(size)]
 
-    def _new_slot(self) -> _Slot:
+    def _new_slot(self, python: Path | None = None) -> _Slot:
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
@@ -411,25 +494,45 @@ class WorkerPool:
             name="dicom-ai-worker",
             daemon=True,
         )
-        process.start()
+        if python is None:
+            process.start()
+        else:
+            if python not in self._paths:
+                try:
+                    self._paths[python] = _interpreter_path(python)
+                except (OSError, ValueError, IndexError, subprocess.SubprocessError) as exc:
+                    # Started anyway: the job then fails with the import error it meets.
+                    log.warning("cannot read the sys.path of %s: %s", python, exc)
+                    self._paths[python] = []
+            with _spawning_with(python, self._paths[python]):
+                process.start()
         child.close()
-        return _Slot(process, parent)
+        return _Slot(process, parent, python=python)
 
     def idle(self) -> int:
         return sum(1 for slot in self._slots if slot.job is None)
 
-    def _idle_slot(self, series_uid: str) -> _Slot | None:
-        """An idle worker, the one that prefetched ``series_uid`` first."""
+    def _idle_slot(self, series_uid: str, python: Path | None = None) -> _Slot | None:
+        """An idle worker: on ``python`` and with ``series_uid`` prefetched, else on
+        ``python``, else one that prefetched it, else any."""
         idle = [slot for slot in self._slots if slot.job is None]
-        for slot in idle:
-            if slot.prefetched_series == series_uid:
-                return slot
-        return idle[0] if idle else None
+        ranked = sorted(
+            idle,
+            key=lambda s: (s.python != python, s.prefetched_series != series_uid),
+        )
+        return ranked[0] if ranked else None
 
     def submit(self, spec: JobSpec) -> None:
-        slot = self._idle_slot(spec.series_instance_uid)
+        slot = self._idle_slot(spec.series_instance_uid, spec.python)
         if slot is None:
             raise RuntimeError("no idle worker")
+        if slot.python != spec.python:
+            slot = self._renew(
+                slot,
+                f"job {spec.job_id} runs on {spec.python or 'the node interpreter'}",
+                python=spec.python,
+                level=logging.INFO,
+            )
         try:
             slot.conn.send(spec)
         except OSError:  # it died while idle (a prefetch it could not survive): a fresh one
@@ -496,15 +599,22 @@ class WorkerPool:
         self._renew(slot, f"job {job_id}: {reason}")
         return JobOutcome(job_id, False, reason=reason, retry=retry)
 
-    def _renew(self, slot: _Slot, reason: str) -> _Slot:
-        """Kill what is left of ``slot``'s worker and put a fresh one in its place."""
+    def _renew(
+        self,
+        slot: _Slot,
+        reason: str,
+        python: Path | _Keep | None = _Keep.SAME,
+        level: int = logging.WARNING,
+    ) -> _Slot:
+        """Kill what is left of ``slot``'s worker and put a fresh one in its place, on
+        ``python`` (by default the interpreter it ran)."""
         if slot.process.is_alive():
             slot.process.kill()
         slot.process.join(timeout=5)
         slot.conn.close()
-        fresh = self._new_slot()
+        fresh = self._new_slot(slot.python if isinstance(python, _Keep) else python)
         self._slots[self._slots.index(slot)] = fresh
-        log.warning("%s; worker replaced", reason)
+        log.log(level, "%s; worker replaced", reason)
         return fresh
 
     def shutdown(self) -> None:

@@ -257,7 +257,7 @@ def test_bare_state_dict_and_load_errors(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2, 1, 1, 1, 1)}, bundle / "models" / "model.pt")
     with pytest.raises(ModelError, match="cannot load"):
         BundleModel(bundle, "cpu")
-    with pytest.raises(ModelError, match=r"missing inference\.json"):
+    with pytest.raises(ModelError, match=r"missing configs/inference\.json"):
         BundleModel(tmp_path / "nowhere", "cpu")
 
 
