@@ -138,7 +138,7 @@ class BundleModel:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             limit_torch_threads(max_threads)
-        config_files = bundle_config_files(self.bundle_dir, config_files)
+        files = bundle_config_files(self.bundle_dir, config_files)
         meta_file = _first_file(self.bundle_dir / "configs", "metadata")
         metadata = read_bundle_metadata(self.bundle_dir)
         self.prompts = prompts
@@ -166,7 +166,7 @@ class BundleModel:
                 # Known, harmless noise from parsing zoo configs with MONAI 1.6.
                 for message in _QUIET:
                     warnings.filterwarnings("ignore", message=message)
-                self._setup(config_files, meta_file, overrides or {})
+                self._setup(files, meta_file, overrides or {})
         except ModelError:
             raise
         except Exception as exc:  # config expressions can raise anything
@@ -212,7 +212,7 @@ class BundleModel:
             network = cast(torch.nn.Module, parser.get_parsed_content("network_def"))
         weights = self._weights_path(parser)
         if weights.suffix == ".ts":
-            network = torch.jit.load(str(weights), map_location=self.device)
+            network = torch.jit.load(str(weights), map_location=self.device)  # type: ignore[no-untyped-call]
         else:
             network.load_state_dict(_state_dict(weights, self.device, _load_dict_keys(parser)))
         network.to(self.device).eval()

@@ -1,4 +1,6 @@
-"""2-D images (CR, DX, MG, single-frame SC/US, ...) for 2-D models, read one by one."""
+"""2-D images (CR, DX, MG, single-frame SC/US, ...) for 2-D models, read one by one; and
+what 2-D bundles' loaders expect made from them (:func:`with_channels`, :func:`cine_series`;
+fed to :mod:`dicom_ai.inference.loader`)."""
 
 from __future__ import annotations
 
@@ -27,11 +29,14 @@ from dicom_ai.inference.pixels import (
     rescale,
 )
 
-__all__ = ["PlanarImage", "load_planar_images"]
+__all__ = ["CineSeries", "PlanarImage", "cine_series", "load_planar_images", "with_channels"]
 
 logger = logging.getLogger(__name__)
 
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# Images of one cine lie in one plane: positions within this (mm), as the volume loader's
+# in-plane tolerance.
+_SAME_POSITION_MM = 1e-3
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,3 +148,90 @@ def _planar_spacing(header: Dataset, path: Path) -> tuple[float, float]:
                 return row, column
     logger.debug("%s: no PixelSpacing or ImagerPixelSpacing; assuming 1 mm pixels", path.name)
     return 1.0, 1.0
+
+
+def with_channels(image: MetaTensor, channels: int) -> MetaTensor:
+    """A one-channel ``(1, columns, rows)`` image as ``channels`` equal channels, for a bundle
+    trained on colour files (a grey picture saved as RGB); a view, no copy. Through the
+    loader this is a ``(columns, rows, channels)`` NIfTI, e.g. for
+    ``EnsureChannelFirstd(channel_dim=2)``."""
+    if image.shape[0] != 1:
+        raise InputError(f"expected a one-channel image, got {image.shape[0]} channels")
+    if channels < 1:
+        raise ValueError(f"channels must be at least 1, got {channels}")
+    return MetaTensor(image.as_tensor().expand(channels, *image.shape[1:]), meta=image.meta)
+
+
+@dataclass(frozen=True, eq=False)
+class CineSeries:
+    """The images of one plane over time (a cine), as one input for a 2-D+t model.
+
+    ``image`` is ``(times, columns, rows, 1)`` float32, channel-first with the times as
+    channels and the affine of one :class:`PlanarImage` as 4x4; through the loader it is the
+    ``(columns, rows, 1, times)`` NIfTI that cine bundles read (``original_channel_dim`` -1,
+    ``spatial_shape`` ``(columns, rows, 1)``). ``images`` are in time order: channel ``t``
+    is ``images[t]``.
+    """
+
+    image: MetaTensor
+    images: tuple[PlanarImage, ...]
+
+
+def cine_series(images: Sequence[PlanarImage]) -> CineSeries:
+    """Stack one plane's images in time order (TriggerTime, else TemporalPositionIndex,
+    then InstanceNumber); images of different sizes, pixel spacing or positions are refused
+    with :class:`~dicom_ai.errors.InputError`."""
+    if not images:
+        raise InputError("no images given")
+    ordered = tuple(sorted(images, key=_time_key))
+    first = ordered[0]
+    for other in ordered[1:]:
+        if other.image.shape != first.image.shape:
+            raise InputError(
+                f"cine images differ in size: {tuple(first.image.shape[1:])} and "
+                f"{tuple(other.image.shape[1:])} (columns, rows)"
+            )
+        if not torch.allclose(other.image.affine, first.image.affine, atol=1e-4):
+            raise InputError("cine images differ in pixel spacing")
+        if not _same_plane(first.header, other.header):
+            raise InputError("cine images lie in different planes (several positions)")
+    data = torch.cat([p.image.as_tensor() for p in ordered]).unsqueeze(-1)
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:2, :2] = first.image.affine[:2, :2]
+    affine[:2, 3] = first.image.affine[:2, 2]
+    meta: dict[str, Any] = {
+        "original_affine": affine.clone(),
+        "spatial_shape": np.array(data.shape[1:]),
+        "original_channel_dim": 0,
+        "filename_or_obj": str(first.header.get("SeriesInstanceUID") or first.sop_instance_uid),
+    }
+    return CineSeries(MetaTensor(data, affine=affine, meta=meta), ordered)
+
+
+def _time_key(image: PlanarImage) -> tuple[float, float, int]:
+    header = image.header
+    trigger = header.get("TriggerTime")
+    temporal = header.get("TemporalPositionIndex")
+    return (
+        float(trigger) if trigger not in (None, "") else 0.0,
+        float(temporal) if temporal not in (None, "") else 0.0,
+        int(header.get("InstanceNumber") or 0),
+    )
+
+
+def _same_plane(a: Dataset, b: Dataset) -> bool:
+    """Same ImagePositionPatient and ImageOrientationPatient, where both are given."""
+    for keyword, tolerance in (
+        ("ImagePositionPatient", _SAME_POSITION_MM),
+        ("ImageOrientationPatient", 1e-4),
+    ):
+        va, vb = a.get(keyword), b.get(keyword)
+        if (
+            va
+            and vb
+            and not np.allclose(
+                np.asarray(va, dtype=float), np.asarray(vb, dtype=float), atol=tolerance
+            )
+        ):
+            return False
+    return True

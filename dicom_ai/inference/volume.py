@@ -25,6 +25,9 @@ refused with :class:`~dicom_ai.errors.InputError`.
 
 Given the worker's :class:`~dicom_ai.inference.arena.PrefetchArena`, :func:`load_series`
 takes the instances prefetched there instead of reading them again.
+A MONAI bundle gets ``image`` through :mod:`dicom_ai.inference.loader`, which hands its
+chain what the bundle's own ``LoadImage(d)`` gives for the same voxels as a NIfTI file (no
+channel axis, ``original_channel_dim`` "no_channel").
 """
 
 from __future__ import annotations

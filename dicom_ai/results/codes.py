@@ -1,14 +1,22 @@
 """Coded concepts for segment labels: a model's label name -> SNOMED CT / DCM codes.
 
-Three sources, in order:
+Sources, in order:
 
 1. the TotalSegmentator -> SNOMED mapping shipped in ``data/`` (wholeBody bundle labels),
-2. the built-in CT model's labels (``body``, ``lung``/``lungs``, ``bone``),
-3. anything else: a local code in the private scheme :data:`LOCAL_CODING_SCHEME_DESIGNATOR`
+2. the built-in CT model's labels (``body``, ``lung``/``lungs``, ``bone``) and a few more
+   organs other MONAI zoo bundles name (rectum, uterus, artery, ...), codes from pydicom's
+   SNOMED CT dictionary,
+3. the same names spelt otherwise: synonyms (``IVC``, ``bladder``, ``hepatic vessel``), the
+   side first (``left kidney`` = ``kidney_left``, ``left rib 3`` = ``rib_left_3``), a side
+   on an organ known only without one (``left lung``: Lung, modifier Left), and a lesion
+   word after an organ (``pancreatic tumor``: Neoplasm, anatomic region Pancreas),
+4. anything else: a local code in the private scheme :data:`LOCAL_CODING_SCHEME_DESIGNATOR`
    whose meaning is the label text, so a viewer shows what the model said and a reader sees
    at once that the concept is not from SNOMED CT.
 
 Label names are matched after :func:`normalize_label_name` (case, spaces, hyphens).
+Every call returns new concept objects: a caller that nests attributes into one (the SEG
+nests its modifiers) must not change what the next caller (the SR) gets.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import csv
 import hashlib
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
@@ -106,10 +114,142 @@ def local_coding_scheme() -> CodingSchemeIdentificationItem:
 def segment_coding(label_name: str) -> SegmentCoding:
     """The codes and display color for a model's label name; never fails."""
     key = normalize_label_name(label_name)
-    known = _mapping().get(key) or _builtin().get(key)
-    if known is not None:
-        return known
-    return _local_coding(label_name, key)
+    coding = _known(key)
+    if coding is None:
+        coding = _local_coding(label_name, key)
+    return _fresh(coding)
+
+
+def _fresh(coding: SegmentCoding) -> SegmentCoding:
+    # New Dataset objects for every concept: the tables are cached, and highdicom keeps the
+    # objects it is given, so an attribute nested into one would reach every later user.
+    def optional(concept: CodedConcept | None) -> CodedConcept | None:
+        return None if concept is None else _copy(concept)
+
+    return replace(
+        coding,
+        category=_copy(coding.category),
+        property_type=_copy(coding.property_type),
+        property_type_modifier=optional(coding.property_type_modifier),
+        anatomic_region=optional(coding.anatomic_region),
+        anatomic_region_modifier=optional(coding.anatomic_region_modifier),
+    )
+
+
+def _copy(concept: CodedConcept) -> CodedConcept:
+    return CodedConcept(
+        concept.value, concept.scheme_designator, concept.meaning, concept.scheme_version
+    )
+
+
+_SIDES: dict[str, Code] = {"left": codes.SCT.Left, "right": codes.SCT.Right}
+
+# Other spellings of names in the tables (normalized, side removed): the MONAI zoo bundles'
+# words for TotalSegmentator's structures, and one misspelling a published bundle ships.
+_SYNONYMS: dict[str, str] = {
+    "ivc": "inferior_vena_cava",
+    "svc": "superior_vena_cava",
+    "bladder": "urinary_bladder",
+    "gall_bladder": "gallbladder",
+    "oesophagus": "esophagus",
+    "small_intestine": "small_bowel",
+    "adrenal": "adrenal_gland",
+    "kideny": "kidney",
+    "portal_and_splenic_veins": "portal_vein_and_splenic_vein",
+    "portal_vein_and_splenic_veins": "portal_vein_and_splenic_vein",
+    "hepatic_vessel": "liver_vessels",
+    "hepatic_vessels": "liver_vessels",
+    "liver_vessel": "liver_vessels",
+    "airway": "lung_trachea_bronchia",
+    "airways": "lung_trachea_bronchia",
+    "iliac_vein": "iliac_vena",
+    "atrium": "heart_atrium",
+    "ventricle": "heart_ventricle",
+    "myocardium": "heart_myocardium",
+    "clavicle": "clavicula",
+    "spine_cord": "spinal_cord",
+    "thyroid": "thyroid_gland",
+}
+
+# Adjectives before a lesion word that name an organ ("hepatic tumor": tumor of the liver).
+_ORGAN_ADJECTIVES = {"hepatic": "liver", "pancreatic": "pancreas", "renal": "kidney"}
+
+# A lesion word at the end of a label: SNOMED CT morphology (CID 7159 / TotalSegmentator).
+_LESIONS: dict[str, Code] = {
+    "tumor": codes.SCT.Neoplasm,
+    "tumour": codes.SCT.Neoplasm,
+    "neoplasm": codes.SCT.Neoplasm,
+    "mass": codes.SCT.Mass,
+    "lesion": codes.SCT.Lesion,
+    "cyst": codes.SCT.Cyst,
+}
+
+
+def _table(key: str) -> SegmentCoding | None:
+    return _mapping().get(key) or _builtin().get(key)
+
+
+def _known(key: str) -> SegmentCoding | None:
+    """A standard coding for a normalized label name, trying its other spellings."""
+    found = _table(key) or _table(_SYNONYMS.get(key, ""))
+    if found is not None:
+        return found
+    tokens = key.split("_")
+    sided = _with_side(tokens)
+    if sided is not None:
+        return sided
+    return _lesion(tokens)
+
+
+def _with_side(tokens: list[str]) -> SegmentCoding | None:
+    """``left kidney``, ``kidney left``, ``left rib 3``, ``left lung``: the table's sided
+    entry (``kidney_left``, ``rib_left_3``) or the unsided one with a Left/Right modifier."""
+    sides = [token for token in tokens if token in _SIDES]
+    base = [token for token in tokens if token not in _SIDES]
+    if len(sides) != 1 or not base:
+        return None
+    side = sides[0]
+    stem = "_".join(base)
+    stem = _SYNONYMS.get(stem, stem)
+    candidates = [f"{stem}_{side}"]
+    head, _, last = stem.rpartition("_")
+    if head and last.isdigit():
+        candidates.append(f"{head}_{side}_{last}")
+    for candidate in candidates:
+        found = _table(candidate)
+        if found is not None:
+            return found
+    unsided = _table(stem)
+    if unsided is None or unsided.property_type_modifier is not None:
+        return None
+    return replace(unsided, property_type_modifier=_concept(_SIDES[side]))
+
+
+def _lesion(tokens: list[str]) -> SegmentCoding | None:
+    """``tumor``, ``pancreatic tumor``, ``bone lesion``, ``left kidney mass``: the lesion
+    word's morphology, in the organ the words before it name (if they name one)."""
+    morphology = _LESIONS.get(tokens[-1])
+    if morphology is None:
+        return None
+    words = [_ORGAN_ADJECTIVES.get(token, token) for token in tokens[:-1]]
+    organ: SegmentCoding | None = None
+    if words:
+        organ = _known("_".join(words))
+        if (
+            organ is None
+            or organ.category.value == codes.SCT.MorphologicallyAbnormalStructure.value
+        ):
+            return None
+    return SegmentCoding(
+        label="_".join(tokens),
+        category=_concept(codes.SCT.MorphologicallyAbnormalStructure),
+        property_type=_concept(morphology),
+        property_type_modifier=None,
+        anatomic_region=organ.property_type if organ is not None else None,
+        anatomic_region_modifier=organ.property_type_modifier if organ is not None else None,
+        # TotalSegmentator's color for its liver tumor.
+        display_rgb=(255, 0, 200),
+    )
 
 
 def _concept(code: Code | CodedConcept) -> CodedConcept:
@@ -205,6 +345,14 @@ def _builtin() -> dict[str, SegmentCoding]:
         "lungs": lung,
         # A threshold model finds bone tissue, not named bones: CID 7151's "Bone" (3138006).
         "bone": coding("bone", tissue, codes.SCT.BoneTissue, (241, 214, 145)),
+        # Organs other zoo bundles segment that TotalSegmentator's table lacks.
+        "rectum": coding("rectum", anatomical, codes.SCT.Rectum, (188, 95, 70)),
+        "uterus": coding("uterus", anatomical, codes.SCT.Uterus, (229, 150, 150)),
+        "ureter": coding("ureter", anatomical, codes.SCT.Ureter, (255, 235, 0)),
+        "artery": coding("artery", anatomical, codes.SCT.Artery, (216, 101, 79)),
+        "vein": coding("vein", anatomical, codes.SCT.Vein, (0, 151, 206)),
+        "portal_vein": coding("portal_vein", anatomical, codes.SCT.PortalVein, (0, 120, 180)),
+        "renal_pelvis": coding("renal_pelvis", anatomical, codes.SCT.RenalPelvis, (255, 200, 80)),
     }
 
 

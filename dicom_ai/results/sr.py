@@ -10,6 +10,10 @@
 - Detection (:func:`build_detection_sr`): one TID 1410 Planar ROI group per finding: the
   bounding box's cross-section through its centre as a closed SCOORD3D POLYGON, its score
   (probability) and its size (width, height, depth in mm).
+- Landmarks (:func:`build_landmark_sr`): one TID 1410 Planar ROI group per landmark: its
+  name as finding type, its position as a SCOORD3D POINT in the series' frame of reference,
+  and the image (frame) it was found on as the group's "Illustration of ROI" (a SCOORD3D
+  region names no image; TID 1410 has no other row for one).
 
 Every report follows the IHE AI Results profile's header: title "Imaging Measurement
 Report", procedure reported, language (English, US), the node as observer device
@@ -35,6 +39,7 @@ from highdicom.sr import (
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
+    ImageContentItem,
     ImageRegion3D,
     LanguageOfContentItemAndDescendants,
     Measurement,
@@ -67,6 +72,8 @@ from dicom_ai.inference.findings import (
     Detection,
     DetectionFindings,
     ImageClassification,
+    Landmark,
+    LandmarkFindings,
     SegmentationFindings,
     SegmentLabel,
 )
@@ -86,6 +93,7 @@ __all__ = [
     "box_polygon",
     "build_classification_sr",
     "build_detection_sr",
+    "build_landmark_sr",
     "build_sr",
     "procedure_reported",
 ]
@@ -246,6 +254,71 @@ def build_detection_sr(
         if not groups:
             groups.append(_nothing_found(referenced, algorithm, uids))
         names = [detection.name for detection in findings.detections]
+        return _document(
+            referenced,
+            [],
+            groups,
+            findings.algorithm,
+            uids,
+            device,
+            names,
+            series_number,
+            instance_number,
+        )
+
+
+def build_landmark_sr(
+    source_images: Sequence[Dataset],
+    findings: LandmarkFindings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    *,
+    series_number: int | None = None,
+    instance_number: int = 1,
+) -> Comprehensive3DSR:
+    """One TID 1410 Planar ROI group per landmark: its name as finding type, its position
+    as a SCOORD3D POINT in the series' frame of reference, its image (and frame, for a
+    multi-frame source) as the group's Illustration of ROI.
+
+    Without any landmark the report holds one group that names the images and nothing
+    else: the model ran on them and found nothing.
+    """
+    algorithm = _algorithm_item(findings.algorithm)
+    frames_of_reference = {
+        str(ds.FrameOfReferenceUID) for ds in source_images if "FrameOfReferenceUID" in ds
+    }
+    if frames_of_reference - {findings.frame_of_reference_uid}:
+        # A point is only meaningful in the frame of reference the images are in.
+        raise EncodingError(
+            f"landmarks are in frame of reference {findings.frame_of_reference_uid}, the "
+            f"source images in {sorted(frames_of_reference)}"
+        )
+    with _refused_by_highdicom(findings.algorithm):
+        # The landmarks' own images first (the evidence), then the rest the model saw.
+        referenced = _referenced(
+            source_images,
+            [
+                *(landmark.source_sop_instance_uid for landmark in findings.landmarks),
+                *findings.source_sop_instance_uids,
+            ],
+        )
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in referenced}
+        groups: list[
+            PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+        ] = [
+            _landmark_group(
+                number,
+                landmark,
+                by_uid[landmark.source_sop_instance_uid],
+                findings,
+                algorithm,
+                uids,
+            )
+            for number, landmark in enumerate(findings.landmarks, start=1)
+        ]
+        if not groups:
+            groups.append(_nothing_found(referenced, algorithm, uids))
+        names = [landmark.name for landmark in findings.landmarks]
         return _document(
             referenced,
             [],
@@ -484,6 +557,44 @@ def _detection_group(
         finding_sites=[FindingSite(coding.anatomic_region)] if coding.anatomic_region else None,
         measurements=measurements,
     )
+
+
+def _landmark_group(
+    number: int,
+    landmark: Landmark,
+    source: Dataset,
+    findings: LandmarkFindings,
+    algorithm: AlgorithmIdentification,
+    uids: ResultUIDs,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    if not np.all(np.isfinite(landmark.position)):
+        raise EncodingError(f"landmark {landmark.name!r} has no finite position")
+    coding = segment_coding(landmark.name)
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(uids.sr_sop_instance_uid, "landmark", str(number), landmark.name),
+            identifier=f"{landmark.name} {number}"[:64],
+        ),
+        referenced_region=ImageRegion3D(
+            graphic_type=GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray(landmark.position, dtype=np.float64).reshape(1, 3),
+            frame_of_reference_uid=findings.frame_of_reference_uid,
+        ),
+        finding_type=coding.property_type,
+        algorithm_id=algorithm,
+        finding_sites=[site] if (site := _finding_site(coding)) is not None else None,
+    )
+    frame = landmark.source_frame_number
+    group[0].ContentSequence.append(
+        ImageContentItem(
+            name=codes.DCM.IllustrationOfROI,
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+            referenced_frame_numbers=[frame] if frame is not None else None,
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
 
 
 def _concept(code: Code) -> CodedConcept:
