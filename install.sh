@@ -28,3 +28,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+
+# Wheels of the versions MONAI model-zoo bundles declare, for `dicom-ai models prepare` (a
+# bundle's own environment is built from them first, without the network; tests use them).
+wheels=(monai==1.4.0 monai==1.3.0 numpy==1.25.2 numpy==1.24.4 einops==0.7.0 pytorch-ignite==0.4.11)
+wheel_stamp=.venv/wheelhouse/.downloaded
+if [ ! -f "$wheel_stamp" ] || [ "$(cat "$wheel_stamp")" != "${wheels[*]}" ]; then
+  mkdir -p .venv/wheelhouse
+  # One at a time: pip download resolves its arguments together, and two monai conflict.
+  for w in "${wheels[@]}"; do
+    PIP_CONSTRAINT= .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d .venv/wheelhouse "$w"
+  done
+  echo "${wheels[*]}" > "$wheel_stamp"
+fi

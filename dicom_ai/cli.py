@@ -352,10 +352,33 @@ def resubmit(config: ConfigOption = None) -> None:
     console.print(f"{count} dead-letter deliveries resubmitted")
 
 
-@app.command()
-def models(config: ConfigOption = None) -> None:
+models_app = typer.Typer(
+    help="The models this config can route to: list (the default), check, prepare.",
+    invoke_without_command=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """List the models this config can route to (also `models list`); check; prepare."""
+    ctx.obj = config
+    if ctx.invoked_subcommand is None:
+        _list_models(_load_config(config))
+
+
+def _models_config(ctx: typer.Context, config: Path | None) -> Config:
+    # `dicom-ai models --config F check` and `dicom-ai models check --config F` alike.
+    return _load_config(config if config is not None else ctx.obj)
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, config: ConfigOption = None) -> None:
     """List the models this config can route to."""
-    cfg = _load_config(config)
+    _list_models(_models_config(ctx, config))
+
+
+def _list_models(cfg: Config) -> None:
     table = Table(title="models")
     table.add_column("id")
     table.add_column("source")
@@ -376,6 +399,145 @@ def models(config: ConfigOption = None) -> None:
             f"{model.timeout_seconds:g}",
         )
     console.print(table)
+
+
+@models_app.command("check")
+def models_check(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Check every bundle model: loads, declared vs installed versions, a forward pass.
+
+    Each runs in a subprocess on the interpreter its jobs run (a prepared environment, else
+    the node's). Exit code 1 when any model is broken.
+    """
+    from dicom_ai.inference.check import CheckResult, run_check
+    from dicom_ai.inference.environment import prepared_python
+
+    cfg = _models_config(ctx, config)
+    table = Table(title="model check")
+    for column in ("model", "python", "loads", "forward", "declared -> installed"):
+        table.add_column(column)
+    table.add_column("verdict", ratio=1)
+    broken: list[tuple[str, CheckResult]] = []
+    for model_id in sorted(cfg.known_models()):
+        model = cfg.model(model_id)
+        if model.bundle is None:
+            table.add_row(model_id, "node", "built in", "", "", "not checked (built in)")
+            continue
+        python = prepared_python(cfg.node.data_dir, model.bundle)
+        with err_console.status(f"checking {model_id}"):
+            result = run_check(
+                model.bundle,
+                python,
+                timeout=model.timeout_seconds,
+                task=model.task,
+                config_files=tuple(model.config_files),
+            )
+        if not result.ok:
+            broken.append((model_id, result))
+        # Optional packages only when missing: a newer one is what the node runs anyway.
+        drift = [p for p in result.drift() if p.role != "optional" or p.installed is None]
+        versions = "\n".join(
+            p.describe() + ("" if p.role == "core" else f" ({p.role})") for p in drift
+        )
+        shape = "x".join(str(n) for n in result.input_shape)
+        forward = {"ok": f"ok {shape}", "": "-"}.get(result.forward, "failed")
+        table.add_row(
+            model_id,
+            "node" if python is None else f"env {python.parent.parent.name}",
+            {"ok": "yes", "": "-"}.get(result.load, "no"),
+            forward,
+            escape(versions),
+            "[green]ok[/green]" if result.ok else f"[red]{escape(result.verdict)}[/red]",
+        )
+    console.print(table)
+    for model_id, result in broken:
+        err_console.print(
+            f"[red]broken:[/red] {escape(model_id)}: {escape(result.verdict)}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    if broken:
+        raise typer.Exit(1)
+
+
+Wheelhouse = Annotated[
+    Path | None,
+    typer.Option(
+        "--wheelhouse",
+        help="Wheels to install from first (default: $DICOM_AI_WHEELHOUSE, else the node "
+        "environment's wheelhouse/, which install.sh fills).",
+    ),
+]
+NoIndex = Annotated[
+    bool, typer.Option("--no-index", help="Install from the wheelhouse only (no network).")
+]
+
+
+@models_app.command("prepare")
+def models_prepare(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    wheelhouse: Wheelhouse = None,
+    no_index: NoIndex = False,
+) -> None:
+    """Build an environment for each bundle model that fails its check here, from the
+    versions its metadata.json declares; built once (a second run does nothing)."""
+    from dicom_ai.inference.check import run_check
+    from dicom_ai.inference.environment import default_wheelhouse, prepare, prepared
+
+    cfg = _models_config(ctx, config)
+    _configure_logging(False)
+    wheels = wheelhouse or default_wheelhouse()
+    table = Table(title=f"bundle environments in {cfg.node.data_dir / 'bundle-envs'}")
+    for column in ("model", "environment", "installed", "not installed", "verdict"):
+        table.add_column(column)
+    still_broken = []
+    for model_id in sorted(cfg.known_models()):
+        model = cfg.model(model_id)
+        if model.bundle is None:
+            continue
+        task, config_files = model.task, tuple(model.config_files)
+        env = prepared(cfg.node.data_dir, model.bundle)
+        if env is None:
+            with err_console.status(f"checking {model_id} in the node's environment"):
+                here = run_check(
+                    model.bundle,
+                    None,
+                    timeout=model.timeout_seconds,
+                    task=task,
+                    config_files=config_files,
+                )
+            if here.ok or here.inconclusive:
+                verdict = "ok" if here.ok else here.verdict
+                table.add_row(model_id, "not needed (node's)", "", "", escape(verdict))
+                if not here.ok:
+                    still_broken.append(model_id)
+                continue
+            err_console.print(f"{model_id}: {here.verdict}", soft_wrap=True, highlight=False)
+            try:
+                env = prepare(
+                    model.bundle,
+                    cfg.node.data_dir,
+                    wheels,
+                    use_index=not no_index,
+                    timeout=model.timeout_seconds,
+                    progress=lambda line: err_console.print(line, highlight=False),
+                    task=task,
+                    config_files=config_files,
+                )
+            except DicomAIError as exc:
+                raise _fail(f"{model_id}: {exc}", 1) from exc
+        if not env.ok:
+            still_broken.append(model_id)
+        table.add_row(
+            model_id,
+            f"{Path(env.python).parent.parent.name}" + ("" if env.built_now else " (existing)"),
+            escape("\n".join(env.installed)),
+            escape("\n".join(f"{r}: {why}" for r, why in env.not_installed)),
+            "[green]ok[/green]" if env.ok else f"[red]{escape(env.verdict)}[/red]",
+        )
+    console.print(table)
+    if still_broken:
+        raise _fail(f"still broken: {', '.join(still_broken)}", 1)
 
 
 if __name__ == "__main__":

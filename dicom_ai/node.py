@@ -23,6 +23,7 @@ from dicom_ai.config import SENDER, Config
 from dicom_ai.errors import ConfigError
 from dicom_ai.lifecycle import wait_for_stop
 from dicom_ai.pipeline.delivery import Deliverer
+from dicom_ai.pipeline.health import ModelHealth
 from dicom_ai.pipeline.scheduler import JobSpecs, Scheduler
 from dicom_ai.pipeline.worker import WorkerPool
 from dicom_ai.receivers import ReceiverProcesses, access_policy, make_scp, open_store
@@ -96,6 +97,8 @@ class Node:
             senders=config.senders,
         )
         self._log_level = log_level
+        # The bundles' start-time checks: run in the background once the SCP listens.
+        self.health = ModelHealth(config)
         self._pool: WorkerPool | None = None
         self.scheduler: Scheduler | None = None
         self._stop = threading.Event()
@@ -120,12 +123,14 @@ class Node:
             self._pool,
             self.rules,
             self.assembly,
-            JobSpecs(self.config, self.spool),
+            JobSpecs(self.config, self.spool, python=self.health.python),
             pipeline.max_job_attempts,
             results_ready=self._deliver_now.set,
             wake=self._wake,
+            health=self.health,
         )
         self.scp.start()
+        self.health.start()
         if self.config.node.receivers > 1:
             self._receivers.start(self.scp.listening())
         for target, name in ((self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")):
@@ -138,6 +143,7 @@ class Node:
         self._deliver_now.set()
         self._receivers.stop()
         self.scp.stop()
+        self.health.stop()
         for thread in self._threads:
             thread.join(timeout=30)
         if self._pool is not None:

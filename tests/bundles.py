@@ -68,7 +68,8 @@ def shared_bundle(name: str) -> Path:
     default = Path(__file__).resolve().parent.parent.parent / "shared" / "monai-bundles"
     root = Path(os.environ.get("DICOM_AI_MONAI_BUNDLES", str(default)))
     bundle = root / name
-    if not (bundle / "configs" / "inference.json").is_file():
+    configs = bundle / "configs"
+    if not any((configs / f"inference.{ext}").is_file() for ext in ("json", "yaml", "yml")):
         pytest.fail(f"shared MONAI bundle configs not found at {bundle}")
     return bundle
 

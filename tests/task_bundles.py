@@ -99,6 +99,7 @@ def make_cxr_classifier_bundle(directory: Path) -> Path:
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "LoadImaged", "keys": "image"},
+                {"_target_": "EnsureChannelFirstd", "keys": "image"},
                 {"_target_": "ScaleIntensityd", "keys": "image"},
                 {"_target_": "Resized", "keys": "image", "spatial_size": [224, 224]},
                 {"_target_": "EnsureTyped", "keys": "image"},
@@ -172,6 +173,7 @@ def make_box_detector_bundle(directory: Path) -> Path:
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "LoadImaged", "keys": "image"},
+                {"_target_": "EnsureChannelFirstd", "keys": "image"},
                 {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
                 {
                     "_target_": "ScaleIntensityRanged",

@@ -41,11 +41,12 @@ detection are 3-D only. Like MONAI's own bundle runner, the bundle root is put o
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from itertools import permutations
 from pathlib import Path
@@ -57,12 +58,12 @@ import torch
 from monai.bundle.config_parser import ConfigParser
 from monai.data.meta_tensor import MetaTensor
 from monai.transforms.compose import Compose
-from monai.transforms.io.array import LoadImage, SaveImage
-from monai.transforms.io.dictionary import LoadImaged, SaveImaged
+from monai.transforms.io.array import SaveImage
+from monai.transforms.io.dictionary import SaveImaged
 from monai.transforms.post.array import Activations, AsDiscrete
 from monai.transforms.post.dictionary import Activationsd, AsDiscreted, Invertd
 
-from dicom_ai.errors import ModelError
+from dicom_ai.errors import InputError, ModelError
 from dicom_ai.inference.findings import (
     AlgorithmFamily,
     AlgorithmIdentification,
@@ -72,11 +73,15 @@ from dicom_ai.inference.findings import (
     DetectionFindings,
     Findings,
     ImageClassification,
+    Landmark,
+    LandmarkFindings,
     SegmentationFindings,
     SegmentLabel,
     TaskKind,
 )
+from dicom_ai.inference.loader import SeriesLoadImage, series_loaders
 from dicom_ai.inference.model import ModelInput, limit_torch_threads, resolve_device
+from dicom_ai.inference.planar import PlanarImage, cine_series, with_channels
 from dicom_ai.inference.volume import SeriesVolume
 
 __all__ = [
@@ -90,8 +95,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LOADERS = (LoadImage, LoadImaged)
 _SAVERS = (SaveImage, SaveImaged)
+# Bundles' own savers (NpySaverd, ClassificationSaver, ...) write files too.
+_SAVER_NAME = re.compile(r"Save(r|d|rd)?$|Saver")
+_PLANAR_TASKS = (TaskKind.CLASSIFICATION, TaskKind.LANDMARKS)
+_LABEL_PROMPT = "label_prompt"  # MONAI's promptable (VISTA-3D) key for label prompts
+_PROMPT_PARAMETERS = {"point_coords", "point_labels", "class_vector"}
 # Classification keeps the probabilities: no argmax, and nothing to invert onto a grid.
 _NOT_FOR_SCORES = (AsDiscrete, AsDiscreted, Invertd)
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -141,15 +150,18 @@ class BundleModel:
         files = bundle_config_files(self.bundle_dir, config_files)
         meta_file = _first_file(self.bundle_dir / "configs", "metadata")
         metadata = read_bundle_metadata(self.bundle_dir)
-        self.prompts = prompts
         self.task = TaskKind(task) if task else read_bundle_task(metadata)
         self.spatial_dims = _spatial_dims(metadata)
         self.threshold = threshold
-        if self.spatial_dims == 2 and self.task is not TaskKind.CLASSIFICATION:
+        if self.spatial_dims == 2 and self.task not in _PLANAR_TASKS:
             raise ModelError(
                 f"bundle {self.bundle_dir}: 2-D {self.task.value} is not supported "
-                "(2-D bundles may classify; segmentation and detection need a 3-D volume)"
+                "(2-D bundles may classify or locate landmarks; segmentation and detection "
+                "need a 3-D volume)"
             )
+        self._requested_prompts = prompts
+        self._input_channels = _input_channels(metadata)
+        self._landmark_names = _landmark_names(metadata)
         self.labels: tuple[SegmentLabel, ...] = (
             read_bundle_labels(metadata)
             if self.task is TaskKind.SEGMENTATION
@@ -222,15 +234,23 @@ class BundleModel:
         self.weights_path = weights
 
         self.inferer = parser.get_parsed_content("inferer")
+        self._prompted = _prompt_parameters(self.inferer, self.model_id)
+        self.prompts = (
+            tuple(self._requested_prompts)
+            if self._requested_prompts is not None
+            else tuple(label.value for label in self.labels)
+        )
         parsed_pre = cast(Compose, parser.get_parsed_content("preprocessing"))
         parsed_post = cast(Compose, parser.get_parsed_content("postprocessing"))
-        # The same transform objects, minus file I/O: Invertd finds the applied operations by
-        # transform id, and the bundle's own Invertd keeps pointing at ``parsed_pre``.
-        self.preprocessing = Compose([t for t in _flat(parsed_pre) if not isinstance(t, _LOADERS)])
-        post = [t for t in _flat(parsed_post) if not isinstance(t, _SAVERS)]
-        if self.task is not TaskKind.SEGMENTATION:
+        # The same transform objects but the loader, which reads the decoded series instead
+        # of a file: Invertd finds the applied operations by transform id, and the bundle's
+        # own Invertd keeps pointing at ``parsed_pre``.
+        self.preprocessing = Compose(series_loaders(_flat(parsed_pre)))
+        self._array_input = any(isinstance(t, SeriesLoadImage) for t in _flat(self.preprocessing))
+        post = [t for t in _flat(parsed_post) if not _writes_files(t)]
+        if self.task in (TaskKind.CLASSIFICATION, TaskKind.DETECTION):
             post = [t for t in post if not isinstance(t, _NOT_FOR_SCORES)]
-        elif not any(isinstance(t, Invertd) for t in post):
+        elif self.task is TaskKind.SEGMENTATION and not any(isinstance(t, Invertd) for t in post):
             # A bundle that saves on its own grid: bring the prediction back ourselves.
             post.append(
                 Invertd(
@@ -240,6 +260,9 @@ class BundleModel:
                     nearest_interp=True,
                 )
             )
+        # An evaluator that does not decollate hands its postprocessing the whole batch.
+        self._decollate = parser.get("evaluator#decollate", True) is not False
+        self._layout: str | None = None  # 2-D models: "image" or "stack", found on first use
         self.postprocessing = Compose(post)
         self._activated = any(isinstance(t, Activations | Activationsd) for t in post)
         amp = bool(parser.get("evaluator#amp", True))
@@ -266,12 +289,14 @@ class BundleModel:
         try:
             if self.task is TaskKind.CLASSIFICATION:
                 return self._classify(source)
+            if self.task is TaskKind.LANDMARKS:
+                return self._locate(source)
             if not isinstance(source, SeriesVolume):
                 raise ModelError(f"bundle {self.model_id} is a 3-D model; it needs a volume")
             if self.task is TaskKind.DETECTION:
                 return self._detect(source)
             return self._segment(source)
-        except ModelError:
+        except (ModelError, InputError):
             raise
         except Exception as exc:
             raise ModelError(f"bundle {self.model_id} failed on the series: {exc}") from exc
@@ -298,18 +323,14 @@ class BundleModel:
         if self.spatial_dims == 2:
             if isinstance(source, SeriesVolume):
                 raise ModelError(f"bundle {self.model_id} is a 2-D model; it needs 2-D images")
-            inputs: list[tuple[MetaTensor, tuple[str, ...]]] = [
-                (image.image, (image.sop_instance_uid,)) for image in source
-            ]
-            frames: list[tuple[int, ...] | None] = [None] * len(inputs)
+            outputs = self._planar(source, self._probabilities)
         else:
             if not isinstance(source, SeriesVolume):
                 raise ModelError(f"bundle {self.model_id} is a 3-D model; it needs a volume")
-            inputs = [(source.image, source.sop_instance_uids)]
-            frames = [source.frame_numbers]
+            outputs = [(self._probabilities(source.image), source.sop_instance_uids)]
+            frames: tuple[int, ...] | None = source.frame_numbers
         results = []
-        for (image, uids), frame_numbers in zip(inputs, frames, strict=True):
-            probabilities = self._probabilities(image)
+        for probabilities, uids in outputs:
             if len(probabilities) != len(self.labels):
                 raise ModelError(
                     f"bundle {self.model_id} gave {len(probabilities)} scores for "
@@ -319,8 +340,87 @@ class BundleModel:
                 ClassScore(label.name, float(p))
                 for label, p in zip(self.labels, probabilities, strict=True)
             )
-            results.append(ImageClassification(scores, uids, frame_numbers))
+            results.append(
+                ImageClassification(scores, uids, frames if self.spatial_dims == 3 else None)
+            )
         return ClassificationFindings(tuple(results), self.algorithm, self.threshold)
+
+    def _planar(
+        self,
+        images: Sequence[PlanarImage],
+        run: Callable[[MetaTensor], npt.NDArray[np.float64]],
+    ) -> list[tuple[npt.NDArray[np.float64], tuple[str, ...]]]:
+        """Run a 2-D model on ``images``: each image on its own (``image`` layout), or the
+        images stacked in time order as one input (``stack``: a cine, which the bundle's
+        chain slices itself). The first layout the bundle's own chain accepts is kept.
+        Returns the outputs per image with the image's SOP Instance UID."""
+        layouts = [self._layout] if self._layout else ["image", "stack"]
+        failure: Exception | None = None
+        for layout in layouts:
+            try:
+                out: list[tuple[npt.NDArray[np.float64], tuple[str, ...]]]
+                if layout == "image":
+                    out = [(run(self._channels(i.image)), (i.sop_instance_uid,)) for i in images]
+                else:
+                    cine = cine_series(images)
+                    stacked = run(cine.image)
+                    per_image = stacked.reshape(len(cine.images), -1, *stacked.shape[1:])
+                    if per_image.shape[1] == 1:
+                        per_image = per_image[:, 0]
+                    out = [
+                        (values, (image.sop_instance_uid,))
+                        for values, image in zip(per_image, cine.images, strict=True)
+                    ]
+            except (ModelError, InputError):
+                raise
+            except Exception as exc:  # the chain refuses this layout: try the next
+                failure = failure or exc
+                continue
+            self._layout = layout
+            return out
+        raise ModelError(f"bundle {self.model_id} failed on the images: {failure}")
+
+    def _channels(self, image: MetaTensor) -> MetaTensor:
+        """A grey image for a colour network: its channels equal, as the picture saved as
+        RGB (the file the bundle's loader reads) would give."""
+        if self._input_channels > 1 and image.shape[0] == 1:
+            return with_channels(image, self._input_channels)
+        return image
+
+    def _locate(self, source: ModelInput) -> LandmarkFindings:
+        """Points per image: the output's last axis is the landmark, the one before it the
+        coordinate along the network input's axes (the image's columns, then rows); mapped
+        to patient space through each image's own geometry."""
+        if isinstance(source, SeriesVolume):
+            raise ModelError(f"bundle {self.model_id} locates points on 2-D images")
+
+        def points(image: MetaTensor) -> npt.NDArray[np.float64]:
+            data = self._run_network(image)
+            data = self.postprocessing(data)
+            return np.asarray(torch.as_tensor(data[_PRED_KEY]).detach().double().cpu().numpy())
+
+        by_uid = {image.sop_instance_uid: image for image in source}
+        landmarks = []
+        for values, (uid,) in self._planar(source, points):
+            coordinates = values.reshape(-1, values.shape[-1])[:2]  # (axis, landmark)
+            header = by_uid[uid].header
+            for index, (column, row) in enumerate(coordinates.T):
+                landmarks.append(
+                    Landmark(
+                        name=self._landmark_names.get(index, f"landmark {index + 1}"),
+                        position=image_point_to_patient(header, float(column), float(row)),
+                        source_sop_instance_uid=uid,
+                    )
+                )
+        frame_of_reference = str(source[0].header.get("FrameOfReferenceUID", "")) if source else ""
+        if not frame_of_reference:
+            raise InputError("the images have no Frame of Reference UID: points need one")
+        return LandmarkFindings(
+            landmarks=tuple(landmarks),
+            algorithm=self.algorithm,
+            source_sop_instance_uids=tuple(image.sop_instance_uid for image in source),
+            frame_of_reference_uid=frame_of_reference,
+        )
 
     def _probabilities(self, image: MetaTensor) -> npt.NDArray[np.float64]:
         data = self._run_network(image)
@@ -380,47 +480,56 @@ class BundleModel:
             source_frame_numbers=volume.frame_numbers,
         )
 
-    def _run_network(self, image: MetaTensor, *, keep_raw: bool = False) -> dict[str, Any]:
-        """Preprocess a copy of ``image``, run the inferer; ``pred`` is the network's output
-        for the one batch item (raw when ``keep_raw``: a detector's dicts)."""
-        source = MetaTensor(
-            image.as_tensor().clone(),
-            affine=image.affine.clone(),
-            meta={k: v for k, v in image.meta.items() if k != "affine"},
+    def _preprocess(self, image: MetaTensor) -> dict[str, Any]:
+        """The bundle's preprocessing of ``image`` (its loader reads the image, never
+        writing it), with the prompts of a promptable bundle."""
+        if self._array_input:
+            return {self.image_key: self.preprocessing(image)}
+        extra = {_LABEL_PROMPT: list(self.prompts)} if self._prompted else {}
+        return dict(self.preprocessing({self.image_key: image, **extra}))
+
+    def _infer(self, data: dict[str, Any]) -> Any:
+        """The bundle's inferer on the preprocessed image as a batch of one; a promptable
+        one gets the label prompts as class vector (after the bundle's own prompt
+        transforms, duplicates dropped) and no points."""
+        batch = data[self.image_key].unsqueeze(0).to(self.device)
+        if not self._prompted:
+            return self.inferer(batch, self.network)
+        prompt = data.get(_LABEL_PROMPT)
+        ids = list(dict.fromkeys(int(v) for v in torch.as_tensor(prompt).flatten().tolist()))
+        if not ids:
+            raise ModelError(f"bundle {self.model_id}: no label prompts to run")
+        classes = torch.tensor(ids, device=self.device).unsqueeze(-1)
+        data[_LABEL_PROMPT] = classes
+        return self.inferer(
+            batch, self.network, point_coords=None, point_labels=None, class_vector=classes
         )
+
+    def _run_network(self, image: MetaTensor, *, keep_raw: bool = False) -> dict[str, Any]:
+        """Preprocess ``image``, run the inferer; ``pred`` is the network's output for the
+        one batch item (the batch when the bundle's evaluator does not decollate; raw when
+        ``keep_raw``: a detector's dicts)."""
         with torch.no_grad():
-            data: dict[str, Any] = self.preprocessing({self.image_key: source})
-            batch = data[self.image_key].unsqueeze(0).to(self.device)
-            output = self.inferer(batch, self.network)
+            data = self._preprocess(image)
+            output = self._infer(data)
         if keep_raw:
             data[_PRED_KEY] = output
             return data
-        pred = output[0]
+        pred = output if not self._decollate else output[0]
         data[_PRED_KEY] = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
         return data
 
     def predict(self, volume: SeriesVolume) -> torch.Tensor:
         """The bundle's label volume on the series grid, ``(1, columns, rows, slices)``."""
-        # A copy: bundle transforms may write in place (NormalizeIntensity does), and the
-        # caller's volume must survive for the next model.
-        source = MetaTensor(
-            volume.image.as_tensor().clone(),
-            affine=volume.image.affine.clone(),
-            meta={k: v for k, v in volume.image.meta.items() if k != "affine"},
-        )
         with torch.no_grad():
-            data = self.preprocessing({self.image_key: source})
-            del source
-            image = data[self.image_key]
-            batch = image.unsqueeze(0).to(self.device)
+            data = self._preprocess(volume.image)
             autocast = (
                 torch.autocast(device_type="cuda", dtype=torch.float16)
                 if self.amp
                 else nullcontext()
             )
             with autocast:
-                logits = self.inferer(batch, self.network)
-            del batch
+                logits = self._infer(data)
             pred = logits[0]
             if isinstance(pred, MetaTensor):
                 pred = pred.as_tensor()
@@ -483,6 +592,11 @@ def read_bundle_task(metadata: Mapping[str, Any]) -> TaskKind:
     form = str(output.get("format", "")).strip().lower()
     if not kind and not form:
         return TaskKind.SEGMENTATION  # what bundles meant before the node knew other kinds
+    if form in ("points", "point", "landmarks") or kind in ("tuples", "points"):
+        return TaskKind.LANDMARKS
+    shape = output.get("spatial_shape")
+    if isinstance(shape, list) and len(shape) <= 2 and shape[:1] in ([1], [1.0]):
+        return TaskKind.CLASSIFICATION  # a (1, classes) vector per image, not an image
     if form == "segmentation" or (kind == "image" and form in ("", "labels", "label")):
         return TaskKind.SEGMENTATION
     if kind in ("probabilities", "probability") or form in ("classes", "classification"):
@@ -491,7 +605,8 @@ def read_bundle_task(metadata: Mapping[str, Any]) -> TaskKind:
         return TaskKind.DETECTION
     raise ModelError(
         f"bundle metadata outputs.pred (type {kind!r}, format {form!r}) names no task the "
-        "node knows; set `task:` (segmentation, classification, detection) in the model config"
+        "node knows; set `task:` (segmentation, classification, detection, landmarks) in the "
+        "model config"
     )
 
 
@@ -510,6 +625,72 @@ def read_bundle_classes(metadata: Mapping[str, Any], *, required: bool) -> tuple
     except ValueError as exc:
         raise ModelError(f"channel_def has a key that is not a channel number: {exc}") from exc
     return tuple(sorted(classes, key=lambda label: label.value))
+
+
+def _writes_files(transform: Any) -> bool:
+    return isinstance(transform, _SAVERS) or bool(_SAVER_NAME.search(type(transform).__name__))
+
+
+def _prompt_parameters(inferer: Any, model_id: str) -> bool:
+    """Whether the inferer is promptable: it requires MONAI's prompt arguments (points,
+    point labels, class vector) besides the inputs and the network. Any other required
+    argument is one the node cannot give."""
+    try:
+        parameters = list(inspect.signature(inferer.__call__).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    required = {
+        p.name
+        for p in parameters[2:]
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    unknown = required - _PROMPT_PARAMETERS
+    if unknown:
+        raise ModelError(
+            f"bundle {model_id}: its inferer needs {', '.join(sorted(unknown))}, "
+            "which the node cannot give"
+        )
+    return "class_vector" in required
+
+
+def _input_channels(metadata: Mapping[str, Any]) -> int:
+    inputs = metadata.get("network_data_format", {}).get("inputs", {})
+    first: Any = next(iter(inputs.values()), {}) if isinstance(inputs, Mapping) else {}
+    try:
+        return int(first.get("num_channels", 1)) if isinstance(first, Mapping) else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def _landmark_names(metadata: Mapping[str, Any]) -> dict[int, str]:
+    """Landmark names by output index: the metadata's ``coordinate_meanings`` (as zoo
+    landmark bundles write them), if any."""
+    meanings = metadata.get("coordinate_meanings")
+    if not isinstance(meanings, Mapping):
+        return {}
+    names = {}
+    for key, name in meanings.items():
+        try:
+            names[int(key)] = str(name)
+        except ValueError:
+            continue
+    return names
+
+
+def image_point_to_patient(header: Any, column: float, row: float) -> npt.NDArray[np.float64]:
+    """Patient coordinates (LPS, mm) of the point at (column, row) pixel indices of an image
+    with Image Position / Orientation (Patient) and Pixel Spacing."""
+    try:
+        position = np.asarray([float(v) for v in header.ImagePositionPatient], dtype=np.float64)
+        orientation = np.asarray(
+            [float(v) for v in header.ImageOrientationPatient], dtype=np.float64
+        )
+        spacing = [float(v) for v in header.PixelSpacing]  # row spacing, column spacing
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InputError(f"the image has no usable patient geometry for points: {exc}") from exc
+    along_row, along_column = orientation[:3], orientation[3:]
+    return position + column * spacing[1] * along_row + row * spacing[0] * along_column
 
 
 def _channel_def(metadata: Mapping[str, Any]) -> Any:

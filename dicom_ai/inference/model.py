@@ -79,8 +79,8 @@ def load_model(
     from which a class or detection counts as found.
     Raises :class:`ModelError` for an unknown built-in or a bundle that cannot be loaded.
     """
-    # Imported here: bundle.py uses this module's helpers.
-    from dicom_ai.inference.builtin.ct_body import CTBodyModel
+    # Imported here: bundle.py uses this module's helpers; the built-ins pull in scipy,
+    # which a bundle's own environment (older numpy) may not run.
     from dicom_ai.inference.bundle import BundleModel
 
     if bundle is not None:
@@ -95,6 +95,8 @@ def load_model(
         )
     resolve_device(device)  # a bad device string is a config error for built-ins too
     if model_id == "ct-body":
+        from dicom_ai.inference.builtin.ct_body import CTBodyModel
+
         return CTBodyModel()
     if model_id == "mr-brain":
         from dicom_ai.inference.builtin.mr_brain import MRBrainModel
