@@ -1,42 +1,57 @@
 """Run a MONAI bundle (model-zoo layout) on a series, config unchanged.
 
-The layout is ``configs/inference.json``, ``configs/metadata.json`` and the weights under
-``models/``. The config stays data: it is parsed with ``monai.bundle.ConfigParser`` and only
-these ids are overridden in memory, never in the file:
+The layout is ``configs/`` (``inference.json`` or ``inference.yaml``, ``metadata.json``) and
+the weights under ``models/``. The config stays data: it is parsed with
+``monai.bundle.ConfigParser`` (several files merged in order, as MONAI's runner merges them,
+when the model config names them) and only these ids are overridden in memory, never in
+the file:
 
 - ``bundle_root`` -> the bundle directory;
 - ``device`` and, where present, ``inferer#device`` / ``inferer#sw_device`` -> the device
-  this node chose (the zoo's expressions pick ``cuda:0`` whenever one exists).
+  this node chose; on a machine without CUDA, every CUDA device the config names
+  (``torch.device('cuda')`` in an expression, a ``"cuda:0"`` value) -> that device too;
+- a file loader's ``reader`` is dropped (the node feeds decoded images; see below).
 
-From the config the model uses ``network_def``, the weights named by
-``checkpointloader#load_path`` (wholeBody's ``modelname`` picks the file) or
-``models/model.pt``, ``preprocessing`` without its file loader (``LoadImage(d)``: the series
-volume is fed in instead), ``inferer``, and ``postprocessing`` without file savers
-(``SaveImage(d)``), keeping ``Invertd`` so the prediction comes back on the source grid
-(whether the bundle inverts before or after ``AsDiscreted``). Label names come from
-``metadata.json`` (``network_data_format.outputs.pred.channel_def``).
+From the config the model uses ``network_def``; the weights where the config's
+``CheckpointLoader`` reads them (``checkpointloader`` or one of ``handlers``), or the file
+``modelname`` names, else ``models/model.pt`` or TorchScript ``models/model.ts``; a
+state dict bare or under the loader's ``load_dict`` key. An architecture file the config
+loads with ``torch.load`` may hold numpy arrays (DiNTS): allowed, nothing else is. What the
+evaluator ``_requires_`` first (a detector's ``detector_ops``) is evaluated, as MONAI's
+runner does. ``preprocessing`` runs with its file loader ``LoadImage(d)`` standing in for
+the decoded series (:mod:`dicom_ai.inference.loader`: what the loader, with its own
+arguments, would give for the series written as NIfTI), ``inferer``, and ``postprocessing``
+without transforms that write files (``SaveImage(d)``, a bundle's own savers), keeping
+``Invertd`` so the prediction comes back on the source grid. Label names come from
+``metadata.json`` (``network_data_format.outputs.pred.channel_def`` or ``label_def``).
 
 What the bundle outputs is read from ``outputs.pred`` too (or set in the node's model config):
 
 - ``format: segmentation`` -> a label volume (above);
-- ``type: probabilities`` or ``format: classes/classification`` -> one probability per
-  ``channel_def`` class; postprocessing runs without ``AsDiscrete(d)`` and ``Invertd`` (the
-  probabilities are the result). Without ``Activations(d)`` in the postprocessing the
-  outputs are logits: sigmoid for one channel, softmax for several (multi-label bundles
-  must name their sigmoid);
-- ``type: object`` or ``format: box/boxes/bbox`` -> detections: the network (through the
-  inferer) returns MONAI's detector output, a dict or a one-item list of dicts with ``box``
-  (N, 6; ``xyzxyz`` in voxel coordinates of the preprocessed image), ``label`` (N) and
-  ``label_scores`` (N); the keys follow the config's ``box_key``/``label_key``/
-  ``pred_score_key`` when it names them. Postprocessing is not
-  run: the boxes are mapped to patient space through the preprocessed image's affine,
-  which MONAI's transforms keep up to date, in MONAI's convention (corners through the
-  affine as they are), and their edges reordered along the series' rows, columns, slices.
+- ``type: probabilities``, ``format: classes/classification``, or a ``(1, classes)``
+  ``spatial_shape`` -> one probability per ``channel_def`` class; postprocessing runs
+  without ``AsDiscrete(d)`` and ``Invertd``. Without ``Activations(d)`` in the
+  postprocessing the outputs are logits: sigmoid for one channel, softmax for several;
+- ``type: object`` or ``format: box/boxes/bbox/dict`` -> detections: MONAI's detector
+  output, a dict or a one-item list of dicts with boxes (N, 6; ``xyzxyz`` in voxels of the
+  preprocessed image), labels and scores under the detector's own keys (after its ops),
+  else the config's ``box_key``/``label_key``/``pred_score_key``. Postprocessing is not
+  run: the boxes are mapped to patient space through the preprocessed image's affine;
+- ``format: points`` (``type: tuples``) -> landmarks: the output's last axis is the
+  landmark, the one before it the coordinate along the input image's columns then rows;
+  names from the metadata's ``coordinate_meanings`` when given.
 
-``inputs.image.spatial_shape`` with two entries makes a 2-D model: it gets each image of the
-series on its own (CR, DX; MONOCHROME1 already inverted by the loader). Segmentation and
-detection are 3-D only. Like MONAI's own bundle runner, the bundle root is put on
-``sys.path`` so configs can import the bundle's ``scripts``.
+A promptable bundle (its inferer requires MONAI's ``point_coords``, ``point_labels`` and
+``class_vector``, as VISTA-3D's) runs in automatic mode: ``label_prompt`` in the data (for
+the bundle's own prompt transforms) and ``class_vector`` hold every class of its metadata,
+or the model config's ``prompts``.
+
+``inputs.image.spatial_shape`` with two entries makes a 2-D model: it gets each image on its
+own (CR, DX, MG; MONOCHROME1 already inverted by the loader; a grey image repeated to the
+input's ``num_channels`` as a picture saved as RGB would be), or, when the bundle's chain
+refuses one image, the series' images stacked in time order (a cine; the bundle's inferer
+slices it). Segmentation and detection are 3-D only. Like MONAI's own bundle runner, the
+bundle root is put on ``sys.path`` so configs can import the bundle's ``scripts``.
 """
 
 from __future__ import annotations
@@ -79,7 +94,7 @@ from dicom_ai.inference.findings import (
     SegmentLabel,
     TaskKind,
 )
-from dicom_ai.inference.loader import SeriesLoadImage, series_loaders
+from dicom_ai.inference.loader import SeriesLoadImage, SeriesLoadImaged, series_loaders
 from dicom_ai.inference.model import ModelInput, limit_torch_threads, resolve_device
 from dicom_ai.inference.planar import PlanarImage, cine_series, with_channels
 from dicom_ai.inference.volume import SeriesVolume
@@ -98,6 +113,7 @@ logger = logging.getLogger(__name__)
 _SAVERS = (SaveImage, SaveImaged)
 # Bundles' own savers (NpySaverd, ClassificationSaver, ...) write files too.
 _SAVER_NAME = re.compile(r"Save(r|d|rd)?$|Saver")
+_SERIES_LOADERS = (SeriesLoadImage, SeriesLoadImaged)
 _PLANAR_TASKS = (TaskKind.CLASSIFICATION, TaskKind.LANDMARKS)
 _LABEL_PROMPT = "label_prompt"  # MONAI's promptable (VISTA-3D) key for label prompts
 _PROMPT_PARAMETERS = {"point_coords", "point_labels", "class_vector"}
@@ -234,6 +250,12 @@ class BundleModel:
         self.weights_path = weights
 
         self.inferer = parser.get_parsed_content("inferer")
+        _run_requirements(parser)
+        detector = getattr(self.inferer, "detector", None)
+        # The detector's own output keys once its ops ran (MONAI's RetinaNetDetector).
+        self._box_key = str(getattr(detector, "target_box_key", self._box_key))
+        self._label_key = str(getattr(detector, "target_label_key", self._label_key))
+        self._score_key = str(getattr(detector, "pred_score_key", self._score_key))
         self._prompted = _prompt_parameters(self.inferer, self.model_id)
         self.prompts = (
             tuple(self._requested_prompts)
@@ -248,6 +270,7 @@ class BundleModel:
         self.preprocessing = Compose(series_loaders(_flat(parsed_pre)))
         self._array_input = any(isinstance(t, SeriesLoadImage) for t in _flat(self.preprocessing))
         post = [t for t in _flat(parsed_post) if not _writes_files(t)]
+        _invert_what_ran(post, self.preprocessing)
         if self.task in (TaskKind.CLASSIFICATION, TaskKind.DETECTION):
             post = [t for t in post if not isinstance(t, _NOT_FOR_SCORES)]
         elif self.task is TaskKind.SEGMENTATION and not any(isinstance(t, Invertd) for t in post):
@@ -516,7 +539,7 @@ class BundleModel:
             data[_PRED_KEY] = output
             return data
         pred = output if not self._decollate else output[0]
-        data[_PRED_KEY] = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+        data[_PRED_KEY] = MetaTensor(pred) if isinstance(pred, torch.Tensor) else pred
         return data
 
     def predict(self, volume: SeriesVolume) -> torch.Tensor:
@@ -530,10 +553,10 @@ class BundleModel:
             )
             with autocast:
                 logits = self._infer(data)
+            # A MetaTensor as MONAI's evaluators hand it on: Invertd after a transform that
+            # returns plain tensors (VistaPostTransformd) needs one.
             pred = logits[0]
-            if isinstance(pred, MetaTensor):
-                pred = pred.as_tensor()
-            data[_PRED_KEY] = pred.float()
+            data[_PRED_KEY] = (pred if isinstance(pred, MetaTensor) else MetaTensor(pred)).float()
             del logits, pred
             data = self.postprocessing(data)
             result = data[_PRED_KEY]
@@ -625,6 +648,30 @@ def read_bundle_classes(metadata: Mapping[str, Any], *, required: bool) -> tuple
     except ValueError as exc:
         raise ModelError(f"channel_def has a key that is not a channel number: {exc}") from exc
     return tuple(sorted(classes, key=lambda label: label.value))
+
+
+def _invert_what_ran(post: Sequence[Any], preprocessing: Compose) -> None:
+    """Point each ``Invertd`` of the preprocessing at the transforms that ran. A bundle may
+    hand Invertd a deep copy (vista3d: ``$copy.deepcopy(@preprocessing)``), whose transforms
+    MONAI would not recognise as the ones applied (it matches them by object id; a copy only
+    passes in a worker started by ``spawn`` as the default method)."""
+    ran = [type(t) for t in _flat(preprocessing) if not isinstance(t, _SERIES_LOADERS)]
+    for transform in post:
+        if not isinstance(transform, Invertd) or not isinstance(transform.transform, Compose):
+            continue
+        kinds = [type(t) for t in _flat(transform.transform)]
+        if [k for k in kinds if not _LOADER_TARGETS.search(k.__name__)] == ran:
+            transform.transform = preprocessing
+
+
+def _run_requirements(parser: ConfigParser) -> None:
+    """What the bundle's evaluator requires to run first (``_requires_``: e.g. a detector's
+    ``detector_ops``, which set its output keys, box selection and sliding window), as
+    MONAI's runner evaluates it before the evaluator."""
+    requires = parser.get("evaluator#_requires_")
+    for item in requires if isinstance(requires, list) else [requires]:
+        if isinstance(item, str) and item.startswith("@"):
+            parser.get_parsed_content(item[1:])
 
 
 def _writes_files(transform: Any) -> bool:
