@@ -72,6 +72,7 @@ import numpy.typing as npt
 import torch
 from monai.bundle.config_parser import ConfigParser
 from monai.data.meta_tensor import MetaTensor
+from monai.inferers.inferer import SliceInferer
 from monai.transforms.compose import Compose
 from monai.transforms.io.array import SaveImage
 from monai.transforms.io.dictionary import SaveImaged
@@ -114,7 +115,7 @@ _SAVERS = (SaveImage, SaveImaged)
 # Bundles' own savers (NpySaverd, ClassificationSaver, ...) write files too.
 _SAVER_NAME = re.compile(r"Save(r|d|rd)?$|Saver")
 _SERIES_LOADERS = (SeriesLoadImage, SeriesLoadImaged)
-_PLANAR_TASKS = (TaskKind.CLASSIFICATION, TaskKind.LANDMARKS)
+_PLANAR_TASKS = (TaskKind.CLASSIFICATION, TaskKind.LANDMARKS, TaskKind.SEGMENTATION)
 _LABEL_PROMPT = "label_prompt"  # MONAI's promptable (VISTA-3D) key for label prompts
 _PROMPT_PARAMETERS = {"point_coords", "point_labels", "class_vector"}
 # Classification keeps the probabilities: no argmax, and nothing to invert onto a grid.
@@ -172,8 +173,8 @@ class BundleModel:
         if self.spatial_dims == 2 and self.task not in _PLANAR_TASKS:
             raise ModelError(
                 f"bundle {self.bundle_dir}: 2-D {self.task.value} is not supported "
-                "(2-D bundles may classify or locate landmarks; segmentation and detection "
-                "need a 3-D volume)"
+                "(2-D bundles may segment, classify or locate landmarks; detection needs a "
+                "3-D volume)"
             )
         self._requested_prompts = prompts
         self._input_channels = _input_channels(metadata)
@@ -250,6 +251,10 @@ class BundleModel:
         self.weights_path = weights
 
         self.inferer = parser.get_parsed_content("inferer")
+        if self.spatial_dims == 2 and isinstance(self.inferer, SliceInferer):
+            # A 2-D network that the bundle's inferer runs slice by slice: it takes the
+            # series as one volume.
+            self.spatial_dims = 3
         _run_requirements(parser)
         detector = getattr(self.inferer, "detector", None)
         # The detector's own output keys once its ops ran (MONAI's RetinaNetDetector).
@@ -315,6 +320,8 @@ class BundleModel:
             if self.task is TaskKind.LANDMARKS:
                 return self._locate(source)
             if not isinstance(source, SeriesVolume):
+                if self.task is TaskKind.SEGMENTATION and self.spatial_dims == 2:
+                    return self._segment_images(source)
                 raise ModelError(f"bundle {self.model_id} is a 3-D model; it needs a volume")
             if self.task is TaskKind.DETECTION:
                 return self._detect(source)
@@ -328,6 +335,26 @@ class BundleModel:
         pred = self.predict(volume)
         label_map = volume.frames_from_volume(pred)
         del pred
+        return self._segmentation(label_map, volume.sop_instance_uids, volume.frame_numbers)
+
+    def _segment_images(self, images: Sequence[PlanarImage]) -> SegmentationFindings:
+        """A 2-D segmentation network on each image: one mask plane per source image."""
+
+        def labels(image: MetaTensor) -> npt.NDArray[np.float64]:
+            pred = self._label_image(image, tuple(image.shape))
+            return np.asarray(pred[0].numpy(), dtype=np.float64)  # (columns, rows)
+
+        planes = [values.T for values, _ in self._planar(images, labels)]  # (rows, columns)
+        label_map = np.ascontiguousarray(np.stack(planes)).astype(np.uint16)
+        uids = tuple(image.sop_instance_uid for image in images)
+        return self._segmentation(label_map, uids, None)
+
+    def _segmentation(
+        self,
+        label_map: npt.NDArray[np.uint16],
+        uids: tuple[str, ...],
+        frame_numbers: tuple[int, ...] | None,
+    ) -> SegmentationFindings:
         known = {label.value for label in self.labels}
         present = np.flatnonzero(np.bincount(label_map.ravel()))
         unknown = [int(v) for v in present if v and v not in known]
@@ -338,8 +365,8 @@ class BundleModel:
             label_map=label_map,
             labels=self.labels,
             algorithm=self.algorithm,
-            source_sop_instance_uids=volume.sop_instance_uids,
-            source_frame_numbers=volume.frame_numbers,
+            source_sop_instance_uids=uids,
+            source_frame_numbers=frame_numbers,
         )
 
     def _classify(self, source: ModelInput) -> ClassificationFindings:
@@ -544,8 +571,12 @@ class BundleModel:
 
     def predict(self, volume: SeriesVolume) -> torch.Tensor:
         """The bundle's label volume on the series grid, ``(1, columns, rows, slices)``."""
+        return self._label_image(volume.image, tuple(volume.image.shape))
+
+    def _label_image(self, image: MetaTensor, expected: tuple[int, ...]) -> torch.Tensor:
+        """The bundle's labels for ``image``, on its grid (``expected``: its shape)."""
         with torch.no_grad():
-            data = self._preprocess(volume.image)
+            data = self._preprocess(image)
             autocast = (
                 torch.autocast(device_type="cuda", dtype=torch.float16)
                 if self.amp
@@ -565,10 +596,9 @@ class BundleModel:
             result = torch.as_tensor(result)
             if result.shape[0] > 1:  # not discrete yet: one channel per class
                 result = torch.argmax(result, dim=0, keepdim=True)
-        expected = tuple(volume.image.shape)
         if tuple(result.shape) != expected:
             raise ModelError(
-                f"bundle {self.model_id} returned {tuple(result.shape)}, not the series grid "
+                f"bundle {self.model_id} returned {tuple(result.shape)}, not the image grid "
                 f"{expected}; does its postprocessing invert the preprocessing?"
             )
         return result.cpu()

@@ -152,6 +152,10 @@ def build_seg(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodingError(f"highdicom refused the SEG for {name}: {exc}") from exc
+    if "ImageOrientationPatient" not in ordered[0] and "PatientOrientation" not in seg:
+        # A projection image (CR, DX, MG) has no patient frame: General Image then needs
+        # the source's Patient Orientation (type 2C), which highdicom leaves out.
+        seg.PatientOrientation = ordered[0].get("PatientOrientation", "")
     logger.debug(
         "SEG %s: %d segment(s), %d frame(s)", seg.SOPInstanceUID, len(labels), seg.NumberOfFrames
     )

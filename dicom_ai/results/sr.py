@@ -146,9 +146,11 @@ def build_sr(
     labels = present_labels(findings)
     _check_segments_match(seg, labels)
     try:
-        voxel_ml = voxel_volume_mm3(ordered) / 1000.0
-    except GeometryError as exc:
-        raise EncodingError(f"no voxel volume for the measurements: {exc}") from exc
+        voxel_ml: float | None = voxel_volume_mm3(ordered) / 1000.0
+    except GeometryError:
+        # Projection images (CR, DX, MG) have no voxel volume: the segments are reported
+        # without a volume measurement.
+        voxel_ml = None
     source = ordered[0]
     source_series = SourceSeriesForSegmentation(str(source.SeriesInstanceUID))
     # highdicom capitalises this meaning; PS3.16 (and PixelMed's check) has it in lower case.
@@ -165,7 +167,7 @@ def build_sr(
                 source_series,
                 algorithm,
                 uids,
-                volume_ml=int(counts[label.value]) * voxel_ml,
+                volume_ml=None if voxel_ml is None else int(counts[label.value]) * voxel_ml,
             )
             for number, (label, coding) in enumerate(zip(labels, codings, strict=True), start=1)
         ]
@@ -646,17 +648,18 @@ def _volumetric_group(
     algorithm: AlgorithmIdentification,
     uids: ResultUIDs,
     *,
-    volume_ml: float,
+    volume_ml: float | None,
 ) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
     site = _finding_site(coding)
     tracking = TrackingIdentifier(
         uid=uids.tracking_uid(label.value, label.name), identifier=label.name[:64]
     )
-    volume = Measurement(
-        name=codes.SCT.Volume,
-        value=volume_ml,
-        unit=MILLILITER,
-        algorithm_id=algorithm,
+    volume = (
+        None
+        if volume_ml is None
+        else Measurement(
+            name=codes.SCT.Volume, value=volume_ml, unit=MILLILITER, algorithm_id=algorithm
+        )
     )
     return VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
@@ -670,5 +673,5 @@ def _volumetric_group(
         # Algorithm identification goes on the measurement (TID 1419): PixelMed's TID 1411
         # does not know it at group level.
         finding_sites=[site] if site is not None else None,
-        measurements=[volume],
+        measurements=[volume] if volume is not None else None,
     )

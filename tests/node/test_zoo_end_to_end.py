@@ -53,6 +53,9 @@ pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java, pytest.
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 JOB_TIMEOUT_S = 240.0
+# Every job must have finished this long after the series were sent: a wedged node fails
+# the remaining tests in minutes, not one job timeout each.
+ALL_JOBS_S = 600.0
 
 SEGMENTATION = tuple(
     name
@@ -177,7 +180,14 @@ def _job(zoo: Zoo, name: str) -> tuple[str, str | None]:
         )
         return any(state in ("done", "failed") for (state,) in rows)
 
-    wait_until(finished, JOB_TIMEOUT_S + 60, f"{name}'s job to finish", 1.0)
+    left = max(1.0, zoo.sent_at + ALL_JOBS_S - time.monotonic())
+    try:
+        wait_until(finished, left, f"{name}'s job to finish", 1.0)
+    except TimeoutError:
+        rows = zoo.node.index_rows(
+            "SELECT state, attempts, error FROM jobs WHERE series_instance_uid = ?", uid
+        )
+        pytest.fail(f"{name}: no finished job {ALL_JOBS_S:g} s after sending; jobs: {rows}")
     ((state, error),) = zoo.node.index_rows(
         "SELECT state, error FROM jobs WHERE series_instance_uid = ? AND model = ?"
         " ORDER BY run DESC LIMIT 1",
