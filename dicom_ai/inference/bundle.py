@@ -10,7 +10,9 @@ the file:
 - ``device`` and, where present, ``inferer#device`` / ``inferer#sw_device`` -> the device
   this node chose; on a machine without CUDA, every CUDA device the config names
   (``torch.device('cuda')`` in an expression, a ``"cuda:0"`` value) -> that device too;
-- a file loader's ``reader`` is dropped (the node feeds decoded images; see below).
+- a file loader's ``reader`` is dropped (the node feeds decoded images; see below), and
+  ``pretrained: true`` in ``network_def`` is false (it would download backbone weights that
+  the bundle's checkpoint replaces).
 
 From the config the model uses ``network_def``; the weights where the config's
 ``CheckpointLoader`` reads them (``checkpointloader`` or one of ``handlers``), or the file
@@ -226,6 +228,7 @@ class BundleModel:
         if self.device.type != "cuda":
             _run_cuda_on(parser, self.device)
         _drop_file_readers(parser)
+        _no_pretrained_download(parser)
         parser["device"] = self.device
         for key in ("inferer#device", "inferer#sw_device"):
             if key in parser:
@@ -881,6 +884,15 @@ def _drop_file_readers(parser: ConfigParser) -> None:
             and "reader" in value
         ):
             parser[id_] = {k: v for k, v in value.items() if k != "reader"}
+
+
+def _no_pretrained_download(parser: ConfigParser) -> None:
+    """``pretrained: true`` in the network definition would download ImageNet weights at
+    construction (torchvision backbones); the bundle's own checkpoint replaces them anyway,
+    and the node never downloads at run time."""
+    for id_, value in list(_walk(parser.get("network_def"), "network_def")):
+        if isinstance(value, Mapping) and value.get("pretrained") is True:
+            parser[f"{id_}#pretrained"] = False
 
 
 def _walk(value: Any, id_: str) -> Iterator[tuple[str, Any]]:

@@ -136,3 +136,24 @@ def test_labels_from_label_def_drop_background() -> None:
         (1, "liver"),
         (3, "pancreas"),
     ]
+
+
+def test_pretrained_backbones_are_not_downloaded(tmp_path: Path) -> None:
+    bundle = _tiny_bundle(tmp_path / "b", wrap=True)
+    config = _config(bundle)
+    # A constructor that downloads when asked for pretrained weights (as torchvision's do).
+    (bundle / "scripts").mkdir()
+    (bundle / "scripts" / "__init__.py").write_text("")
+    (bundle / "scripts" / "net.py").write_text(
+        "import torch\n"
+        "def conv(pretrained=False, **kwargs):\n"
+        "    if pretrained:\n"
+        "        raise OSError('would download weights')\n"
+        "    return torch.nn.Conv3d(**kwargs)\n"
+    )
+    network = config["network_def"]
+    assert isinstance(network, dict)
+    network["_target_"] = "scripts.net.conv"
+    network["pretrained"] = True
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert BundleModel(bundle, "cpu").network.out_channels == 3
