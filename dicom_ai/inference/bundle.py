@@ -180,6 +180,12 @@ class BundleModel:
             )
         self._requested_prompts = prompts
         self._input_channels = _input_channels(metadata)
+        if self.spatial_dims == 3 and self._input_channels > 1:
+            raise ModelError(
+                f"bundle {self.bundle_dir}: takes {self._input_channels} input channels "
+                "(several series of one study, such as MR sequences or contrast phases); the "
+                "node runs a model on one series"
+            )
         self._landmark_names = _landmark_names(metadata)
         self.labels: tuple[SegmentLabel, ...] = (
             read_bundle_labels(metadata)
@@ -332,7 +338,9 @@ class BundleModel:
         except (ModelError, InputError):
             raise
         except Exception as exc:
-            raise ModelError(f"bundle {self.model_id} failed on the series: {exc}") from exc
+            raise ModelError(
+                f"bundle {self.model_id} failed on the series: {_reason(exc)}"
+            ) from exc
 
     def _segment(self, volume: SeriesVolume) -> SegmentationFindings:
         pred = self.predict(volume)
@@ -431,7 +439,8 @@ class BundleModel:
                 continue
             self._layout = layout
             return out
-        raise ModelError(f"bundle {self.model_id} failed on the images: {failure}")
+        reason = _reason(failure) if failure else "no images"
+        raise ModelError(f"bundle {self.model_id} failed on the images: {reason}")
 
     def _channels(self, image: MetaTensor) -> MetaTensor:
         """A grey image for a colour network: its channels equal, as the picture saved as
@@ -557,6 +566,14 @@ class BundleModel:
         return self.inferer(
             batch, self.network, point_coords=None, point_labels=None, class_vector=classes
         )
+
+    def network_forward(self, batch: torch.Tensor) -> Any:
+        """The network alone on ``batch`` (a check's forward pass); a promptable network
+        gets its first label prompt as class vector, as its inferer would pass it."""
+        if self._prompted:
+            classes = torch.tensor([[self.prompts[0]]], device=self.device)
+            return self.network(batch, class_vector=classes)
+        return self.network(batch)
 
     def _run_network(self, image: MetaTensor, *, keep_raw: bool = False) -> dict[str, Any]:
         """Preprocess ``image``, run the inferer; ``pred`` is the network's output for the
@@ -884,6 +901,23 @@ def _drop_file_readers(parser: ConfigParser) -> None:
             and "reader" in value
         ):
             parser[id_] = {k: v for k, v in value.items() if k != "reader"}
+
+
+def _reason(exc: BaseException) -> str:
+    """The error under MONAI's wrappers ("applying transform <...>"), which name only the
+    transform that failed, as "TransformName: error"."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__
+    wrappers = [e for e in seen if str(e).startswith("applying transform")]
+    if not wrappers:
+        return str(exc) or type(exc).__name__
+    root = next((e for e in reversed(seen) if e not in wrappers and str(e)), exc)
+    where = re.search(r"([\w.]+) object at", str(wrappers[-1]))
+    name = where.group(1) if where else ""
+    return f"{name.rsplit('.', 1)[-1]}: {root}" if name else str(root)
 
 
 def _no_pretrained_download(parser: ConfigParser) -> None:

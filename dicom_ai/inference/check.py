@@ -286,24 +286,25 @@ def check_bundle(
         verdict = f"needs package {', '.join(missing)}" if missing else f"load: {load}"
         return result(False, verdict, load=load, input_shape=shape)
     if missing:
-        return result(False, f"needs package {', '.join(missing)}", load="ok", input_shape=shape)
+        # Declared, but what the node runs (config, network, transforms) loaded without it.
+        notes += (f"declared package(s) not installed, not needed to load: {', '.join(missing)}",)
     if not shape:
         return result(True, "ok", load="ok")
     try:
-        _forward(model.network, shape, model.device)
+        _forward(model, shape, model.device)
     except Exception as exc:
         forward = _with_drift(_reason(exc), exc, packages)
         return result(False, f"forward: {forward}", load="ok", forward=forward, input_shape=shape)
     return result(True, "ok", load="ok", forward="ok", input_shape=shape)
 
 
-def _forward(network: Any, shape: tuple[int, ...], device: Any) -> None:
+def _forward(model: Any, shape: tuple[int, ...], device: Any) -> None:
     import torch
 
     generator = torch.Generator().manual_seed(0)
     image = torch.rand((1, *shape), generator=generator).to(device)
     with torch.no_grad():
-        output = network(image)
+        output = model.network_forward(image)
     if output is None:
         raise ValueError("the network returned nothing")
 

@@ -467,7 +467,8 @@ def _spawning_with(python: Path, sys_path: list[str]) -> Iterator[None]:
         try:
             yield
         finally:
-            spawn.set_executable(str(executable))
+            # get_executable() may give bytes (set_executable stores fsencoded paths).
+            spawn.set_executable(os.fsdecode(executable))
             spawn.get_preparation_data = preparation
 
 

@@ -164,7 +164,8 @@ def build_seg(
 
 def content_label(model_name: str) -> str:
     """Content Label (CS, 16 chars of A-Z 0-9 space underscore) from a model name."""
-    label = re.sub(r"[^A-Z0-9_ ]", "_", model_name.upper()).strip()[:16].rstrip()
+    # highdicom refuses a code string that ends in a space or an underscore.
+    label = re.sub(r"[^A-Z0-9_ ]", "_", model_name.upper()).strip(" _")[:16].rstrip(" _")
     return label or "SEGMENTATION"
 
 

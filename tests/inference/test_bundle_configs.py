@@ -157,3 +157,21 @@ def test_pretrained_backbones_are_not_downloaded(tmp_path: Path) -> None:
     network["pretrained"] = True
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     assert BundleModel(bundle, "cpu").network.out_channels == 3
+
+
+def test_a_failing_transform_is_named_with_its_own_error(tmp_path: Path) -> None:
+    from dicom_ai.inference.volume import load_series
+    from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
+
+    bundle = _tiny_bundle(tmp_path / "b", wrap=True)
+    config = _config(bundle)
+    preprocessing = config["preprocessing"]
+    assert isinstance(preprocessing, dict)
+    # Channel 3 of a one-channel image: MONAI wraps the IndexError in "applying transform".
+    preprocessing["transforms"].append({"_target_": "SplitDimd", "keys": "image", "dim": 5})
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    spec = PhantomSpec(slices=4, rows=16, columns=16, pixel_spacing_mm=20.0)
+    volume = load_series(write_phantom_ct(tmp_path / "ct", spec))
+    with pytest.raises(ModelError, match=r"failed on the series: SplitDimd: ") as failure:
+        BundleModel(bundle, "cpu")(volume)
+    assert "applying transform" not in str(failure.value)

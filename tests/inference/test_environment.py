@@ -158,3 +158,16 @@ def test_prepare_builds_the_declared_environment_once_and_workers_run_in_it(
         assert outcome.reason.startswith("InputError"), outcome.reason
     finally:
         pool.shutdown()
+
+
+def test_spawn_settings_come_back_after_each_worker_start(tmp_path: Path) -> None:
+    import multiprocessing.spawn
+    import os
+
+    from dicom_ai.pipeline.worker import _spawning_with
+
+    before = os.fsdecode(multiprocessing.spawn.get_executable())
+    for _ in range(3):  # a second round used to restore "b'/...'" as the executable
+        with _spawning_with(tmp_path / "python", [str(tmp_path)]):
+            assert os.fsdecode(multiprocessing.spawn.get_executable()) == str(tmp_path / "python")
+        assert os.fsdecode(multiprocessing.spawn.get_executable()) == before

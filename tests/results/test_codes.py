@@ -411,3 +411,18 @@ def test_each_call_gets_its_own_concepts() -> None:
     assert again.category.meaning != "changed"
     assert again.property_type is not first.property_type
     assert again == segment_coding("Kidney Left")
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("Abdominal multi-organ segmentation", "ABDOMINAL MULTI"),  # cut at an underscore
+        ("spleen", "SPLEEN"),
+        ("  __x-ray  ", "X_RAY"),
+        ("---", "SEGMENTATION"),
+    ],
+)
+def test_seg_content_label_is_a_code_string_highdicom_accepts(name: str, label: str) -> None:
+    from dicom_ai.results.seg import content_label
+
+    assert content_label(name) == label
