@@ -40,6 +40,7 @@ __all__ = [
     "ZooInput",
     "make_zoo_bundle",
     "needs_torchvision",
+    "torchvision_loads",
     "weights_path",
     "write_weights",
     "zoo_input",
@@ -105,7 +106,7 @@ def make_zoo_bundle(name: str, directory: Path, *, python: str | None = None) ->
     target = Path(directory) / name
     shutil.copytree(shared_bundle(name), target, dirs_exist_ok=True)
     if python is None:
-        if needs_torchvision(target) and not _torchvision_loads():
+        if needs_torchvision(target) and not torchvision_loads():
             raise RuntimeError(
                 f"{name}: its network needs torchvision, which does not load with this "
                 f"interpreter ({sys.executable}); pass python= an environment where it does"
@@ -132,7 +133,7 @@ def make_zoo_bundle(name: str, directory: Path, *, python: str | None = None) ->
     return target
 
 
-def _torchvision_loads() -> bool:
+def torchvision_loads() -> bool:
     try:
         import torchvision  # noqa: F401
     except Exception:  # not installed, or built for another torch

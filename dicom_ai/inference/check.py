@@ -326,9 +326,11 @@ def run_check(
     started_process: Callable[[subprocess.Popen[str]], None] | None = None,
     task: str | None = None,
     config_files: Sequence[str] = (),
+    nice: int = 0,
 ) -> CheckResult:
     """Check ``bundle_dir`` in a subprocess run by ``python`` (None: this interpreter);
-    ``started_process`` is given the subprocess (to stop it from another thread).
+    ``started_process`` is given the subprocess (to stop it from another thread); ``nice``
+    lowers its CPU priority (the node's start-time checks yield to its jobs).
 
     Never raises for the bundle's sake: a check that times out, dies or prints no result
     gives an ``inconclusive`` result naming why.
@@ -339,6 +341,7 @@ def run_check(
     command += ["--task", task] if task else []
     for name in config_files:
         command += ["--config-file", name]
+    command += ["--nice", str(nice)] if nice else []
     started = time.monotonic()
 
     def failed(reason: str) -> CheckResult:
@@ -384,7 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--config-file", action="append", default=[], help="a config under configs/ (repeat)"
     )
+    parser.add_argument("--nice", type=int, default=0, help="lower the CPU priority by N")
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     import logging
     import warnings
 

@@ -26,6 +26,8 @@ __all__ = ["ModelHealth"]
 log = logging.getLogger(__name__)
 
 Checker = Callable[..., CheckResult]
+# The checks run while the node already takes series: its jobs come first on the CPU.
+_CHECK_NICENESS = 10
 
 
 class ModelHealth:
@@ -105,6 +107,7 @@ class ModelHealth:
                     bundle,
                     python,
                     started_process=self._started,
+                    nice=_CHECK_NICENESS,
                     **self._settings[model_id],
                 )
             except Exception as exc:  # a bug in the check must not stop the node
