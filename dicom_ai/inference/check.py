@@ -221,6 +221,14 @@ def _implicated(exc: BaseException, packages: Sequence[PackageVersion]) -> list[
 
 
 def _with_drift(reason: str, exc: BaseException, packages: Sequence[PackageVersion]) -> str:
+    missing = re.fullmatch(r"([\w.-]+) missing", reason)
+    if missing:
+        # A package that is not there: what its bundle declares of it, not the drift of
+        # the library that imported it.
+        name = missing.group(1).lower().replace("_", "-")
+        declared = [p for p in packages if p.name.lower().replace("_", "-") == name]
+        said = f"declared {declared[0].name} {declared[0].declared}" if declared else "undeclared"
+        return f"{reason} ({said})"
     implicated = _implicated(exc, packages)
     if not implicated:
         return reason

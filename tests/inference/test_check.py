@@ -187,3 +187,25 @@ def test_the_scheduler_fails_a_job_of_a_broken_model_at_once(tmp_path: Path) -> 
         assert [s.model_id for s in harness.pool.submitted] == ["ct-body"]
     finally:
         harness.index.close()
+
+
+def test_a_missing_module_names_what_the_bundle_declares_of_it(
+    spleen_bundle: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    bundle = _copy(spleen_bundle, tmp_path)
+    (bundle / "scripts").mkdir(exist_ok=True)
+    (bundle / "scripts" / "__init__.py").write_text("")
+    (bundle / "scripts" / "net.py").write_text(
+        "def make(**kwargs):\n    import no_such_backbone_dicom_ai  # noqa: F401\n"
+    )
+    _edit(bundle / "configs" / "inference.json", network_def___target_="scripts.net.make")
+    _edit(
+        bundle / "configs" / "metadata.json",
+        optional_packages_version={"no-such-backbone-dicom-ai": "0.14.1"},
+    )
+    result = check_bundle(bundle)
+    assert not result.ok
+    assert result.verdict == (
+        "load: no_such_backbone_dicom_ai missing (declared no-such-backbone-dicom-ai 0.14.1)"
+    )
