@@ -1,4 +1,4 @@
-"""Every place the node leans on a library's internals (highdicom, pydicom), fenced.
+"""Every place the node leans on a library's internals (highdicom, pydicom, MONAI), fenced.
 
 Each function here does one thing the library's public API does not offer, for the exact
 library version it was written for (pinned in pyproject). On any other version it logs
@@ -31,10 +31,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HIGHDICOM",
+    "MONAI",
     "PYDICOM",
     "cache_is_attribute_in_iod",
     "deferred_value_location",
     "installed_version",
+    "monai_array_loader",
+    "monai_reader_filenames",
     "pydicom_correct_ambiguous_vr",
     "pydicom_mark_explicit_little_endian",
     "pydicom_write_shortcuts",
@@ -45,6 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HIGHDICOM = "0.28.2"
+MONAI = "1.6.1"
 PYDICOM = "3.0.2"
 
 _versions: dict[str, str | None] = {}
@@ -81,6 +85,37 @@ def written_for(distribution: str, version: str, patch: str) -> bool:
             distribution,
         )
     return False
+
+
+# --- MONAI ------------------------------------------------------------------------------
+# Used by inference/loader.py (a bundle's own LoadImage(d) fed decoded images). MONAI has no
+# other way to hand its loader in-memory images with a reader's meta, so there is no
+# fallback path: on another MONAI (a bundle's own environment runs 1.3 or 1.4, which have
+# both attributes) the use is said once, and a missing attribute is an error the job reports.
+
+
+def _monai_internal(patch: str) -> None:
+    installed = installed_version("monai")
+    if installed != MONAI and patch not in _warned:
+        _warned.add(patch)
+        log.info("%s was written for monai %s; %s is installed", patch, MONAI, installed)
+
+
+def monai_array_loader(loader: object) -> object:
+    """The array ``LoadImage`` (readers and settings) that a ``LoadImaged`` keeps in its
+    private ``_loader``."""
+    _monai_internal("monai_array_loader")
+    inner = getattr(loader, "_loader", None)
+    if inner is None:
+        raise AttributeError("this MONAI's LoadImaged keeps no array loader in _loader")
+    return inner
+
+
+def monai_reader_filenames(reader: object, names: Sequence[str]) -> None:
+    """Set the names ``NibabelReader.get_data`` pairs its images with (``filenames``, set by
+    its ``read`` from the files it opens; images handed in-memory need them set)."""
+    _monai_internal("monai_reader_filenames")
+    reader.filenames = list(names)  # type: ignore[attr-defined]
 
 
 # --- highdicom --------------------------------------------------------------------------

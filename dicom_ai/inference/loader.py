@@ -53,7 +53,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -65,6 +65,7 @@ from monai.transforms.io.array import LoadImage
 from monai.transforms.io.dictionary import LoadImaged
 from monai.transforms.transform import Transform
 
+from dicom_ai._compat import monai_array_loader, monai_reader_filenames
 from dicom_ai.errors import ModelError
 
 __all__ = ["SeriesLoadImage", "SeriesLoadImaged", "series_loader", "series_loaders"]
@@ -96,8 +97,7 @@ class SeriesLoadImaged(Transform):
     def __init__(self, loader: LoadImaged) -> None:
         self.loader = loader
         self.keys = loader.keys
-        # LoadImaged keeps its array LoadImage (with the readers) in a private attribute.
-        self._array_loader: LoadImage = loader._loader
+        self._array_loader = cast(LoadImage, monai_array_loader(loader))
         self._nifti = _nifti_reader(self._array_loader)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -171,7 +171,7 @@ class _DecodedReader(ImageReader):
     def read(self, data: Any, **kwargs: Any) -> Any:
         names = [str(n) for n in (data if isinstance(data, list | tuple) else [data])]
         images = [_as_nifti(self._images[n]) for n in names]
-        self._nifti.filenames = names  # NibabelReader.get_data pairs images with names
+        monai_reader_filenames(self._nifti, names)  # get_data pairs images with them
         return images if len(images) > 1 else images[0]
 
     # A tensor, not the array the base class names: LoadImage converts either.

@@ -77,6 +77,7 @@ def test_every_patch_is_for_the_pinned_version_and_that_version_is_installed() -
     pins = dict(pin.split("==", 1) for pin in project["dependencies"] if "==" in pin)
     written_for = {
         "highdicom": _compat.HIGHDICOM,
+        "monai": _compat.MONAI,
         "pydicom": _compat.PYDICOM,
         "pynetdicom": dimse_compat.PYNETDICOM,
     }
@@ -584,3 +585,20 @@ def test_data_element_generator_stops_before_the_stopping_element() -> None:
     ]
     assert seen == [0x00080016, 0x00080018]
     assert data[stream.tell() : stream.tell() + 4] == b"\x20\x00\x0e\x00"  # (0020,000E)
+
+
+def test_monai_internals_the_loader_uses_are_there() -> None:
+    """Fails when a MONAI upgrade renames what inference/loader.py reaches into."""
+    from monai.data.image_reader import NibabelReader
+    from monai.transforms.io.array import LoadImage
+    from monai.transforms.io.dictionary import LoadImaged
+
+    assert isinstance(_compat.monai_array_loader(LoadImaged(keys="image")), LoadImage)
+    # get_data pairs its images with reader.filenames (read() sets them from the files).
+    source = inspect.getsource(NibabelReader.get_data)
+    assert "self.filenames" in source
+    reader = NibabelReader()
+    _compat.monai_reader_filenames(reader, ["a", "b"])
+    assert reader.filenames == ["a", "b"]
+    with pytest.raises(AttributeError, match="no array loader"):
+        _compat.monai_array_loader(object())
