@@ -35,10 +35,11 @@ What the bundle outputs is read from ``outputs.pred`` too (or set in the node's 
   without ``AsDiscrete(d)`` and ``Invertd``. Without ``Activations(d)`` in the
   postprocessing the outputs are logits: sigmoid for one channel, softmax for several;
 - ``type: object`` or ``format: box/boxes/bbox/dict`` -> detections: MONAI's detector
-  output, a dict or a one-item list of dicts with boxes (N, 6; ``xyzxyz`` in voxels of the
-  preprocessed image), labels and scores under the detector's own keys (after its ops),
-  else the config's ``box_key``/``label_key``/``pred_score_key``. Postprocessing is not
-  run: the boxes are mapped to patient space through the preprocessed image's affine;
+  output, a dict or a one-item list of dicts with boxes (N, 6 ``xyzxyz``, or 4 ``xyxy`` in
+  2-D, in voxels of the preprocessed image), labels and scores under the detector's own
+  keys (after its ops), else the config's ``box_key``/``label_key``/``pred_score_key``.
+  Postprocessing is not run: the boxes are mapped to patient space through the
+  preprocessed image's affine (2-D: to the source image's pixels);
 - ``format: points`` (``type: tuples``) -> landmarks: the output's last axis is the
   landmark, the one before it the coordinate along the input image's columns then rows;
   names from the metadata's ``coordinate_meanings`` when given.
@@ -52,8 +53,9 @@ or the model config's ``prompts``.
 own (CR, DX, MG; MONOCHROME1 already inverted by the loader; a grey image repeated to the
 input's ``num_channels`` as a picture saved as RGB would be), or, when the bundle's chain
 refuses one image, the series' images stacked in time order (a cine; the bundle's inferer
-slices it). Segmentation and detection are 3-D only. Like MONAI's own bundle runner, the
-bundle root is put on ``sys.path`` so configs can import the bundle's ``scripts``.
+slices it). 2-D segmentation gives a mask plane per image (a ``SliceInferer`` bundle takes the
+volume instead), 2-D detection boxes in each image's pixel coordinates. Like MONAI's own
+bundle runner, the bundle root is put on ``sys.path`` so configs can import its ``scripts``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ import numpy.typing as npt
 import torch
 from monai.bundle.config_parser import ConfigParser
 from monai.data.meta_tensor import MetaTensor
+from monai.data.utils import to_affine_nd
 from monai.inferers.inferer import SliceInferer
 from monai.transforms.compose import Compose
 from monai.transforms.io.array import SaveImage
@@ -91,6 +94,8 @@ from dicom_ai.inference.findings import (
     DetectionFindings,
     Findings,
     ImageClassification,
+    ImageDetection,
+    ImageDetectionFindings,
     Landmark,
     LandmarkFindings,
     SegmentationFindings,
@@ -117,7 +122,6 @@ _SAVERS = (SaveImage, SaveImaged)
 # Bundles' own savers (NpySaverd, ClassificationSaver, ...) write files too.
 _SAVER_NAME = re.compile(r"Save(r|d|rd)?$|Saver")
 _SERIES_LOADERS = (SeriesLoadImage, SeriesLoadImaged)
-_PLANAR_TASKS = (TaskKind.CLASSIFICATION, TaskKind.LANDMARKS, TaskKind.SEGMENTATION)
 _LABEL_PROMPT = "label_prompt"  # MONAI's promptable (VISTA-3D) key for label prompts
 _PROMPT_PARAMETERS = {"point_coords", "point_labels", "class_vector"}
 # Classification keeps the probabilities: no argmax, and nothing to invert onto a grid.
@@ -172,12 +176,6 @@ class BundleModel:
         self.task = TaskKind(task) if task else read_bundle_task(metadata)
         self.spatial_dims = _spatial_dims(metadata)
         self.threshold = threshold
-        if self.spatial_dims == 2 and self.task not in _PLANAR_TASKS:
-            raise ModelError(
-                f"bundle {self.bundle_dir}: 2-D {self.task.value} is not supported "
-                "(2-D bundles may segment, classify or locate landmarks; detection needs a "
-                "3-D volume)"
-            )
         self._requested_prompts = prompts
         self._input_channels = _input_channels(metadata)
         if self.spatial_dims == 3 and self._input_channels > 1:
@@ -331,6 +329,8 @@ class BundleModel:
             if not isinstance(source, SeriesVolume):
                 if self.task is TaskKind.SEGMENTATION and self.spatial_dims == 2:
                     return self._segment_images(source)
+                if self.task is TaskKind.DETECTION and self.spatial_dims == 2:
+                    return self._detect_images(source)
                 raise ModelError(f"bundle {self.model_id} is a 3-D model; it needs a volume")
             if self.task is TaskKind.DETECTION:
                 return self._detect(source)
@@ -500,8 +500,12 @@ class BundleModel:
             )
         return np.asarray(pred.numpy(), dtype=np.float64)
 
-    def _detect(self, volume: SeriesVolume) -> DetectionFindings:
-        data = self._run_network(volume.image, keep_raw=True)
+    def _boxes(
+        self, image: MetaTensor, dims: int
+    ) -> tuple[dict[str, Any], torch.Tensor, list[int], list[float]]:
+        """The detector's output for ``image``: (data, boxes (N, 2 * dims) in voxels of the
+        preprocessed image, labels, scores), under the detector's keys."""
+        data = self._run_network(image, keep_raw=True)
         raw = data[_PRED_KEY]
         if isinstance(raw, list | tuple):
             raw = raw[0]
@@ -510,16 +514,53 @@ class BundleModel:
                 f"bundle {self.model_id}: a detector must return a dict with "
                 f"{self._box_key!r}, {self._label_key!r} and {self._score_key!r}"
             )
-        boxes = torch.as_tensor(raw[self._box_key]).detach().double().cpu().reshape(-1, 6)
+        boxes = torch.as_tensor(raw[self._box_key]).detach().double().cpu().reshape(-1, 2 * dims)
         count = boxes.shape[0]
         labels = torch.as_tensor(raw.get(self._label_key, torch.zeros(count))).cpu().flatten()
         scores = torch.as_tensor(raw.get(self._score_key, torch.ones(count))).cpu().flatten()
+        return data, boxes, [int(v) for v in labels.tolist()], [float(v) for v in scores.tolist()]
+
+    def _detect_images(self, images: Sequence[PlanarImage]) -> ImageDetectionFindings:
+        """A 2-D detector on each image; boxes back in the image's own pixel coordinates
+        (through the preprocessed image's affine and the inverse of the source's)."""
+        names = {label.value: label.name for label in self.labels}
+        detections = []
+        for image in images:
+            data, boxes, labels, scores = self._boxes(self._channels(image.image), 2)
+            # 2-D affines (the loader gives the NIfTI's 4x4 one, the source is 3x3).
+            to_space = to_affine_nd(2, np.asarray(data[self.image_key].affine, dtype=np.float64))
+            from_space = np.linalg.inv(to_affine_nd(2, np.asarray(image.image.affine, np.float64)))
+            to_source = (from_space @ to_space)[:2]  # (column, row) of the source image
+            for box, label, score in zip(boxes.numpy(), labels, scores, strict=True):
+                if score < self.threshold:
+                    continue
+                corners = to_source @ np.array([[box[0], box[2]], [box[1], box[3]], [1.0, 1.0]])
+                low, high = corners.min(axis=1), corners.max(axis=1)
+                if (high <= low).any():
+                    logger.warning("bundle %s: empty box %s dropped", self.model_id, box.tolist())
+                    continue
+                detections.append(
+                    ImageDetection(
+                        names.get(label, "finding"),
+                        score,
+                        image.sop_instance_uid,
+                        np.concatenate([low, high]),
+                    )
+                )
+        return ImageDetectionFindings(
+            detections=tuple(sorted(detections, key=lambda d: -d.score)),
+            algorithm=self.algorithm,
+            source_sop_instance_uids=tuple(image.sop_instance_uid for image in images),
+        )
+
+    def _detect(self, volume: SeriesVolume) -> DetectionFindings:
+        data, boxes, labels, scores = self._boxes(volume.image, 3)
         affine = np.asarray(torch.as_tensor(data[self.image_key].affine), dtype=np.float64)
         # The series' row, column and slice directions in LPS.
         source_axes = (_LPS_FROM_RAS @ np.asarray(volume.image.affine, dtype=np.float64)[:3, :3]).T
         names = {label.value: label.name for label in self.labels}
         detections = []
-        for box, label, score in zip(boxes.numpy(), labels.tolist(), scores.tolist(), strict=True):
+        for box, label, score in zip(boxes.numpy(), labels, scores, strict=True):
             if score < self.threshold:
                 continue
             low, high = box[:3], box[3:]

@@ -175,6 +175,32 @@ class DetectionFindings:
 
 
 @dataclass(frozen=True)
+class ImageDetection:
+    """One object a 2-D detector found on one image: an axis-aligned box in that image's
+    pixel coordinates (``box``: first column, first row, last column, last row; pixel
+    centres at integers, as DICOM's SCOORD has them at +0.5)."""
+
+    name: str
+    score: float
+    source_sop_instance_uid: str
+    box: npt.NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        if self.box.shape != (4,) or not (self.box[2:] >= self.box[:2]).all():
+            raise ValueError("a 2-D detection needs a box (column, row, column, row), low first")
+
+
+@dataclass(frozen=True)
+class ImageDetectionFindings:
+    """A 2-D detector's boxes on the images of one series (projection images included:
+    no frame of reference is needed)."""
+
+    detections: tuple[ImageDetection, ...]
+    algorithm: AlgorithmIdentification
+    source_sop_instance_uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Landmark:
     """One located point: a landmark the model names, in patient space (DICOM LPS, mm),
     found on one source image (frame)."""
@@ -199,5 +225,11 @@ class LandmarkFindings:
     frame_of_reference_uid: str
 
 
-Findings = SegmentationFindings | ClassificationFindings | DetectionFindings | LandmarkFindings
+Findings = (
+    SegmentationFindings
+    | ClassificationFindings
+    | DetectionFindings
+    | ImageDetectionFindings
+    | LandmarkFindings
+)
 """Whatever a model returns."""

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from dicom_ai.inference.findings import (
         ClassificationFindings,
         DetectionFindings,
+        ImageDetectionFindings,
         LandmarkFindings,
         SegmentationFindings,
     )
@@ -266,17 +267,31 @@ def _segmentation_results(
 
 def _report(
     headers: list[Dataset],
-    findings: ClassificationFindings | DetectionFindings | LandmarkFindings,
+    findings: ClassificationFindings
+    | DetectionFindings
+    | ImageDetectionFindings
+    | LandmarkFindings,
     uids: ResultUIDs,
     device: DeviceIdentity,
 ) -> Dataset:
-    from dicom_ai.inference.findings import ClassificationFindings, LandmarkFindings
-    from dicom_ai.results import build_classification_sr, build_detection_sr, build_landmark_sr
+    from dicom_ai.inference.findings import (
+        ClassificationFindings,
+        ImageDetectionFindings,
+        LandmarkFindings,
+    )
+    from dicom_ai.results import (
+        build_classification_sr,
+        build_detection_sr,
+        build_image_detection_sr,
+        build_landmark_sr,
+    )
 
     if isinstance(findings, ClassificationFindings):
         return build_classification_sr(headers, findings, uids, device)
     if isinstance(findings, LandmarkFindings):
         return build_landmark_sr(headers, findings, uids, device)
+    if isinstance(findings, ImageDetectionFindings):
+        return build_image_detection_sr(headers, findings, uids, device)
     return build_detection_sr(headers, findings, uids, device)
 
 

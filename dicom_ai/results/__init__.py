@@ -20,6 +20,7 @@ from dicom_ai.results.seg import algorithm_family_code, build_seg
 from dicom_ai.results.sr import (
     build_classification_sr,
     build_detection_sr,
+    build_image_detection_sr,
     build_landmark_sr,
     build_sr,
     procedure_reported,
@@ -34,6 +35,7 @@ __all__ = [
     "algorithm_family_code",
     "build_classification_sr",
     "build_detection_sr",
+    "build_image_detection_sr",
     "build_landmark_sr",
     "build_seg",
     "build_sr",

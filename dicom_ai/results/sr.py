@@ -10,6 +10,10 @@
 - Detection (:func:`build_detection_sr`): one TID 1410 Planar ROI group per finding: the
   bounding box's cross-section through its centre as a closed SCOORD3D POLYGON, its score
   (probability) and its size (width, height, depth in mm).
+- 2-D detection (:func:`build_image_detection_sr`): one TID 1410 Planar ROI group per box:
+  a closed SCOORD POLYLINE in the pixels of the image it was found on (projection images
+  have no frame of reference), its probability, and its width and height in mm where the
+  image has a pixel spacing.
 - Landmarks (:func:`build_landmark_sr`): one TID 1410 Planar ROI group per landmark: its
   name as finding type, its position as a SCOORD3D POINT in the series' frame of reference,
   and the image (frame) it was found on as the group's "Illustration of ROI" (a SCOORD3D
@@ -40,6 +44,7 @@ from highdicom.sr import (
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageContentItem,
+    ImageRegion,
     ImageRegion3D,
     LanguageOfContentItemAndDescendants,
     Measurement,
@@ -51,12 +56,13 @@ from highdicom.sr import (
     QualitativeEvaluation,
     ReferencedSegment,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     SourceSeriesForSegmentation,
     TextContentItem,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
-from highdicom.sr.enum import GraphicTypeValues3D, RelationshipTypeValues
+from highdicom.sr.enum import GraphicTypeValues, GraphicTypeValues3D, RelationshipTypeValues
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -72,6 +78,8 @@ from dicom_ai.inference.findings import (
     Detection,
     DetectionFindings,
     ImageClassification,
+    ImageDetection,
+    ImageDetectionFindings,
     Landmark,
     LandmarkFindings,
     SegmentationFindings,
@@ -267,6 +275,107 @@ def build_detection_sr(
             series_number,
             instance_number,
         )
+
+
+def build_image_detection_sr(
+    source_images: Sequence[Dataset],
+    findings: ImageDetectionFindings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    *,
+    series_number: int | None = None,
+    instance_number: int = 1,
+) -> Comprehensive3DSR:
+    """One TID 1410 Planar ROI group per 2-D detection: the box as a closed SCOORD
+    POLYLINE on its image, its probability and (where the image has a pixel spacing) its
+    width and height. Without any detection, one group names the images."""
+    algorithm = _algorithm_item(findings.algorithm)
+    with _refused_by_highdicom(findings.algorithm):
+        referenced = _referenced(source_images, list(findings.source_sop_instance_uids))
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in referenced}
+        groups: list[
+            PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+        ] = [
+            _image_detection_group(
+                number, detection, by_uid[detection.source_sop_instance_uid], algorithm, uids
+            )
+            for number, detection in enumerate(findings.detections, start=1)
+        ]
+        if not groups:
+            groups.append(_nothing_found(referenced, algorithm, uids))
+        names = [detection.name for detection in findings.detections]
+        return _document(
+            referenced,
+            [],
+            groups,
+            findings.algorithm,
+            uids,
+            device,
+            names,
+            series_number,
+            instance_number,
+        )
+
+
+def _pixel_spacing(image: Dataset) -> tuple[float, float] | None:
+    """(row spacing, column spacing) in mm: Pixel Spacing, else a projection image's Imager
+    Pixel Spacing; None when the image has neither."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = image.get(keyword)
+        if value is not None and len(value) == 2:
+            return float(value[0]), float(value[1])
+    return None
+
+
+def _image_detection_group(
+    number: int,
+    detection: ImageDetection,
+    image: Dataset,
+    algorithm: AlgorithmIdentification,
+    uids: ResultUIDs,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    coding = segment_coding(detection.name)
+    # SCOORD puts the centre of the first pixel at (0.5, 0.5); the box's pixel indices
+    # have it at 0, and the box spans its edge pixels whole.
+    first_column, first_row, last_column, last_row = detection.box
+    left, top, right, bottom = first_column, first_row, last_column + 1, last_row + 1
+    polyline = np.array(
+        [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]],
+        dtype=np.float64,
+    )
+    measurements = [
+        Measurement(
+            codes.DCM.Probability, detection.score, codes.UCUM.NoUnits, algorithm_id=algorithm
+        )
+    ]
+    spacing = _pixel_spacing(image)
+    if spacing is not None:
+        millimeter = codes.UCUM.Millimeter
+        measurements += [
+            Measurement(
+                codes.SCT.Width, (right - left) * spacing[1], millimeter, algorithm_id=algorithm
+            ),
+            Measurement(
+                codes.DCM.Height, (bottom - top) * spacing[0], millimeter, algorithm_id=algorithm
+            ),
+        ]
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(uids.sr_sop_instance_uid, "detection", str(number)),
+            identifier=f"{detection.name} {number}"[:64],
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=polyline,
+            source_image=SourceImageForRegion(
+                referenced_sop_class_uid=str(image.SOPClassUID),
+                referenced_sop_instance_uid=str(image.SOPInstanceUID),
+            ),
+        ),
+        finding_type=coding.property_type,
+        finding_sites=[FindingSite(coding.anatomic_region)] if coding.anatomic_region else None,
+        measurements=measurements,
+    )
 
 
 def build_landmark_sr(

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,14 +80,21 @@ def _description(name: str) -> str:
     return f"zoo {name}"
 
 
-def _make(name: str, work: Path, data_dir: Path) -> Path:
-    """The bundle with weights; in its own environment when it does not build here."""
+def _make_here(name: str, work: Path) -> str | None:
+    """The bundle with weights written in this process; the first line of why not when its
+    network does not build here (raises when no environment can help: torchvision)."""
     try:
-        return make_zoo_bundle(name, work / "bundles")
+        make_zoo_bundle(name, work / "bundles")
     except RuntimeError as here:
         if needs_torchvision(work / "bundles" / name):
             raise  # no environment gets torchvision beside the node's torch
-        first = str(here).splitlines()[0]
+        return str(here).splitlines()[0]
+    return None
+
+
+def _make_in_environment(name: str, work: Path, data_dir: Path, first: str) -> Path:
+    """The bundle in its own environment, as ``dicom-ai models prepare`` makes it; only
+    subprocesses (pip, the check, the weight writer): safe beside other work in threads."""
     from dicom_ai.inference.environment import default_wheelhouse, prepare
 
     bundle = (work / "bundles" / name).resolve()
@@ -105,6 +113,32 @@ def _make(name: str, work: Path, data_dir: Path) -> Path:
     return bundle
 
 
+def _make_all(work: Path, data_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every zoo bundle with weights: (bundles, why not). Environments are built in threads
+    while the next bundles' weights are written here (bundle scripts share the module name
+    ``scripts``: in-process writing stays in this thread)."""
+    made: dict[str, Path] = {}
+    errors: dict[str, str] = {}
+    pending: dict[str, Future[Path]] = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for name in ZOO:
+            try:
+                first = _make_here(name, work)
+            except Exception as exc:
+                errors[name] = str(exc)
+                continue
+            if first is None:
+                made[name] = (work / "bundles" / name).resolve()
+            else:
+                pending[name] = pool.submit(_make_in_environment, name, work, data_dir, first)
+        for name, future in pending.items():
+            try:
+                made[name] = future.result()
+            except Exception as exc:  # RuntimeError, or ModelError from prepare
+                errors[name] = str(exc)
+    return made, errors
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
     work = tmp_path_factory.mktemp("zoo")
@@ -113,14 +147,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
     data_dir = Path(settings["node"]["data_dir"])
     models: dict[str, dict[str, object]] = {}
     rules: list[dict[str, object]] = []
-    setup_errors: dict[str, str] = {}
     series: dict[str, list[Path]] = {}
+    made, setup_errors = _make_all(work, data_dir)
     for seed, name in enumerate(ZOO, start=1):
-        try:
-            bundle = _make(name, work, data_dir)
-        except Exception as exc:  # RuntimeError, or ModelError from prepare: that bundle fails
-            setup_errors[name] = str(exc)
+        if name not in made:
             continue
+        bundle = made[name]
         model: dict[str, object] = {"bundle": str(bundle), "device": "cpu"}
         model["timeout_seconds"] = JOB_TIMEOUT_S
         models[name] = model
