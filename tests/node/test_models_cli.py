@@ -25,7 +25,7 @@ MISSING = "no-such-package-dicom-ai"
 
 
 def _broken_copy(bundle: Path, directory: Path) -> Path:
-    """The bundle, declaring a required package nobody has."""
+    """The bundle, importing and declaring a required package nobody has."""
     copy = directory / "broken" / bundle.name
     shutil.copytree(bundle, copy)
     for path in [copy, *copy.rglob("*")]:
@@ -34,6 +34,16 @@ def _broken_copy(bundle: Path, directory: Path) -> Path:
     data = json.loads(meta.read_text())
     data["required_packages_version"] = {MISSING: "1.0"}
     meta.write_text(json.dumps(data))
+    # Its network is built by a script that imports the package.
+    (copy / "scripts").mkdir(exist_ok=True)
+    (copy / "scripts" / "__init__.py").write_text("")
+    (copy / "scripts" / "net.py").write_text(
+        f"def make(**kwargs):\n    import {MISSING.replace('-', '_')}  # noqa: F401\n"
+    )
+    config = copy / "configs" / "inference.json"
+    settings = json.loads(config.read_text())
+    settings["network_def"]["_target_"] = "scripts.net.make"
+    config.write_text(json.dumps(settings))
     return copy
 
 
