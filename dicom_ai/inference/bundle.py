@@ -432,10 +432,10 @@ class BundleModel:
                         (values, (image.sop_instance_uid,))
                         for values, image in zip(per_image, cine.images, strict=True)
                     ]
-            except (ModelError, InputError):
+            except ModelError:
                 raise
-            except Exception as exc:  # the chain refuses this layout: try the next
-                failure = failure or exc
+            except Exception as exc:  # the chain refuses this layout (or the images are no
+                failure = failure or exc  # cine: InputError): try the next, report the first
                 continue
             self._layout = layout
             return out
