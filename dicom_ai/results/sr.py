@@ -261,14 +261,12 @@ def build_detection_sr(
             _detection_group(number, detection, findings, algorithm, uids)
             for number, detection in enumerate(findings.detections, start=1)
         ]
-        if not groups:
-            groups.append(_nothing_found(referenced, algorithm, uids))
         names = [detection.name for detection in findings.detections]
-        return _document(
+        return _planar_report(
             referenced,
-            [],
             groups,
             findings.algorithm,
+            algorithm,
             uids,
             device,
             names,
@@ -301,14 +299,12 @@ def build_image_detection_sr(
             )
             for number, detection in enumerate(findings.detections, start=1)
         ]
-        if not groups:
-            groups.append(_nothing_found(referenced, algorithm, uids))
         names = [detection.name for detection in findings.detections]
-        return _document(
+        return _planar_report(
             referenced,
-            [],
             groups,
             findings.algorithm,
+            algorithm,
             uids,
             device,
             names,
@@ -427,14 +423,12 @@ def build_landmark_sr(
             )
             for number, landmark in enumerate(findings.landmarks, start=1)
         ]
-        if not groups:
-            groups.append(_nothing_found(referenced, algorithm, uids))
         names = [landmark.name for landmark in findings.landmarks]
-        return _document(
+        return _planar_report(
             referenced,
-            [],
             groups,
             findings.algorithm,
+            algorithm,
             uids,
             device,
             names,
@@ -621,6 +615,36 @@ def _classification_groups(
             )
         )
     return groups
+
+
+def _planar_report(
+    referenced: Sequence[Dataset],
+    groups: list[
+        PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+    ],
+    findings_algorithm: FindingsAlgorithm,
+    algorithm: AlgorithmIdentification,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    names: Sequence[str],
+    series_number: int | None,
+    instance_number: int,
+) -> Comprehensive3DSR:
+    """The report of planar groups (boxes, points); with none, one group that names the
+    images and nothing else: the model ran on them and found nothing."""
+    if not groups:
+        groups.append(_nothing_found(referenced, algorithm, uids))
+    return _document(
+        referenced,
+        [],
+        groups,
+        findings_algorithm,
+        uids,
+        device,
+        names,
+        series_number,
+        instance_number,
+    )
 
 
 def _nothing_found(
