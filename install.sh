@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 apt_packages=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python libpixelmed-java pixelmed-apps
-  insighttoolkit5-examples)
+  insighttoolkit5-examples chromium chromium-driver)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

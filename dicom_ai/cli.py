@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydicom import dcmread
@@ -25,6 +25,9 @@ from rich.table import Table
 
 from dicom_ai.config import Config, load_config
 from dicom_ai.errors import ConfigError, DicomAIError
+
+if TYPE_CHECKING:
+    from dicom_ai.web.accounts import Accounts
 
 app = typer.Typer(help="dicom-ai: a DICOM node that runs MONAI models on received series.")
 rules_app = typer.Typer(help="Check and try rules files.")
@@ -542,3 +545,108 @@ def models_prepare(
 
 if __name__ == "__main__":
     app()
+
+
+users_app = typer.Typer(help="The console's users: add, list, remove, token.")
+app.add_typer(users_app, name="users")
+audit_app = typer.Typer(help="The console's append-only audit log.")
+app.add_typer(audit_app, name="audit")
+
+
+def _accounts(config: Path | None) -> Accounts:
+    from dicom_ai.web.accounts import Accounts
+
+    cfg = _load_config(config)
+    return Accounts(cfg.node.data_dir / "console.sqlite3", cfg.web.session_hours * 3600)
+
+
+def _read_password() -> str:
+    """Twice: with getpass on a terminal, else two lines of standard input (scripts)."""
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("Password: ")
+        second = getpass.getpass("Password again: ")
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+        second = sys.stdin.readline().rstrip("\r\n")
+    if first != second:
+        raise _fail("the two passwords differ", 1)
+    return first
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    config: ConfigOption = None,
+) -> None:
+    """Add a console user; the password is asked twice (or read twice from stdin)."""
+    from dicom_ai.web.accounts import AccountsError
+
+    accounts = _accounts(config)
+    password = _read_password()
+    try:
+        user = accounts.add_user(name, role, password)
+    except AccountsError as exc:
+        raise _fail(str(exc), 1) from exc
+    accounts.audit("cli", "user.add", user.name, {"role": user.role.value}, "cli")
+    console.print(f"user {user.name} added ({user.role.value})")
+
+
+@users_app.command("list")
+def users_list(config: ConfigOption = None) -> None:
+    """The console's users and their roles."""
+    table = Table("user", "role")
+    for user in _accounts(config).users():
+        table.add_row(escape(user.name), user.role.value)
+    console.print(table)
+
+
+@users_app.command("remove")
+def users_remove(
+    name: Annotated[str, typer.Argument(help="User name.")], config: ConfigOption = None
+) -> None:
+    """Remove a user, with their tokens and sessions."""
+    accounts = _accounts(config)
+    if not accounts.remove_user(name):
+        raise _fail(f"no user {name!r}", 1)
+    accounts.audit("cli", "user.remove", name, {}, "cli")
+    console.print(f"user {name} removed")
+
+
+@users_app.command("token")
+def users_token(
+    name: Annotated[str, typer.Argument(help="User name.")], config: ConfigOption = None
+) -> None:
+    """Print a new API token for NAME (Authorization: Bearer TOKEN); only its hash is kept."""
+    from dicom_ai.web.accounts import AccountsError
+
+    accounts = _accounts(config)
+    try:
+        token = accounts.new_token(name)
+    except AccountsError as exc:
+        raise _fail(str(exc), 1) from exc
+    accounts.audit("cli", "user.token", name, {}, "cli")
+    sys.stdout.write(token + "\n")
+
+
+@audit_app.command("export")
+def audit_export(
+    config: ConfigOption = None,
+    after: Annotated[int, typer.Option(help="Only entries after this id.")] = 0,
+) -> None:
+    """Write the audit log as JSON lines (oldest first) to standard output."""
+    import json
+
+    for entry in _accounts(config).audit_entries(after_id=after):
+        line = {
+            "id": entry.id,
+            "at": entry.at,
+            "user": entry.user,
+            "action": entry.action,
+            "target": entry.target,
+            "detail": entry.detail,
+            "address": entry.address,
+        }
+        sys.stdout.write(json.dumps(line) + "\n")

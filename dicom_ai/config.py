@@ -40,6 +40,10 @@ __all__ = [
     "NodeConfig",
     "PipelineConfig",
     "ServerTLSConfig",
+    "WebConfig",
+    "WebTLSConfig",
+    "WebhookConfig",
+    "WebhookEvent",
     "bind_sender",
     "bound_sender",
     "load_config",
@@ -220,6 +224,45 @@ class DeliveryConfig(_Strict):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+class WebTLSConfig(_Strict):
+    certificate: Path
+    private_key: Path
+
+
+class WebConfig(_Strict):
+    """The operator's console: web pages, REST API, /metrics, /healthz (dicom_ai/web)."""
+
+    enabled: bool = True
+    # Loopback by default: an operator opens the console to the network on purpose.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    tls: WebTLSConfig | None = None
+    # When set, /metrics asks for ``Authorization: Bearer <metrics_token>``.
+    metrics_token: str | None = None
+    session_hours: float = Field(default=12.0, gt=0)
+    # Failed logins from one address or for one user name before logins pause.
+    login_attempts: int = Field(default=5, ge=1)
+    login_pause_seconds: float = Field(default=300.0, gt=0)
+
+
+WebhookEvent = Literal["job.done", "job.failed", "delivery.dead_letter"]
+
+
+def _every_event() -> list[WebhookEvent]:
+    return ["job.done", "job.failed", "delivery.dead_letter"]
+
+
+class WebhookConfig(_Strict):
+    """A JSON POST per event, signed with HMAC-SHA256 of the body under ``secret``."""
+
+    url: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")]
+    events: list[WebhookEvent] = Field(default_factory=_every_event, min_length=1)
+    secret: Annotated[str, StringConstraints(min_length=1)]
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+
+
 _DEFAULT_PACS: DicomDestination | DicomWebDestination = DicomDestination(
     ae_title="PACS", host="127.0.0.1", port=4242
 )
@@ -241,6 +284,8 @@ class Config(_Strict):
     called_aes: dict[AETitle, CalledAEConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = PipelineConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    web: WebConfig = WebConfig()
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _models_resolve(self) -> Config:

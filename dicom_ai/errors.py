@@ -10,7 +10,14 @@ state, a CLI exit code); nothing else escapes a boundary.
     ├── ModelError             a model failed to load or run
     │   └── ModelTimeoutError  a model exceeded its timeout
     ├── EncodingError          findings could not become a valid SEG/SR
-    └── DeliveryError          a destination did not accept a result
+    ├── DeliveryError          a destination did not accept a result
+    └── RequestError           a console request that cannot be served (its HTTP status)
+        ├── BadRequest         400: a parameter or upload is invalid (the message says which)
+        ├── NotAuthenticated   401: no valid token or session
+        ├── Forbidden          403: the role may not; or a missing CSRF token
+        ├── NotFound           404
+        ├── Conflict           409: the object is not in a state the action applies to
+        └── TooManyRequests    429: logins paused after failures
 """
 
 from __future__ import annotations
@@ -54,3 +61,33 @@ class EncodingError(DicomAIError):
 
 class DeliveryError(DicomAIError):
     """A destination refused a result or could not be reached."""
+
+
+class RequestError(DicomAIError):
+    """A console request that cannot be served; ``status`` is its HTTP status."""
+
+    status = 400
+
+
+class BadRequest(RequestError):
+    status = 400
+
+
+class NotAuthenticated(RequestError):
+    status = 401
+
+
+class Forbidden(RequestError):
+    status = 403
+
+
+class NotFound(RequestError):
+    status = 404
+
+
+class Conflict(RequestError):
+    status = 409
+
+
+class TooManyRequests(RequestError):
+    status = 429

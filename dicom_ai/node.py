@@ -6,7 +6,8 @@ policy lives in the stages: recovery at start (recovery.py), the rules and their
 (pipeline/scheduler.py), delivery (pipeline/delivery.py). Besides the receiving threads (an
 accept loop per port, one thread per association), two threads: the scheduler, which runs
 `Scheduler.step` in a loop, and the deliverer (sending can block on a slow peer, and must
-not hold up the scheduler).
+not hold up the scheduler); with ``webhooks`` configured, a third sends the events
+(pipeline/webhooks.py), with its own waits, so a slow receiver holds up neither.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from dicom_ai.lifecycle import wait_for_stop
 from dicom_ai.pipeline.delivery import Deliverer
 from dicom_ai.pipeline.health import ModelHealth
 from dicom_ai.pipeline.scheduler import JobSpecs, Scheduler
+from dicom_ai.pipeline.webhooks import WebhookSender
 from dicom_ai.pipeline.worker import WorkerPool
 from dicom_ai.receivers import ReceiverProcesses, access_policy, make_scp, open_store
 from dicom_ai.recovery import orphan_called_ae, recover
 from dicom_ai.routing import LiveRules, RuleSet
+from dicom_ai.web.server import WebServer
 
 __all__ = ["Node", "access_policy", "check_rules_against_config"]
 
@@ -96,9 +99,12 @@ class Node:
             config.delivery,
             senders=config.senders,
         )
+        self.webhooks = WebhookSender(self.index, config.webhooks) if config.webhooks else None
         self._log_level = log_level
         # The bundles' start-time checks: run in the background once the SCP listens.
-        self.health = ModelHealth(config)
+        self.health = ModelHealth(config, record=self.index.record_model_check)
+        # The operator's console (web.enabled): its own process, on a socket bound here.
+        self.web = WebServer(config, log_level) if config.web.enabled else None
         self._pool: WorkerPool | None = None
         self.scheduler: Scheduler | None = None
         self._stop = threading.Event()
@@ -114,6 +120,15 @@ class Node:
         return self.scp.tls_port
 
     def start(self) -> None:
+        if self.web is not None:
+            web = self.config.web
+            try:
+                self.web.bind()
+            except OSError as exc:
+                raise ConfigError(
+                    f"console: cannot listen on {web.host}:{web.port}: "
+                    f"{exc.strerror or exc} (web.port, or web.enabled: false)"
+                ) from exc
         titles = list(self.config.called_ae_table())
         recover(self.spool, self.index, orphan_called_ae(titles, self.config.node.ae_title))
         pipeline = self.config.pipeline
@@ -131,9 +146,15 @@ class Node:
         )
         self.scp.start()
         self.health.start()
+        if self.web is not None:
+            self.web.start()
+            log.info("console on %s", self.web.url)
         if self.config.node.receivers > 1:
             self._receivers.start(self.scp.listening())
-        for target, name in ((self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")):
+        loops = [(self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")]
+        if self.webhooks is not None:
+            loops.append((self._webhook_loop, "webhooks"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=f"dicom-ai-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -142,12 +163,16 @@ class Node:
         self._stop.set()
         self._deliver_now.set()
         self._receivers.stop()
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self.health.stop()
         for thread in self._threads:
             thread.join(timeout=30)
         if self._pool is not None:
             self._pool.shutdown()
+        if self.webhooks is not None:
+            self.webhooks.close()
         self.index.close()
         self._wake.close()
         self._waker.close()
@@ -182,3 +207,14 @@ class Node:
             except Exception:
                 log.exception("delivery step failed; continuing")
                 self._stop.wait(1.0)
+
+    def _webhook_loop(self) -> None:
+        assert self.webhooks is not None
+        while not self._stop.is_set():
+            # Its own thread and waits: a receiver that is slow or down holds up nothing else.
+            try:
+                wait = self.webhooks.run_due(time.time())
+            except Exception:  # run_due logs and goes on; this is the last guard
+                log.exception("webhook step failed; continuing")
+                wait = 1.0
+            self._stop.wait(min(wait, 1.0))

@@ -263,6 +263,8 @@ def node_config(
             "max_attempts": 30,
             "timeout_seconds": 10,
         },
+        # The console's own tests turn it on (tests/web/); the others need no web process.
+        "web": {"enabled": False},
     }
     for key, value in overrides.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value

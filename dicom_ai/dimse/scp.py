@@ -32,9 +32,10 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import build_context
 
+from dicom_ai import metrics
 from dicom_ai.dimse.acceptor import Acceptor
 from dicom_ai.dimse.ae_acceptor import AEAcceptor
-from dicom_ai.dimse.service import Association, CStoreRequest, Rejection, SharedLimit
+from dicom_ai.dimse.service import Association, CStoreRequest, Refusal, Rejection, SharedLimit
 from dicom_ai.dimse.status import VERIFICATION_SOP_CLASS, Status
 from dicom_ai.dimse.wire import UnencodableValueError
 from dicom_ai.errors import DicomAIError, InputError, OutOfSpaceError, StorageError
@@ -85,6 +86,12 @@ def _status_for(exc: BaseException) -> Status:
 _CALLING_AE_NOT_RECOGNIZED = 0x03
 _CALLED_AE_NOT_RECOGNIZED = 0x07
 
+# What the access policy's refusals count as (``rejected_<kind>``, see service.py).
+REFUSED_CALLED_AE = "called_ae"
+REFUSED_TLS_REQUIRED = "tls_required"
+REFUSED_CALLING_AE = "calling_ae"
+REFUSED_ADDRESS = "address"
+
 _Network = IPv4Network | IPv6Network
 
 # node.acceptor: which implementation runs the wire.
@@ -114,22 +121,30 @@ class AccessPolicy:
         """None when the association may proceed, else why not."""
         called = self.called_aes.get(called_ae.strip())
         if called is None:
-            return Rejection(_CALLED_AE_NOT_RECOGNIZED, f"called AE {called_ae!r} is not served")
+            return Rejection(
+                _CALLED_AE_NOT_RECOGNIZED,
+                f"called AE {called_ae!r} is not served",
+                REFUSED_CALLED_AE,
+            )
         if called.require_tls and not tls:
             # No reason code for "use TLS" either; the connection is not acceptable as it is.
             return Rejection(
-                _CALLING_AE_NOT_RECOGNIZED, f"{called.ae_title} accepts TLS connections only"
+                _CALLING_AE_NOT_RECOGNIZED,
+                f"{called.ae_title} accepts TLS connections only",
+                REFUSED_TLS_REQUIRED,
             )
         if called.allowed_calling_aes and calling_ae.strip() not in called.allowed_calling_aes:
             return Rejection(
                 _CALLING_AE_NOT_RECOGNIZED,
                 f"calling AE {calling_ae!r} is not allowed on {called.ae_title}",
+                REFUSED_CALLING_AE,
             )
         if called.allowed_networks and not _address_in(address, called.allowed_networks):
             # DICOM has no reason code for an address; the calling AE's is the nearest.
             return Rejection(
                 _CALLING_AE_NOT_RECOGNIZED,
                 f"address {address} is not allowed on {called.ae_title}",
+                REFUSED_ADDRESS,
             )
         return None
 
@@ -253,6 +268,14 @@ class StorageSCP:
                 self.on_association_ended()
         except Exception:
             log.exception("could not record the end of association %d", association_id)
+
+    def association_refused(self, association: Association, refusal: Refusal) -> None:
+        """Count it (``dicom_ai_associations_total{result="rejected_<kind>"}``) in this
+        process's index; a failure to count is logged, never raised."""
+        try:
+            self.index.count(metrics.ASSOCIATIONS, {"result": f"rejected_{refusal.kind}"})
+        except Exception:
+            log.exception("could not count the refused association of %s", association.requestor)
 
     def c_echo(self, association: Association) -> int:
         log.info("C-ECHO from %s", association.calling_ae_title)

@@ -2,11 +2,13 @@
 runs the wire (``acceptor.Acceptor`` or ``ae_acceptor.AEAcceptor``).
 
 Also the one place where an association request is judged (``judge_request``): the
-application context, the SCP's access check, then the association limit.
+application context, the SCP's access check, then the association limit; a refusal is told
+to the SCP (``DimseService.association_refused``), which counts it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ __all__ = [
     "judge_request",
 ]
 
+log = logging.getLogger(__name__)
+
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # DICOM Application Context Name (PS3.7 A.2.1)
 
 # A-ASSOCIATE-RJ Result, Source and Reason/Diag. (PS3.8 9.3.4)
@@ -39,23 +43,33 @@ APPLICATION_CONTEXT_NOT_SUPPORTED = 0x02  # source service user
 LOCAL_LIMIT_EXCEEDED = 0x02  # source service provider, presentation related
 
 
+# Why a request was refused, as the metrics count it (``rejected_<kind>``): a fixed
+# vocabulary, never an AE title or an address. The access policy's kinds are scp.py's.
+REFUSED_APPLICATION_CONTEXT = "application_context"
+REFUSED_LIMIT = "limit"
+
+
 @dataclass(frozen=True)
 class Rejection:
-    """Why an association request is refused: the A-ASSOCIATE-RJ diagnostic and a reason
-    for the log (PS3.8 9.3.4; result rejected-permanent, source service user)."""
+    """Why an association request is refused: the A-ASSOCIATE-RJ diagnostic, a reason
+    for the log (PS3.8 9.3.4; result rejected-permanent, source service user), and its
+    kind for the metrics (a fixed word: no AE title, no address)."""
 
     diagnostic: int
     reason: str
+    kind: str = "access"
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """A complete A-ASSOCIATE-RJ: result, source, diagnostic, and why for the log."""
+    """A complete A-ASSOCIATE-RJ: result, source, diagnostic, why for the log, and the
+    kind for the metrics."""
 
     result: int
     source: int
     diagnostic: int
     reason: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,8 @@ class DimseService(Protocol):
 
     def association_ended(self, association: Association) -> None: ...
 
+    def association_refused(self, association: Association, refusal: Refusal) -> None: ...
+
 
 class AssociationSlots:
     """Open associations in this process, against the limit: this process's own, or
@@ -177,22 +193,47 @@ def judge_request(
     close: Callable[[], None],
 ) -> Refusal | None:
     """None when the association may proceed (and then it holds a slot), else the
-    A-ASSOCIATE-RJ to send."""
+    A-ASSOCIATE-RJ to send, which the service has been told of."""
+    refusal = _judge(application_context, association, service, slots, holder, close)
+    if refusal is not None:
+        try:
+            service.association_refused(association, refusal)
+        except Exception:  # counting it must not stop the refusal
+            log.exception("could not record the refused association of %s", association.requestor)
+    return refusal
+
+
+def _judge(
+    application_context: str,
+    association: Association,
+    service: DimseService,
+    slots: AssociationSlots,
+    holder: Hashable,
+    close: Callable[[], None],
+) -> Refusal | None:
     if application_context != APPLICATION_CONTEXT:
         return Refusal(
             REJECTED_PERMANENT,
             SOURCE_SERVICE_USER,
             APPLICATION_CONTEXT_NOT_SUPPORTED,
             f"application context {application_context} is not DICOM's",
+            REFUSED_APPLICATION_CONTEXT,
         )
     refused = service.admit(association)
     if refused is not None:
-        return Refusal(REJECTED_PERMANENT, SOURCE_SERVICE_USER, refused.diagnostic, refused.reason)
+        return Refusal(
+            REJECTED_PERMANENT,
+            SOURCE_SERVICE_USER,
+            refused.diagnostic,
+            refused.reason,
+            refused.kind,
+        )
     if not slots.take(holder, close):
         return Refusal(
             REJECTED_TRANSIENT,
             SOURCE_PRESENTATION,
             LOCAL_LIMIT_EXCEEDED,
             f"{slots.limit} associations are open already",
+            REFUSED_LIMIT,
         )
     return None

@@ -26,6 +26,8 @@ __all__ = ["ModelHealth"]
 log = logging.getLogger(__name__)
 
 Checker = Callable[..., CheckResult]
+# Told what each check found (model, state, verdict): the console shows it.
+Recorder = Callable[[str, str, "str | None"], None]
 # The checks run while the node already takes series: its jobs come first on the CPU.
 _CHECK_NICENESS = 10
 
@@ -33,8 +35,11 @@ _CHECK_NICENESS = 10
 class ModelHealth:
     """The start-time checks of a config's bundle models, and what they found."""
 
-    def __init__(self, config: Config, checker: Checker = run_check) -> None:
+    def __init__(
+        self, config: Config, checker: Checker = run_check, record: Recorder | None = None
+    ) -> None:
         self._checker = checker
+        self._record_result = record
         self._bundles: dict[str, Path] = {}
         self._settings: dict[str, dict[str, Any]] = {}
         self._python: dict[str, Path | None] = {}
@@ -72,6 +77,9 @@ class ModelHealth:
     def start(self) -> None:
         if not self._bundles:
             return
+        if self._record_result is not None:
+            for model_id in self._bundles:
+                self._record_result(model_id, "checking", None)
         self._thread = threading.Thread(target=self._run, name="dicom-ai-model-check", daemon=True)
         self._thread.start()
 
@@ -124,6 +132,12 @@ class ModelHealth:
                 self._broken[model_id] = result.verdict
         if self._stop.is_set():
             return
+        if self._record_result is not None:
+            state = "ok" if result.ok else "inconclusive" if result.inconclusive else "broken"
+            try:
+                self._record_result(model_id, state, None if result.ok else result.verdict)
+            except Exception as exc:  # the console's view; never the node's problem
+                log.warning("model %s: check result not recorded: %s", model_id, exc)
         if result.ok:
             log.info("model %s checked%s: ok in %.1f s", model_id, where, result.seconds)
         elif result.inconclusive:

@@ -247,7 +247,7 @@ class Scheduler:
     def _record(self, outcome: JobOutcome) -> None:
         job = self.index.job(outcome.job_id)
         if outcome.ok:
-            self.index.finish_job(job.id, outcome.files, job.destinations)
+            self.index.finish_job(job.id, outcome.files, job.destinations, dict(outcome.stages))
             log.info("job %d done in %.1f s", job.id, outcome.seconds)
             self.results_ready()
             return

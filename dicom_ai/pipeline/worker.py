@@ -99,6 +99,8 @@ class JobOutcome:
     # The worker died under the job (crash, kill): worth another attempt, unlike an error
     # the model raised or a timeout, which would only repeat.
     retry: bool = False
+    # Seconds per stage: load (model, when not warm, and series), infer, encode (and write).
+    stages: tuple[tuple[str, float], ...] = ()
 
 
 class LoadedModels:
@@ -158,26 +160,33 @@ def _new_arena() -> PrefetchArena:
 
 
 def run_job(
-    spec: JobSpec, arena: PrefetchArena | None = None, models: LoadedModels | None = None
+    spec: JobSpec,
+    arena: PrefetchArena | None = None,
+    models: LoadedModels | None = None,
+    stages: dict[str, float] | None = None,
 ) -> tuple[Path, ...]:
     """Load the series, run the model, write its results durably; returns their paths.
 
     Segmentation gives a SEG and its SR (and, with ``preview``, Secondary Capture images);
     classification and detection give an SR. The loaders take what was prefetched into
     ``arena`` (the worker's); it is released for the next series after the job. ``models``:
-    the worker's loaded models (None: load the model for this job alone).
+    the worker's loaded models (None: load the model for this job alone). ``stages`` is
+    filled with the seconds of each stage.
     """
     models = LoadedModels() if models is None else models
+    stages = {} if stages is None else stages
     if arena is None:
-        return _run_job(spec, None, models)
+        return _run_job(spec, None, models, stages)
     arena.keep_only(spec.instance_paths)  # other series' prefetch: not coming here
     try:
-        return _run_job(spec, arena, models)
+        return _run_job(spec, arena, models, stages)
     finally:
         arena.release()  # the job's volume may lie in the arena
 
 
-def _run_job(spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels) -> tuple[Path, ...]:
+def _run_job(
+    spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels, stages: dict[str, float]
+) -> tuple[Path, ...]:
     # Imported here so the node's main process never loads torch or MONAI.
     from dicom_ai.errors import InputError
     from dicom_ai.inference.findings import SegmentationFindings, TaskKind
@@ -187,6 +196,7 @@ def _run_job(spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels) -
     from dicom_ai.results.encoding import file_bytes
     from dicom_ai.store.spool import Spool
 
+    model_started = time.monotonic()
     model = models(spec)
     started = time.monotonic()
     if model.spatial_dims == 2:
@@ -222,6 +232,9 @@ def _run_job(spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels) -
         path = spec.results_dir / name
         spool.write_atomic(path, file_bytes(dataset))  # a view: a 25 MB SEG is not copied
         files.append(path)
+    stages.update(
+        load=loaded - model_started, infer=inferred - loaded, encode=time.monotonic() - inferred
+    )
     log.info(
         "job %d: %s (%s) on series %s: %d result object(s), load %.2f s, infer %.2f s, "
         "encode and write %.2f s",
@@ -323,8 +336,15 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int, warm_bytes: 
         try:
             if arena is None:  # in the try: a loader that cannot be imported fails the job
                 arena = _new_arena()
-            files = run_job(spec, arena, models)
-            outcome = JobOutcome(spec.job_id, True, files, seconds=time.monotonic() - started)
+            stages: dict[str, float] = {}
+            files = run_job(spec, arena, models, stages)
+            outcome = JobOutcome(
+                spec.job_id,
+                True,
+                files,
+                seconds=time.monotonic() - started,
+                stages=tuple(stages.items()),
+            )
         except Exception as exc:
             log.debug("job %d failed:\n%s", spec.job_id, traceback.format_exc())
             reason = f"{type(exc).__name__}: {exc}"

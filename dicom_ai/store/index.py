@@ -16,26 +16,37 @@ database's ``PRAGMA user_version`` says how many it has seen.
 
 from __future__ import annotations
 
+import bisect
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 
+from dicom_ai import metrics
 from dicom_ai.errors import OutOfSpaceError
-from dicom_ai.store.states import DeliveryState, JobState, SeriesState, check
+from dicom_ai.store.states import (
+    DeliveryState,
+    IllegalTransition,
+    JobState,
+    SeriesState,
+    check,
+)
 
 __all__ = [
     "MIGRATIONS",
     "DeliveryIndex",
     "DeliveryRecord",
+    "Event",
+    "EventIndex",
     "Index",
     "InstanceRecord",
     "JobRecord",
+    "MetricValues",
     "PendingSeries",
     "ReceivingIndex",
     "RecoveryIndex",
@@ -113,6 +124,43 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     ),
     (2, _add_column("jobs", "preview", "INTEGER NOT NULL DEFAULT 0")),
     (3, _add_column("jobs", "hold_until", "REAL")),
+    (
+        4,
+        _statements(
+            # Metric values (dicom_ai/metrics.py): labels are canonical JSON.
+            "CREATE TABLE IF NOT EXISTS counters ("
+            " name TEXT NOT NULL, labels TEXT NOT NULL, value REAL NOT NULL,"
+            " PRIMARY KEY (name, labels))",
+            "CREATE TABLE IF NOT EXISTS histograms ("
+            " name TEXT NOT NULL, labels TEXT NOT NULL, buckets TEXT NOT NULL,"
+            " count INTEGER NOT NULL, sum REAL NOT NULL, PRIMARY KEY (name, labels))",
+            "CREATE TABLE IF NOT EXISTS received_hourly ("
+            " hour INTEGER PRIMARY KEY, instances INTEGER NOT NULL)",
+            "ALTER TABLE jobs ADD COLUMN started_at REAL",
+            "ALTER TABLE jobs ADD COLUMN finished_at REAL",
+            "ALTER TABLE jobs ADD COLUMN stages TEXT",
+            "CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_instance_uid)",
+            "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id)",
+            "CREATE INDEX IF NOT EXISTS series_last_received ON series(last_received)",
+            "CREATE TABLE IF NOT EXISTS delivery_attempts ("
+            " id INTEGER PRIMARY KEY, delivery_id INTEGER NOT NULL, at REAL NOT NULL,"
+            " ok INTEGER NOT NULL, error TEXT)",
+            "CREATE INDEX IF NOT EXISTS delivery_attempts_delivery "
+            "ON delivery_attempts(delivery_id)",
+            # What happened, for webhooks (pipeline/webhooks.py keeps a cursor per URL).
+            "CREATE TABLE IF NOT EXISTS events ("
+            " id INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL,"
+            " created_at REAL NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS webhook_cursors ("
+            " url TEXT PRIMARY KEY, last_event_id INTEGER NOT NULL,"
+            " attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,"
+            " last_error TEXT)",
+            # The start-time model checks (pipeline/health.py), for the console.
+            "CREATE TABLE IF NOT EXISTS model_checks ("
+            " model TEXT PRIMARY KEY, state TEXT NOT NULL, verdict TEXT,"
+            " checked_at REAL NOT NULL)",
+        ),
+    ),
 )
 
 
@@ -185,6 +233,24 @@ class DeliveryRecord:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class Event:
+    """Something that happened, for webhooks: ``body`` carries UIDs, never patient data."""
+
+    id: int
+    kind: str  # job.done, job.failed, delivery.dead_letter
+    body: dict[str, object]
+
+
+@dataclass(frozen=True)
+class MetricValues:
+    """Every counter and histogram the index holds (labels as pairs)."""
+
+    counters: list[tuple[str, tuple[tuple[str, str], ...], float]]
+    # name, labels, non-cumulative bucket counts (the last: above every bound), count, sum
+    histograms: list[tuple[str, tuple[tuple[str, str], ...], list[int], int, float]]
+
+
 # -- what each consumer sees -----------------------------------------------------------------
 
 
@@ -194,6 +260,7 @@ class ReceivingIndex(Protocol):
     def open_association(self, calling_ae: str, called_ae: str, source_ip: str) -> int: ...
     def close_association(self, association_id: int) -> None: ...
     def add_instance(self, record: InstanceRecord) -> None: ...
+    def count(self, name: str, labels: Mapping[str, str], by: float = 1.0) -> None: ...
 
 
 class RecoveryIndex(ReceivingIndex, Protocol):
@@ -222,7 +289,11 @@ class SchedulingIndex(Protocol):
     def claim_pending_jobs(self, limit: int) -> list[JobRecord]: ...
     def job(self, job_id: int) -> JobRecord: ...
     def finish_job(
-        self, job_id: int, files: Sequence[Path], destinations: Sequence[str]
+        self,
+        job_id: int,
+        files: Sequence[Path],
+        destinations: Sequence[str],
+        stages: Mapping[str, float] | None = None,
     ) -> None: ...
     def fail_job(self, job_id: int, reason: str, retry: bool) -> None: ...
 
@@ -244,6 +315,17 @@ class StatusIndex(Protocol):
     def jobs(self, state: JobState | None = None) -> list[JobRecord]: ...
     def deliveries(self, state: DeliveryState | None = None) -> list[DeliveryRecord]: ...
     def resubmit_dead(self) -> int: ...
+    def resubmit_delivery(self, delivery_id: int) -> bool: ...
+    def rerun_job(self, job_id: int) -> bool: ...
+
+
+class EventIndex(Protocol):
+    """The webhook sender: events in order, and how far each URL got."""
+
+    def events_after(self, event_id: int, limit: int = 100) -> list[Event]: ...
+    def webhook_cursor(self, url: str) -> tuple[int, float]: ...
+    def webhook_sent(self, url: str, event_id: int) -> None: ...
+    def webhook_failed(self, url: str, error: str, next_attempt_at: float) -> None: ...
 
 
 # -- the index -------------------------------------------------------------------------------
@@ -360,6 +442,7 @@ class Index:
                 "VALUES (?, ?, ?, ?)",
                 (calling_ae, called_ae, source_ip, time.time()),
             )
+            _count(db, metrics.ASSOCIATIONS, {"result": "accepted"})
             return int(cur.lastrowid or 0)
 
     def close_association(self, association_id: int) -> None:
@@ -413,6 +496,17 @@ class Index:
                 "association_id) VALUES (?, ?)",
                 (record.series_instance_uid, record.association_id),
             )
+            # Also the instances-received counter (its sum), for the dashboard and /metrics.
+            db.execute(
+                "INSERT INTO received_hourly (hour, instances) VALUES (?, 1) "
+                "ON CONFLICT(hour) DO UPDATE SET instances = instances + 1",
+                (int(now // 3600),),
+            )
+
+    def count(self, name: str, labels: Mapping[str, str], by: float = 1.0) -> None:
+        """Add ``by`` to a counter (metrics.py names it)."""
+        with self._tx() as db:
+            _count(db, name, labels, by)
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -570,6 +664,7 @@ class Index:
         """Move up to ``limit`` pending jobs (oldest first) to running and return them."""
         if limit <= 0:
             return []
+        now = time.time()
         with self._tx() as db:
             ids = self._move(
                 db,
@@ -577,8 +672,8 @@ class Index:
                 "id IN (SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT ?)",
                 (JobState.PENDING.value, limit),
                 JobState.RUNNING,
-                ", attempts = attempts + 1, updated_at = ?",
-                (time.time(),),
+                ", attempts = attempts + 1, updated_at = ?, started_at = ?",
+                (now, now),
             )
             return [_job(db.execute(_JOBS + " WHERE id = ?", (i,)).fetchone()) for i in ids]
 
@@ -594,17 +689,25 @@ class Index:
         )
         return [_job(r) for r in rows]
 
-    def finish_job(self, job_id: int, files: Sequence[Path], destinations: Sequence[str]) -> None:
+    def finish_job(
+        self,
+        job_id: int,
+        files: Sequence[Path],
+        destinations: Sequence[str],
+        stages: Mapping[str, float] | None = None,
+    ) -> None:
         """Record a job's result files and queue one delivery per destination, atomically.
 
         Results of one series and model share their UIDs, so the last delivered one is what
         the PACS keeps. A run must never overwrite a later run's results: finishing a job
         supersedes the undelivered deliveries of earlier runs (a delivery backing off after
         a failure would otherwise go out after this one), and a job that finishes after a
-        later run's job has its deliveries superseded at once.
+        later run's job has its deliveries superseded at once. ``stages``: seconds per stage
+        (load, infer, encode), kept with the job and counted in the metrics.
         """
         now = time.time()
         encoded = json.dumps([str(f) for f in files])
+        stages = dict(stages or {})
         with self._tx() as db:
             self._move(
                 db,
@@ -612,9 +715,16 @@ class Index:
                 "id = ?",
                 (job_id,),
                 JobState.DONE,
-                ", result_files = ?, error = NULL, updated_at = ?",
-                (encoded, now),
+                ", result_files = ?, error = NULL, updated_at = ?, finished_at = ?, stages = ?",
+                (encoded, now, now, json.dumps(stages)),
             )
+            model_id = _job_model(db, job_id)
+            _count(db, metrics.JOBS, {"model": model_id, "state": "done"})
+            for stage, seconds in stages.items():
+                _observe(
+                    db, metrics.JOB_STAGE_SECONDS, {"model": model_id, "stage": stage}, seconds
+                )
+            _event(db, "job.done", job_id)
             job = db.execute(
                 "SELECT series_instance_uid, model, run, hold_until IS NOT NULL AS held "
                 "FROM jobs WHERE id = ?",
@@ -664,16 +774,41 @@ class Index:
                     )
 
     def fail_job(self, job_id: int, reason: str, retry: bool) -> None:
+        now = time.time()
+        new = JobState.PENDING if retry else JobState.FAILED
         with self._tx() as db:
+            (old,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if old != JobState.RUNNING.value:  # failed -> pending is an operator's rerun only
+                raise IllegalTransition(f"job {job_id}: {old} -> {new.value} is not allowed")
             self._move(
                 db,
                 "jobs",
                 "id = ?",
                 (job_id,),
-                JobState.PENDING if retry else JobState.FAILED,
-                ", error = ?, updated_at = ?",
-                (reason, time.time()),
+                new,
+                ", error = ?, updated_at = ?, finished_at = ?",
+                (reason, now, None if retry else now),
             )
+            state = "retried" if retry else "failed"
+            _count(db, metrics.JOBS, {"model": _job_model(db, job_id), "state": state})
+            if not retry:
+                _event(db, "job.failed", job_id)
+
+    def rerun_job(self, job_id: int) -> bool:
+        """An operator runs a failed job again, with a fresh attempt budget; False when it
+        has not failed."""
+        with self._tx() as db:
+            moved = self._move(
+                db,
+                "jobs",
+                "id = ? AND state = ?",
+                (job_id, JobState.FAILED.value),
+                JobState.PENDING,
+                ", attempts = 0, error = NULL, updated_at = ?, started_at = NULL, "
+                "finished_at = NULL",
+                (time.time(),),
+            )
+            return bool(moved)
 
     # -- deliveries --------------------------------------------------------------------------
 
@@ -702,6 +837,7 @@ class Index:
         return [_delivery(r) for r in rows]
 
     def delivery_succeeded(self, delivery_id: int) -> None:
+        now = time.time()
         with self._tx() as db:
             self._move(
                 db,
@@ -710,8 +846,20 @@ class Index:
                 (delivery_id,),
                 DeliveryState.DELIVERED,
                 ", attempts = attempts + 1, delivered_at = ?, last_error = NULL",
-                (time.time(),),
+                (now,),
             )
+            db.execute(
+                "INSERT INTO delivery_attempts (delivery_id, at, ok) VALUES (?, ?, 1)",
+                (delivery_id, now),
+            )
+            row = db.execute(
+                "SELECT d.destination, j.model, s.last_received FROM deliveries d "
+                "JOIN jobs j ON j.id = d.job_id "
+                "JOIN series s ON s.series_instance_uid = j.series_instance_uid WHERE d.id = ?",
+                (delivery_id,),
+            ).fetchone()
+            _count(db, metrics.DELIVERIES, {"destination": row[0], "state": "delivered"})
+            _observe(db, metrics.RESULT_LATENCY_SECONDS, {"model": row[1]}, now - float(row[2]))
 
     def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt; ``None`` for the next attempt parks it as dead letter."""
@@ -726,6 +874,18 @@ class Index:
                 ", attempts = attempts + 1, last_error = ?, next_attempt_at = ?",
                 (error, next_attempt_at or 0.0),
             )
+            db.execute(
+                "INSERT INTO delivery_attempts (delivery_id, at, ok, error) VALUES (?, ?, 0, ?)",
+                (delivery_id, time.time(), error),
+            )
+            (destination,) = db.execute(
+                "SELECT destination FROM deliveries WHERE id = ?", (delivery_id,)
+            ).fetchone()
+            dead = next_attempt_at is None
+            state = "dead_letter" if dead else "failed"
+            _count(db, metrics.DELIVERIES, {"destination": destination, "state": state})
+            if dead:
+                _event(db, "delivery.dead_letter", None, delivery_id)
 
     def resubmit_dead(self) -> int:
         """Dead letters go back to pending with a fresh attempt budget."""
@@ -741,6 +901,93 @@ class Index:
             )
             return len(moved)
 
+    def resubmit_delivery(self, delivery_id: int) -> bool:
+        """One dead letter back to pending; False when it is not a dead letter."""
+        with self._tx() as db:
+            moved = self._move(
+                db,
+                "deliveries",
+                "id = ? AND state = ?",
+                (delivery_id, DeliveryState.DEAD.value),
+                DeliveryState.PENDING,
+                ", attempts = 0, next_attempt_at = ?",
+                (time.time(),),
+            )
+            return bool(moved)
+
+    # -- events and metrics ------------------------------------------------------------------
+
+    def events_after(self, event_id: int, limit: int = 100) -> list[Event]:
+        rows = self._query(
+            "SELECT id, kind, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (event_id, limit)
+        )
+        return [Event(int(r["id"]), str(r["kind"]), json.loads(str(r["body"]))) for r in rows]
+
+    def webhook_cursor(self, url: str) -> tuple[int, float]:
+        """The last event sent to ``url`` and when to try the next; a URL seen for the first
+        time starts at the events to come, not the whole history."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO webhook_cursors (url, last_event_id) "
+                "SELECT ?, COALESCE(MAX(id), 0) FROM events",
+                (url,),
+            )
+            row = db.execute(
+                "SELECT last_event_id, next_attempt_at FROM webhook_cursors WHERE url = ?", (url,)
+            ).fetchone()
+            return int(row[0]), float(row[1])
+
+    def webhook_sent(self, url: str, event_id: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE webhook_cursors SET last_event_id = MAX(last_event_id, ?), attempts = 0,"
+                " next_attempt_at = 0, last_error = NULL WHERE url = ?",
+                (event_id, url),
+            )
+
+    def webhook_failed(self, url: str, error: str, next_attempt_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE webhook_cursors SET attempts = attempts + 1, next_attempt_at = ?, "
+                "last_error = ? WHERE url = ?",
+                (next_attempt_at, error, url),
+            )
+
+    def record_model_check(self, model_id: str, state: str, verdict: str | None) -> None:
+        """What the start-time check of a model found: checking, ok, broken, inconclusive."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO model_checks (model, state, verdict, checked_at) "
+                "VALUES (?, ?, ?, ?)",
+                (model_id, state, verdict, time.time()),
+            )
+
+    def metric_values(self) -> MetricValues:
+        counters = [
+            (str(r["name"]), _label_pairs(r["labels"]), float(r["value"]))
+            for r in self._query("SELECT name, labels, value FROM counters ORDER BY name, labels")
+        ]
+        (received,) = self._query("SELECT COALESCE(SUM(instances), 0) FROM received_hourly")[0]
+        counters.append((metrics.INSTANCES_RECEIVED, (), float(received)))
+        histograms = [
+            (
+                str(r["name"]),
+                _label_pairs(r["labels"]),
+                [int(n) for n in json.loads(str(r["buckets"]))],
+                int(r["count"]),
+                float(r["sum"]),
+            )
+            for r in self._query(
+                "SELECT name, labels, buckets, count, sum FROM histograms ORDER BY name, labels"
+            )
+        ]
+        return MetricValues(counters, histograms)
+
+    def queue_depth(self) -> int:
+        """Jobs waiting for a worker (pending), for the queue depth gauge."""
+        rows = self._query("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.PENDING.value,))
+        return int(rows[0][0])
+
     # -- status ------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -752,6 +999,92 @@ class Index:
             for r in rows:
                 out[f"{table}.{r['state']}"] = int(r["n"])
         return out
+
+
+def _job_model(db: sqlite3.Connection, job_id: int) -> str:
+    return str(db.execute("SELECT model FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return json.dumps(dict(sorted(labels.items())), separators=(",", ":"))
+
+
+def _label_pairs(encoded: object) -> tuple[tuple[str, str], ...]:
+    return tuple((str(k), str(v)) for k, v in json.loads(str(encoded)).items())
+
+
+def _count(db: sqlite3.Connection, name: str, labels: Mapping[str, str], by: float = 1.0) -> None:
+    db.execute(
+        "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
+        "ON CONFLICT(name, labels) DO UPDATE SET value = value + excluded.value",
+        (name, _labels(labels), by),
+    )
+
+
+def _observe(db: sqlite3.Connection, name: str, labels: Mapping[str, str], value: float) -> None:
+    bounds = metrics.HISTOGRAMS[name].buckets
+    key = _labels(labels)
+    row = db.execute(
+        "SELECT buckets FROM histograms WHERE name = ? AND labels = ?", (name, key)
+    ).fetchone()
+    buckets = [0] * (len(bounds) + 1) if row is None else json.loads(str(row[0]))
+    buckets[bisect.bisect_left(bounds, value)] += 1  # the first bound >= value (le)
+    db.execute(
+        "INSERT INTO histograms (name, labels, buckets, count, sum) VALUES (?, ?, ?, 1, ?) "
+        "ON CONFLICT(name, labels) DO UPDATE SET buckets = excluded.buckets, "
+        "count = count + 1, sum = sum + excluded.sum",
+        (name, key, json.dumps(buckets), value),
+    )
+
+
+def _event(
+    db: sqlite3.Connection, kind: str, job_id: int | None, delivery_id: int | None = None
+) -> None:
+    """An event row for webhooks: UIDs, model, rule, state and timings; no patient data."""
+    body: dict[str, object] = {"event": kind}
+    if delivery_id is not None:
+        d = db.execute(
+            "SELECT job_id, destination, state, attempts, last_error FROM deliveries WHERE id = ?",
+            (delivery_id,),
+        ).fetchone()
+        job_id = int(d["job_id"])
+        body["delivery"] = {
+            "id": delivery_id,
+            "destination": d["destination"],
+            "state": d["state"],
+            "attempts": d["attempts"],
+            "error": d["last_error"],
+        }
+    j = db.execute(
+        "SELECT j.id, j.series_instance_uid, s.study_instance_uid, j.run, j.rule, j.model, "
+        "j.state, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.stages "
+        "FROM jobs j JOIN series s ON s.series_instance_uid = j.series_instance_uid "
+        "WHERE j.id = ?",
+        (job_id,),
+    ).fetchone()
+    now = time.time()
+    body.update(
+        study_instance_uid=j["study_instance_uid"],
+        series_instance_uid=j["series_instance_uid"],
+        job={
+            "id": j["id"],
+            "state": j["state"],
+            "model": j["model"],
+            "rule": j["rule"],
+            "run": j["run"],
+            "attempts": j["attempts"],
+            "error": j["error"],
+            "created_at": j["created_at"],
+            "started_at": j["started_at"],
+            "finished_at": j["finished_at"],
+            "stages": json.loads(j["stages"]) if j["stages"] else {},
+        },
+        created_at=now,
+    )
+    db.execute(
+        "INSERT INTO events (kind, body, created_at) VALUES (?, ?, ?)",
+        (kind, json.dumps(body), now),
+    )
 
 
 def _series_state(db: sqlite3.Connection, series_uid: str) -> SeriesState | None:

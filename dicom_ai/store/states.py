@@ -14,6 +14,7 @@ existed reads the same.
                                    RUNNING -> FAILED            (an error that would repeat)
                                    RUNNING -> PENDING           (retry; or a restart found it
                                                                  running)
+                                   FAILED -> PENDING            (an operator reruns it)
 
     delivery:  (new) -> PENDING -> DELIVERED
                         PENDING -> PENDING                      (failed attempt, backing off)
@@ -79,7 +80,7 @@ JOB_MOVES: Mapping[JobState | None, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.RUNNING}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.PENDING}),
     JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset(),
+    JobState.FAILED: frozenset({JobState.PENDING}),
 }
 DELIVERY_MOVES: Mapping[DeliveryState | None, frozenset[DeliveryState]] = {
     None: frozenset({DeliveryState.PENDING, DeliveryState.SUPERSEDED}),

@@ -1,0 +1,1 @@
+"""The operator's console: web pages, REST API, /metrics, /healthz."""

@@ -1,0 +1,112 @@
+"""The console's own process: uvicorn serving `create_app` on a socket the node bound.
+
+The node binds ``web.host:web.port`` itself (a port in use fails the start with a clear
+message, and port 0 resolves before anything is logged), then spawns this process with the
+socket. It runs niced, so pages and scrapes never take the CPU from receiving, and dies
+with the node (``lifecycle.die_with_parent``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from multiprocessing.process import BaseProcess
+
+from dicom_ai.config import Config
+from dicom_ai.lifecycle import die_with_parent
+
+__all__ = ["WebServer"]
+
+log = logging.getLogger(__name__)
+
+_NICENESS = 5
+
+
+class WebServer:
+    """The console for ``config``: bound by `bind`, served by a spawned process."""
+
+    def __init__(self, config: Config, log_level: int = logging.INFO) -> None:
+        self._config = config
+        self._log_level = log_level
+        self._socket: socket.socket | None = None
+        self._process: BaseProcess | None = None
+
+    @property
+    def port(self) -> int | None:
+        return None if self._socket is None else int(self._socket.getsockname()[1])
+
+    @property
+    def url(self) -> str | None:
+        if self.port is None:
+            return None
+        scheme = "https" if self._config.web.tls else "http"
+        host = self._config.web.host
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
+    def bind(self) -> None:
+        web = self._config.web
+        family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((web.host, web.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        self._socket = sock
+
+    def start(self) -> None:
+        if self._socket is None:
+            self.bind()
+        context = multiprocessing.get_context("spawn")
+        self._process = context.Process(
+            target=_web_main,
+            args=(self._config, self._socket, os.getpid(), self._log_level),
+            name="dicom-ai-web",
+            daemon=True,
+        )
+        self._process.start()
+
+    def stop(self) -> None:
+        process = self._process
+        if process is not None and process.pid is not None and process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        self._process = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def _web_main(config: Config, sock: socket.socket, parent_pid: int, log_level: int) -> None:
+    die_with_parent(parent_pid)
+    with contextlib.suppress(OSError):
+        os.nice(_NICENESS)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
+    import uvicorn
+
+    from dicom_ai.web.app import create_app
+
+    tls = config.web.tls
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            log_level=logging.WARNING,  # no access log: URLs carry UIDs, and it is noise
+            access_log=False,
+            ssl_certfile=str(tls.certificate) if tls else None,
+            ssl_keyfile=str(tls.private_key) if tls else None,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.run(sockets=[sock])
