@@ -543,10 +543,6 @@ def models_prepare(
         raise _fail(f"still broken: {', '.join(still_broken)}", 1)
 
 
-if __name__ == "__main__":
-    app()
-
-
 users_app = typer.Typer(help="The console's users: add, list, remove, token.")
 app.add_typer(users_app, name="users")
 audit_app = typer.Typer(help="The console's append-only audit log.")
@@ -650,3 +646,7 @@ def audit_export(
             "address": entry.address,
         }
         sys.stdout.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    app()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.peers import (
     NodeProcess,
     StoreSCP,
     echoscu,
+    free_port,
     local_scp,
     node_config,
     storescu,
@@ -55,7 +57,10 @@ def _scrape(index: Index, spool_dir: Path) -> tuple[str, _Samples]:
     to be there with its type."""
     body, content_type = render(index, spool_dir)
     assert content_type == CONTENT_TYPE
-    text = body.decode()
+    return _parse(body.decode())
+
+
+def _parse(text: str) -> tuple[str, _Samples]:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {name: f.type for name, f in families.items()} == _FAMILIES
     samples: _Samples = {}
@@ -354,7 +359,11 @@ def test_a_series_through_the_node(tmp_path: Path, pacs: StoreSCP) -> None:
     their called AE (by whichever receiving process took each)."""
     spec = PhantomSpec(slices=16, rows=128, columns=128, pixel_spacing_mm=3.125)
     paths = write_phantom_ct(tmp_path / "ct", spec)
-    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", pacs.port)).start()
+    web_port = free_port()
+    config = node_config(
+        tmp_path / "node", pacs.port, web={"enabled": True, "host": "127.0.0.1", "port": web_port}
+    )
+    node = NodeProcess(tmp_path / "node", config).start()
     try:
         for _ in range(3):
             refused = echoscu(node.port, ae_title="WRONG")
@@ -367,13 +376,12 @@ def test_a_series_through_the_node(tmp_path: Path, pacs: StoreSCP) -> None:
             "the results delivered",
             0.5,
         )
+        # The console's /metrics, over HTTP, as Prometheus scrapes it.
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as page:
+            assert page.headers["Content-Type"] == CONTENT_TYPE
+            text, samples = _parse(page.read().decode())
     finally:
         node.stop()
-    index = Index(node.data_dir / "index.sqlite3")
-    try:
-        text, samples = _scrape(index, node.data_dir / "spool")
-    finally:
-        index.close()
     assert _value(samples, "dicom_ai_instances_received_total") == len(paths)
     assert _of(samples, "dicom_ai_associations_total") == {
         (("result", "accepted"),): 1,
