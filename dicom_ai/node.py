@@ -151,6 +151,8 @@ class Node:
             log.info("console on %s", self.web.url)
         if self.config.node.receivers > 1:
             self._receivers.start(self.scp.listening())
+        if self.web is not None:
+            self.web.wait_ready()
         loops = [(self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")]
         if self.webhooks is not None:
             loops.append((self._webhook_loop, "webhooks"))

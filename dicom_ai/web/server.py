@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 
 from dicom_ai.config import Config
 from dicom_ai.lifecycle import die_with_parent
@@ -34,6 +35,7 @@ class WebServer:
         self._log_level = log_level
         self._socket: socket.socket | None = None
         self._process: BaseProcess | None = None
+        self._ready: EventType | None = None
 
     @property
     def port(self) -> int | None:
@@ -64,13 +66,22 @@ class WebServer:
         if self._socket is None:
             self.bind()
         context = multiprocessing.get_context("spawn")
+        self._ready = context.Event()
         self._process = context.Process(
             target=_web_main,
-            args=(self._config, self._socket, os.getpid(), self._log_level),
+            args=(self._config, self._socket, os.getpid(), self._log_level, self._ready),
             name="dicom-ai-web",
             daemon=True,
         )
         self._process.start()
+
+    def wait_ready(self, timeout: float = 60) -> bool:
+        """Until the console answers (its imports done, its app built); False on timeout:
+        requests queue on the socket meanwhile."""
+        if self._ready is None or not self._ready.wait(timeout):
+            log.warning("the console is slow to start")
+            return False
+        return True
 
     def stop(self) -> None:
         process = self._process
@@ -87,7 +98,9 @@ class WebServer:
             self._socket = None
 
 
-def _web_main(config: Config, sock: socket.socket, parent_pid: int, log_level: int) -> None:
+def _web_main(
+    config: Config, sock: socket.socket, parent_pid: int, log_level: int, ready: EventType
+) -> None:
     die_with_parent(parent_pid)
     with contextlib.suppress(OSError):
         os.nice(_NICENESS)
@@ -98,9 +111,10 @@ def _web_main(config: Config, sock: socket.socket, parent_pid: int, log_level: i
     from dicom_ai.web.app import create_app
 
     tls = config.web.tls
+    app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config),
+            app,
             log_level=logging.WARNING,  # no access log: URLs carry UIDs, and it is noise
             access_log=False,
             ssl_certfile=str(tls.certificate) if tls else None,
@@ -109,4 +123,5 @@ def _web_main(config: Config, sock: socket.socket, parent_pid: int, log_level: i
             timeout_graceful_shutdown=5,
         )
     )
+    ready.set()  # what is left is the event loop: requests queue on the socket until then
     server.run(sockets=[sock])
