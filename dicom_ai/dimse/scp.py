@@ -269,13 +269,14 @@ class StorageSCP:
         except Exception:
             log.exception("could not record the end of association %d", association_id)
 
-    def association_refused(self, association: Association, refusal: Refusal) -> None:
-        """Count it (``dicom_ai_associations_total{result="rejected_<kind>"}``) in this
-        process's index; a failure to count is logged, never raised."""
+    def association_judged(self, association: Association, refusal: Refusal | None) -> None:
+        """Count it (``dicom_ai_associations_total{result="accepted"|"rejected_<kind>"}``)
+        in this process's index; a failure to count is logged, never raised."""
+        result = "accepted" if refusal is None else f"rejected_{refusal.kind}"
         try:
-            self.index.count(metrics.ASSOCIATIONS, {"result": f"rejected_{refusal.kind}"})
+            self.index.count(metrics.ASSOCIATIONS, {"result": result})
         except Exception:
-            log.exception("could not count the refused association of %s", association.requestor)
+            log.exception("could not count the association of %s", association.requestor)
 
     def c_echo(self, association: Association) -> int:
         log.info("C-ECHO from %s", association.calling_ae_title)

@@ -2,8 +2,8 @@
 runs the wire (``acceptor.Acceptor`` or ``ae_acceptor.AEAcceptor``).
 
 Also the one place where an association request is judged (``judge_request``): the
-application context, the SCP's access check, then the association limit; a refusal is told
-to the SCP (``DimseService.association_refused``), which counts it.
+application context, the SCP's access check, then the association limit; the verdict is
+told to the SCP (``DimseService.association_judged``), which counts it.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class DimseService(Protocol):
 
     def association_ended(self, association: Association) -> None: ...
 
-    def association_refused(self, association: Association, refusal: Refusal) -> None: ...
+    def association_judged(self, association: Association, refusal: Refusal | None) -> None: ...
 
 
 class AssociationSlots:
@@ -193,13 +193,12 @@ def judge_request(
     close: Callable[[], None],
 ) -> Refusal | None:
     """None when the association may proceed (and then it holds a slot), else the
-    A-ASSOCIATE-RJ to send, which the service has been told of."""
+    A-ASSOCIATE-RJ to send; either way the service has been told."""
     refusal = _judge(application_context, association, service, slots, holder, close)
-    if refusal is not None:
-        try:
-            service.association_refused(association, refusal)
-        except Exception:  # counting it must not stop the refusal
-            log.exception("could not record the refused association of %s", association.requestor)
+    try:
+        service.association_judged(association, refusal)
+    except Exception:  # counting it must not change the answer
+        log.exception("could not count the association of %s", association.requestor)
     return refusal
 
 

@@ -442,7 +442,6 @@ class Index:
                 "VALUES (?, ?, ?, ?)",
                 (calling_ae, called_ae, source_ip, time.time()),
             )
-            _count(db, metrics.ASSOCIATIONS, {"result": "accepted"})
             return int(cur.lastrowid or 0)
 
     def close_association(self, association_id: int) -> None:

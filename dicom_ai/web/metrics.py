@@ -38,7 +38,7 @@ SPOOL_FREE_BYTES = "dicom_ai_spool_free_bytes"
 _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     metrics.INSTANCES_RECEIVED: ("Instances received, stored and acknowledged.", ()),
     metrics.ASSOCIATIONS: (
-        "Associations, by result: accepted (counted at its first stored instance), or "
+        "Associations, by result: accepted, or "
         "rejected_<kind> (called_ae, calling_ae, address, tls_required, limit, "
         "application_context).",
         ("result",),

@@ -14,6 +14,7 @@ from pydicom.uid import CTImageStorage
 
 from dicom_ai.dimse.acceptor import Acceptor, Association, CStoreRequest, Rejection
 from dicom_ai.dimse.pdv import AbortReason, PDUType
+from dicom_ai.dimse.service import Refusal
 from dicom_ai.dimse.ul_states import (
     TRANSITIONS,
     Action,
@@ -145,6 +146,9 @@ class _Service:
 
     def association_ended(self, association: Association) -> None:
         self.ended.append(association)
+
+    def association_judged(self, association: Association, refusal: Refusal | None) -> None:
+        pass
 
 
 @contextmanager

@@ -158,6 +158,7 @@ def test_counts_histograms_and_gauges_from_the_index(
     index: Index, tmp_path: Path, clock: list[float], free_bytes: list[Path]
 ) -> None:
     start = clock[0]
+    index.count(metrics.ASSOCIATIONS, {"result": "accepted"})  # as the SCP counts
     association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
     index.count(metrics.ASSOCIATIONS, {"result": "rejected_called_ae"})
     index.count(metrics.ASSOCIATIONS, {"result": "rejected_called_ae"})
@@ -318,6 +319,7 @@ def test_each_refusal_is_counted_by_its_kind(guarded_scp: StorageSCP, tmp_path: 
         first.release()
     # Counted before the A-ASSOCIATE-RJ goes out (judge_request tells the SCP).
     assert _associations(guarded_scp, tmp_path) == {
+        "accepted": 1,  # counted when it is accepted, before any C-STORE
         "rejected_called_ae": 2,
         "rejected_calling_ae": 1,
         "rejected_tls_required": 1,
@@ -341,7 +343,7 @@ def test_a_count_that_fails_does_not_stop_the_refusal(
     port = guarded_scp.port
     assert port is not None
     assert _requested(port, "WRONG").is_rejected
-    assert "could not count the refused association" in caplog.text
+    assert "could not count the association" in caplog.text
     first = _requested(port, "DICOM_AI")  # the node still takes associations
     assert first.is_established
     first.release()
