@@ -40,7 +40,9 @@ def _one_line(stderr: str) -> str:
 
 
 def _write_config(path: Path, node: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump({"node": {"host": "127.0.0.1", **node}}))
+    # No console: these are about the DICOM side (tests/web covers a taken console port).
+    config = {"node": {"host": "127.0.0.1", **node}, "web": {"enabled": False}}
+    path.write_text(yaml.safe_dump(config))
     return path
 
 

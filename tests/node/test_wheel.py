@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -71,13 +72,14 @@ def test_the_installed_wheel_serves_from_an_empty_folder_with_its_default_rules(
     installed: Path, tmp_path: Path, pacs: StoreSCP
 ) -> None:
     # Only what the defaults cannot know here: a free port, and where the test PACS listens.
-    port = free_port()
+    port, web_port = free_port(), free_port()
     config = tmp_path / "etc" / "node.yaml"
     config.parent.mkdir()
     config.write_text(
         yaml.safe_dump(
             {
                 "node": {"host": "127.0.0.1", "port": port},
+                "web": {"port": web_port},
                 "destinations": {
                     "pacs": {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}
                 },
@@ -104,6 +106,11 @@ def test_the_installed_wheel_serves_from_an_empty_folder_with_its_default_rules(
         text = log.read_text()
         site_packages = str(installed.parent / "lib")
         assert f"rules {site_packages}" in text and "default_rules.yaml" in text, text
+        # The console's templates and static files are in the wheel too.
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/login", timeout=10) as page:
+            assert b"<form" in page.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/static/console.css") as css:
+            assert css.status == 200
 
         spec = PhantomSpec(slices=16, rows=128, columns=128, pixel_spacing_mm=3.0)
         series = write_phantom_ct(tmp_path / "ct", spec)
