@@ -170,9 +170,17 @@ def test_orthanc_calls_the_node_by_its_ae_title_service_and_port() -> None:
     assert ae_title == node.ae_title
     assert host == NODE_SERVICE and host in _compose()["services"]
     assert port == node.port
-    assert _container_ports(_service(NODE_SERVICE)) == {node.port}
+    assert _container_ports(_service(NODE_SERVICE)) == {node.port, _node_config().web.port}
     assert str(node.port) in _instructions("EXPOSE")[0].split()
     assert node.host == "0.0.0.0", "in a container the node must listen on all interfaces"
+
+
+def test_the_console_is_published_on_the_hosts_loopback_only() -> None:
+    web = _node_config().web
+    assert web.enabled and web.host == "0.0.0.0"  # inside the container
+    ports = _service(NODE_SERVICE)["ports"]
+    assert f"127.0.0.1:{web.port}:{web.port}" in ports
+    assert str(web.port) in _instructions("EXPOSE")[0].split()
 
 
 def test_node_sends_results_to_orthanc_by_its_ae_title_service_and_port() -> None:
