@@ -102,6 +102,17 @@ def _size(value: float) -> str:
     return f"{value:.1f} TB"  # pragma: no cover
 
 
+def _uid_name(value: str) -> str:
+    """A SOP class's name (CT Image Storage) where pydicom knows it, else the UID."""
+    from pydicom.uid import UID
+
+    try:
+        name = str(UID(value).name)
+    except (TypeError, ValueError):
+        return value
+    return name or value
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(_HERE / "templates"),
@@ -110,7 +121,7 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(when=_when, hour=_hour, seconds=_seconds, size=_size)
+    env.filters.update(when=_when, hour=_hour, seconds=_seconds, size=_size, uid_name=_uid_name)
     env.globals.update(version=__version__, live_ms=LIVE_SECONDS * 1000)
     return env
 
@@ -150,15 +161,15 @@ def _base(request: Request, role: Role | None, user: str | None, csrf: str) -> d
 
 
 def _page(
-    request: Request, who: Actor, name: str, status: int = 200, **context: Any
+    request: Request, who: Actor, template: str, status: int = 200, **context: Any
 ) -> HTMLResponse:
     full = _base(request, who.user.role, who.user.name, _csrf(request))
     full.update(context)
-    return templates.TemplateResponse(request, name, full, status_code=status)
+    return templates.TemplateResponse(request, template, full, status_code=status)
 
 
-def _fragment(request: Request, who: Actor, name: str, **context: Any) -> HTMLResponse:
-    return _page(request, who, name, **context)
+def _fragment(request: Request, who: Actor, template: str, **context: Any) -> HTMLResponse:
+    return _page(request, who, template, **context)
 
 
 def _back(value: str, default: str) -> str:
@@ -249,7 +260,7 @@ def logout(request: Request, who: Who, svc: Svc) -> Response:
 
 def _chart(per_hour: list[dict[str, Any]]) -> dict[str, Any]:
     """An SVG bar chart's geometry (attributes, not styles: the CSP allows no inline style)."""
-    width, height, gap = 24, 120, 4
+    width, height, gap = 50, 120, 10  # viewBox units; drawn at the card's width
     top = max([int(h["instances"]) for h in per_hour] + [1])
     bars = []
     for n, hour in enumerate(per_hour):
@@ -263,7 +274,7 @@ def _chart(per_hour: list[dict[str, Any]]) -> dict[str, Any]:
                 "height": tall,
                 "count": count,
                 "hour": hour["hour"],
-                "label": n % 3 == 0,
+                "label": n % 2 == 1,
                 "label_x": n * width + width // 2,
             }
         )
@@ -383,7 +394,8 @@ def _failures(svc: Console, who: Actor, jobs_page: int, dead_page: int) -> dict[
         "jobs_next": link(jobs_page + 1, dead_page) if jobs_page < jobs["pages"] else None,
         "dead_previous": link(jobs_page, dead_page - 1) if dead_page > 1 else None,
         "dead_next": link(jobs_page, dead_page + 1) if dead_page < dead["pages"] else None,
-        "live": "/fragments/failures?" + urlencode({"jobs_page": jobs_page, "dead_page": dead_page}),
+        "live": "/fragments/failures?"
+        + urlencode({"jobs_page": jobs_page, "dead_page": dead_page}),
     }
 
 
@@ -432,7 +444,9 @@ def _rules_page(
     context: dict[str, Any] = {
         "running": running,
         "called_aes": [r["called_ae"] for r in running],
-        "candidate": candidate if candidate is not None else (running[0]["text"] if running else ""),
+        "candidate": candidate
+        if candidate is not None
+        else (running[0]["text"] if running else ""),
         "count": 100,
         "series_uid": "",
         "calling_ae": "SCANNER",
@@ -537,9 +551,7 @@ def destinations(request: Request, who: Who, svc: Svc) -> Response:
 @router.post("/destinations/{name}/echo")
 def echo(name: str, request: Request, who: Who, svc: Svc) -> Response:
     result = svc.echo(who, name)
-    return _page(
-        request, who, "destinations.html", destinations=svc.destinations(who), echo=result
-    )
+    return _page(request, who, "destinations.html", destinations=svc.destinations(who), echo=result)
 
 
 # -- users and the audit log -----------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 (function () {
   const PERIOD_MS = 2000;
+  const shown = new WeakMap(); // element -> the fragment HTML it shows
   let stopped = false;
 
   function status(text, bad) {
@@ -52,9 +53,9 @@
     if (busy(element)) {
       return;
     }
-    if (element.dataset.html !== html) {
+    if (shown.get(element) !== html) {
       element.innerHTML = html;
-      element.dataset.html = html;
+      shown.set(element, html);
     }
     status("live · " + new Date().toLocaleTimeString());
   }
@@ -67,6 +68,12 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    // ?done=WORD said what an action did; a reload should not say it again.
+    const url = new URL(window.location.href);
+    if (url.searchParams.has("done")) {
+      url.searchParams.delete("done");
+      window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+    }
     const elements = Array.from(document.querySelectorAll("[data-live]"));
     if (elements.length > 0) {
       status("live");
