@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -100,8 +101,11 @@ def _wants_html(request: Request) -> bool:
 
 def _error(request: Request, status: int, detail: str) -> Response:
     if _wants_html(request):
-        if status == 401:
-            return RedirectResponse("/login", status_code=303)
+        if status == 401:  # back to the page asked for, once logged in
+            wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            asked = request.method == "GET" and wanted != "/"
+            target = f"/login?{urlencode({'next': wanted})}" if asked else "/login"
+            return RedirectResponse(target, status_code=303)
         render: Callable[[Request, int, str], Response] | None = getattr(
             request.app.state, "render_error", None
         )

@@ -121,20 +121,17 @@ class Console:
         data_dir = config.node.data_dir
         self.accounts = accounts
         self.view = ConsoleView(data_dir / "index.sqlite3")
-        self._index_path = data_dir / "index.sqlite3"
-        self._index: Index | None = None
+        # Opened (and created, on a node that never ran) before the first view reads it.
+        self._index = Index(data_dir / "index.sqlite3")
         self.spool_dir = data_dir / "spool"
 
     @property
     def index(self) -> Index:
-        if self._index is None:  # opened on first action: viewing alone never writes
-            self._index = Index(self._index_path)
         return self._index
 
     def close(self) -> None:
         self.view.close()
-        if self._index is not None:
-            self._index.close()
+        self._index.close()
 
     def _audit(self, actor: Actor, action: str, target: str = "", **detail: object) -> None:
         self.accounts.audit(actor.user.name, action, target, dict(detail), actor.address)

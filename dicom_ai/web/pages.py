@@ -183,12 +183,26 @@ def _see(url: str, done: str | None = None) -> RedirectResponse:
 # -- logging in ------------------------------------------------------------------------------
 
 
+def _local(target: str | None) -> str:
+    """``target`` when it is a path of this console (``/series?page=2``), else ``/``: a
+    login link must not send anyone elsewhere."""
+    if not target or len(target) > 1024 or not target.startswith("/"):
+        return "/"
+    if target.startswith(("//", "/\\", "/login", "/logout")) or any(c in target for c in "\r\n\\"):
+        return "/"
+    return target
+
+
 def _login_page(
-    request: Request, status: int = 200, error: str | None = None, name: str = ""
+    request: Request,
+    status: int = 200,
+    error: str | None = None,
+    name: str = "",
+    next_page: str = "/",
 ) -> HTMLResponse:
     token = secrets.token_urlsafe(32)
     context = _base(request, None, None, "")
-    context.update(login_token=token, error=error, name=name)
+    context.update(login_token=token, error=error, name=name, next_page=_local(next_page))
     response = templates.TemplateResponse(request, "login.html", context, status_code=status)
     response.set_cookie(
         LOGIN_COOKIE,
@@ -203,10 +217,10 @@ def _login_page(
 
 
 @router.get("/login")
-def login_form(request: Request) -> Response:
+def login_form(request: Request, next: str = "/") -> Response:
     if session_of(request) is not None:
-        return _see("/")
-    return _login_page(request)
+        return _see(_local(next))
+    return _login_page(request, next_page=next)
 
 
 @router.post("/login")
@@ -216,18 +230,21 @@ def login(
     user: Annotated[str, Form(max_length=256)] = "",
     password: Annotated[str, Form(max_length=4096)] = "",
     login_token: Annotated[str, Form(max_length=128)] = "",
+    next_page: Annotated[str, Form(max_length=1024)] = "/",
 ) -> Response:
     expected = request.cookies.get(LOGIN_COOKIE, "")
     if not expected or not hmac.compare_digest(expected.encode(), login_token.encode()):
-        return _login_page(request, 403, "The login form expired; please try again.", user)
+        return _login_page(
+            request, 403, "The login form expired; please try again.", user, next_page
+        )
     address = request.client.host if request.client else ""
     try:
         session_id, session = svc.login(user, password, address)
     except TooManyRequests as exc:
-        return _login_page(request, exc.status, str(exc), user)
+        return _login_page(request, exc.status, str(exc), user, next_page)
     except RequestError:
-        return _login_page(request, 401, "Wrong user name or password.", user)
-    response = _see("/")
+        return _login_page(request, 401, "Wrong user name or password.", user, next_page)
+    response = RedirectResponse(_local(next_page), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         session_id,

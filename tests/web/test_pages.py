@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -196,11 +197,47 @@ def test_pages_ask_to_log_in(app_client: TestClient) -> None:
     for path in ("/", "/series", "/failures", "/rules", "/users", "/audit"):
         answer = app_client.get(path, follow_redirects=False)
         assert answer.status_code == 303, path
-        assert answer.headers["location"] == "/login"
+        wanted = "/login" if path == "/" else f"/login?next={quote(path, safe='')}"
+        assert answer.headers["location"] == wanted
     # A live refresh (no text/html in Accept) gets a plain 401 to act on, not a page.
     answer = app_client.get("/fragments/dashboard", headers={"accept": "*/*"})
     assert answer.status_code == 401
     assert answer.json() == {"detail": "log in, or send Authorization: Bearer TOKEN"}
+
+
+def test_login_goes_back_to_the_page_asked_for_and_only_to_this_console(
+    app_client: TestClient,
+) -> None:
+    asked = app_client.get("/series?modality=CT&page=1", follow_redirects=False)
+    form = app_client.get(asked.headers["location"])
+    assert 'name="next_page" value="/series?modality=CT&amp;page=1"' in form.text
+    answer = app_client.post(
+        "/login",
+        data={
+            "user": "olga",
+            "password": PASSWORD,
+            "login_token": _login_token(form.text),
+            "next_page": "/series?modality=CT&page=1",
+        },
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/series?modality=CT&page=1"
+    app_client.cookies.clear()
+    for elsewhere in ("//evil.example/x", "https://evil.example/", "/\\evil", "/login", "x"):
+        form = app_client.get("/login", params={"next": elsewhere})
+        answer = app_client.post(
+            "/login",
+            data={
+                "user": "olga",
+                "password": PASSWORD,
+                "login_token": _login_token(form.text),
+                "next_page": elsewhere,
+            },
+            follow_redirects=False,
+        )
+        assert answer.headers["location"] == "/", elsewhere
+        app_client.cookies.clear()
 
 
 def test_login_sets_a_strict_http_only_session_cookie(app_client: TestClient) -> None:
