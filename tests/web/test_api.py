@@ -131,6 +131,15 @@ def env(tmp_path: Path) -> Iterator[Env]:
     made.accounts.close()
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """One env for the tests that change nothing (refusals, bad input, headers)."""
+    made = make_env(tmp_path_factory.mktemp("shared"))
+    yield made
+    made.index.close()
+    made.accounts.close()
+
+
 READS = [
     ("GET", "/api/v1/series"),
     ("GET", "/api/v1/jobs?state=failed"),
@@ -152,8 +161,8 @@ def _path(env: Env, template: str) -> str:
     return template.format(job=env.failed_job, delivery=env.dead_delivery, series=env.ct_series)
 
 
-def test_healthz_answers_without_login(env: Env) -> None:
-    answer = env.client.get("/healthz")
+def test_healthz_answers_without_login(shared: Env) -> None:
+    answer = shared.client.get("/healthz")
     assert answer.status_code == 200
     assert answer.json()["status"] == "ok" and answer.json()["index"] == "ok"
 
@@ -162,13 +171,17 @@ def test_healthz_answers_without_login(env: Env) -> None:
     ("method", "template"),
     [*READS, *ACTIONS, *ADMIN, ("GET", "/api/v1/series/{series}"), ("POST", "/api/v1/rules/test")],
 )
-def test_every_endpoint_needs_credentials(env: Env, method: str, template: str) -> None:
-    answer = env.call(method, _path(env, template), role=None)
+def test_every_endpoint_needs_credentials(shared: Env, method: str, template: str) -> None:
+    answer = shared.call(method, _path(shared, template), role=None)
     assert answer.status_code == 401, answer.text
     assert answer.headers["www-authenticate"] == "Bearer"
-    wrong = env.call(method, _path(env, template), role=None, headers={"Authorization": "Bearer x"})
+    wrong = shared.call(
+        method, _path(shared, template), role=None, headers={"Authorization": "Bearer x"}
+    )
     assert wrong.status_code == 401
-    basic = env.call(method, _path(env, template), role=None, headers={"Authorization": "Basic x"})
+    basic = shared.call(
+        method, _path(shared, template), role=None, headers={"Authorization": "Basic x"}
+    )
     assert basic.status_code == 401
 
 
@@ -389,8 +402,8 @@ def test_a_session_needs_its_csrf_token_for_actions(env: Env) -> None:
         "/api/v1/audit?limit=0",
     ],
 )
-def test_bad_input_is_a_400_with_a_message(env: Env, path: str) -> None:
-    answer = env.call("GET", path)
+def test_bad_input_is_a_400_with_a_message(shared: Env, path: str) -> None:
+    answer = shared.call("GET", path)
     assert answer.status_code == 400, answer.text
     assert answer.json()["detail"]
 
@@ -412,22 +425,22 @@ def test_bad_input_is_a_400_with_a_message(env: Env, path: str) -> None:
         ("POST", "/api/v1/users", {"json": {"name": "x"}}),
     ],
 )
-def test_bad_bodies_and_ids_are_400s(env: Env, method: str, path: str, kwargs: Any) -> None:
-    answer = env.call(method, path, **kwargs)
+def test_bad_bodies_and_ids_are_400s(shared: Env, method: str, path: str, kwargs: Any) -> None:
+    answer = shared.call(method, path, **kwargs)
     assert answer.status_code == 400, answer.text
     assert answer.json()["detail"]
 
 
-def test_unknown_series_is_404_and_answers_carry_security_headers(env: Env) -> None:
-    answer = env.call("GET", "/api/v1/series/1.2.3.4")
+def test_unknown_series_is_404_and_answers_carry_security_headers(shared: Env) -> None:
+    answer = shared.call("GET", "/api/v1/series/1.2.3.4")
     assert answer.status_code == 404
     assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
     assert answer.headers["x-content-type-options"] == "nosniff"
     assert answer.headers["cache-control"] == "no-store"
 
 
-def test_openapi_lists_the_contract(env: Env) -> None:
-    paths = env.client.get("/api/v1/openapi.json").json()["paths"]
+def test_openapi_lists_the_contract(shared: Env) -> None:
+    paths = shared.client.get("/api/v1/openapi.json").json()["paths"]
     for path in (
         "/api/v1/series",
         "/api/v1/series/{series_uid}",
