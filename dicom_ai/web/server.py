@@ -52,7 +52,10 @@ class WebServer:
     def bind(self) -> None:
         web = self._config.web
         family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only for that
+        # protocol, and without it each answer on a kept-alive connection waits for a
+        # delayed ACK (benchmarks/console.py).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((web.host, web.port))

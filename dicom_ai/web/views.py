@@ -124,6 +124,10 @@ class ConsoleView:
                 self._db.row_factory = sqlite3.Row
             return self._db.execute(sql, args).fetchall()
 
+    def schema_version(self) -> int:
+        """The index's migration count: a cheap read that the index is there and readable."""
+        return int(self._query("PRAGMA user_version")[0][0])
+
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
