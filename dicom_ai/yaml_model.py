@@ -56,6 +56,7 @@ M = TypeVar("M", bound=BaseModel)
 
 _AT = "yaml_model_at"  # ctx key that carries a located_error's relative location
 _MAX_ERRORS = 20  # a file that is wrong everywhere needs its first errors, not all of them
+_MAX_NODES = 100_000  # values in a document, aliases expanded: far more than any real file
 
 
 def located_error(loc: Sequence[str | int], message: str) -> PydanticCustomError:
@@ -171,17 +172,42 @@ def _check_duplicate_keys(root: yaml.Node, source: str) -> None:
             stack.extend(node.value)
 
 
+def _check_size(root: yaml.Node, source: str) -> None:
+    """A few anchors and aliases can stand for billions of values ("billion laughs"), which
+    validation would then walk one by one: count the values as if the aliases were copies."""
+    stack: list[yaml.Node] = [root]
+    count = 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > _MAX_NODES:
+            raise ConfigError(
+                f"{source}: more than {_MAX_NODES} values once its YAML aliases are expanded"
+            )
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                stack.extend((key_node, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def parse_yaml(text: str, source: str = "<string>") -> YamlDocument:
     """Parse one YAML document safely, keeping its node tree for line numbers."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # refuses NUL and other control characters at once
+    except yaml.YAMLError as exc:
+        raise _yaml_error(source, exc) from exc
     try:
         root = loader.get_single_node()
         if root is None:  # an empty file, or only comments: no settings given
             return YamlDocument(source, {}, None)
         _check_duplicate_keys(root, source)
+        _check_size(root, source)
         return YamlDocument(source, loader.construct_document(root), root)
     except yaml.YAMLError as exc:
         raise _yaml_error(source, exc) from exc
+    except RecursionError:  # PyYAML composes nested brackets recursively
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
 

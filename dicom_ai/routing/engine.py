@@ -32,6 +32,7 @@ from dicom_ai.routing.rules import (
 from dicom_ai.yaml_model import load_validated, loads_validated
 
 __all__ = [
+    "PHI_KEYWORDS",
     "Evaluation",
     "RouteDecision",
     "RuleSet",
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 # Values of these elements identify the patient: reasons show "<redacted>" instead, so a
 # decision's reasons can be logged at INFO. The rule's own expected value is still shown.
-_PHI_KEYWORDS = frozenset(
+PHI_KEYWORDS = frozenset(
     {
         "PatientName",
         "PatientID",
@@ -375,7 +376,7 @@ def _holds(condition: Condition, header: Dataset, sender: SenderContext) -> _Out
                 _element_values(header, key),
                 value.exists,
                 _value_tests(value),
-                redact=key in _PHI_KEYWORDS,
+                redact=key in PHI_KEYWORDS,
             )
         else:  # unreachable with a validated Condition
             raise TypeError(f"unexpected condition entry {key!r}")

@@ -35,8 +35,9 @@ __all__ = [
     "may",
 ]
 
-# name: letters, digits and . _ - (it lands in logs and the audit log)
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# name: letters, digits and . _ - (it lands in logs and the audit log). Used with
+# fullmatch: "^...$" would let a final newline through.
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MIN_PASSWORD = 8
 
 
@@ -159,7 +160,7 @@ class Accounts:
     # -- users -------------------------------------------------------------------------------
 
     def add_user(self, name: str, role: str, password: str) -> User:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise AccountsError(f"user name {name!r}: 1-64 letters, digits, '.', '_' or '-'")
         try:
             parsed = Role(role)
@@ -264,26 +265,25 @@ class Accounts:
 
     # -- login throttling --------------------------------------------------------------------
 
-    def login_paused(self, keys: list[str], attempts: int, window: float) -> bool:
-        """Whether any of ``keys`` (user:NAME, address:IP) failed ``attempts`` times within
-        the last ``window`` seconds."""
-        since = time.time() - window
-        with self._lock:
-            for key in keys:
-                (n,) = self._db.execute(
-                    "SELECT COUNT(*) FROM login_failures WHERE key = ? AND at >= ?", (key, since)
-                ).fetchone()
-                if int(n) >= attempts:
-                    return True
-        return False
-
-    def login_failed(self, keys: list[str], window: float) -> None:
+    def login_attempt(self, keys: list[str], attempts: int, window: float) -> bool:
+        """Count a login attempt as a failure for each of ``keys`` (user:NAME, address:IP),
+        until `login_succeeded` clears it; False, counting nothing, when one of them failed
+        ``attempts`` times within the last ``window`` seconds. Check and count are one
+        transaction: attempts sent at once cannot all pass the check."""
         now = time.time()
         with self._tx() as db:
             db.execute("DELETE FROM login_failures WHERE at < ?", (now - window,))
+            for key in keys:
+                (n,) = db.execute(
+                    "SELECT COUNT(*) FROM login_failures WHERE key = ? AND at >= ?",
+                    (key, now - window),
+                ).fetchone()
+                if int(n) >= attempts:
+                    return False
             db.executemany(
                 "INSERT INTO login_failures (key, at) VALUES (?, ?)", [(k, now) for k in keys]
             )
+        return True
 
     def login_succeeded(self, keys: list[str]) -> None:
         with self._tx() as db:

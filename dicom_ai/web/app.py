@@ -10,10 +10,14 @@ pages); this module holds what every route shares:
   shows the message); a parameter FastAPI cannot parse is a 400 naming it; anything else is
   a 500 with no traceback in the answer.
 - security headers on every answer (CSP without inline script, frame-ancestors 'none').
+- request bodies: at most ``MAX_BODY`` (a DICOM upload: ``MAX_UPLOAD`` more), refused
+  with 413 as they arrive. A route reads its body before `actor` runs, so without a limit
+  a client that never logged in could make the console hold any amount.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,19 +28,23 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicom_ai import __version__
 from dicom_ai.config import Config
 from dicom_ai.errors import Forbidden, NotAuthenticated, RequestError
 from dicom_ai.web.accounts import Accounts, Session
-from dicom_ai.web.console import Actor, Console
+from dicom_ai.web.console import MAX_UPLOAD, Actor, Console
 
-__all__ = ["SESSION_COOKIE", "actor", "console_of", "create_app", "session_of"]
+__all__ = ["MAX_BODY", "SESSION_COOKIE", "actor", "console_of", "create_app", "session_of"]
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "dicom_ai_session"
+MAX_BODY = 4 << 20  # a form or JSON body (rules text: at most 1 MiB, encoded)
+_UPLOADS = frozenset({"/rules/test", "/api/v1/rules/test"})  # these take a DICOM file
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 _HERE = Path(__file__).parent
 CSP = (
@@ -87,10 +95,43 @@ async def actor(request: Request) -> Actor:
             form = await request.form()
             field = form.get("csrf_token")
             sent = field if isinstance(field, str) else None
-        if sent != session.csrf_token:
+        if sent is None or not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
             raise Forbidden("missing or wrong CSRF token; reload the page")
     request.state.session = session
     return Actor(session.user, _address(request))
+
+
+class _BodyLimit:
+    """Refuses a request body over its route's limit: at once when its declared length is,
+    else when the bytes received pass it. The 413 is raised where the route reads the
+    body, so it is answered as any other error (a page, or JSON)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = MAX_BODY + (MAX_UPLOAD if scope["path"] in _UPLOADS else 0)
+        declared = Headers(scope=scope).get("content-length", "")
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > limit:
+                raise StarletteHTTPException(413, _too_large(limit))
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise StarletteHTTPException(413, _too_large(limit))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than {limit >> 20} MiB"
 
 
 def _wants_html(request: Request) -> bool:
@@ -137,6 +178,7 @@ def create_app(config: Config, accounts: Accounts | None = None) -> FastAPI:
     static = _HERE / "static"
     if static.is_dir():
         app.mount("/static", StaticFiles(directory=static), name="static")
+    app.add_middleware(_BodyLimit)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import shutil
 import time
@@ -32,7 +33,8 @@ from dicom_ai.errors import (
     NotFound,
     TooManyRequests,
 )
-from dicom_ai.routing import RuleSet, SenderContext, load_rules, parse_rules
+from dicom_ai.routing import Condition, RuleSet, SenderContext, load_rules, parse_rules
+from dicom_ai.routing.engine import PHI_KEYWORDS
 from dicom_ai.routing.replay import replay
 from dicom_ai.store.index import Index
 from dicom_ai.store.states import DeliveryState, JobState, SeriesState
@@ -43,10 +45,11 @@ __all__ = ["Actor", "Console"]
 
 log = logging.getLogger(__name__)
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_MODALITY = re.compile(r"^[A-Z0-9 _]{1,16}$")
-_DESTINATION = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control
+# Used with fullmatch: a "$" would let a final newline through.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_MODALITY = re.compile(r"[A-Z0-9 _]{1,16}")
+_DESTINATION = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5 AE: no backslash, no control
 MAX_PER_PAGE = 500
 MAX_PAGE = 10**7
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
@@ -67,7 +70,7 @@ class Actor:
 
 
 def uid(value: str, what: str = "UID") -> str:
-    if len(value) > 64 or not _UID.match(value):
+    if len(value) > 64 or not _UID.fullmatch(value):
         raise BadRequest(f"{what} {value[:70]!r} is not a DICOM UID")
     return value
 
@@ -91,9 +94,13 @@ def since_arg(value: str | None) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):  # nan, inf, 1e999
+            raise BadRequest(f"since {value[:40]!r}: a finite number of epoch seconds")
+        return seconds
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -140,16 +147,17 @@ class Console:
 
     def login(self, name: str, password: str, address: str) -> tuple[str, Session]:
         """A new session (its id for the cookie). Paused after ``web.login_attempts``
-        failures for the name or from the address within ``web.login_pause_seconds``."""
+        failures for the name or from the address within ``web.login_pause_seconds``.
+        An attempt counts as failed from its start, so attempts sent at once cannot all
+        pass the check before the first fails."""
         web = self.config.web
         keys = [f"user:{name[:64]}", f"address:{address}"]
-        if self.accounts.login_paused(keys, web.login_attempts, web.login_pause_seconds):
+        if not self.accounts.login_attempt(keys, web.login_attempts, web.login_pause_seconds):
             raise TooManyRequests(
                 f"too many failed logins; try again in {web.login_pause_seconds:.0f} s"
             )
         user = self.accounts.authenticate(name, password) if len(password) <= 1024 else None
         if user is None:
-            self.accounts.login_failed(keys, web.login_pause_seconds)
             self.accounts.audit(name[:64], "login.failed", "", {}, address)
             log.warning("failed console login from %s", address)
             raise NotAuthenticated("wrong user name or password")
@@ -196,7 +204,7 @@ class Console:
         per_page: int,
     ) -> Page:
         actor.require("read")
-        if modality and not _MODALITY.match(modality):
+        if modality and not _MODALITY.fullmatch(modality):
             raise BadRequest(f"modality {modality[:20]!r}: a DICOM modality such as CT or MR")
         where = SeriesFilter(
             _enum(SeriesState, state, "state", {}), modality or None, since_arg(since)
@@ -291,7 +299,7 @@ class Console:
 
     def echo(self, actor: Actor, name: str) -> dict[str, Any]:
         actor.require("act")
-        if not _DESTINATION.match(name):
+        if not _DESTINATION.fullmatch(name):
             raise BadRequest(f"destination name {name[:70]!r}: letters, digits, '_', '.', '-'")
         destination = self.config.destinations.get(name)
         if destination is None:
@@ -391,6 +399,18 @@ class Console:
             raise BadRequest(f"candidate: rules name {'; '.join(problems)}")
         return rules
 
+    def _may_match_on(self, actor: Actor, rules: RuleSet) -> bool:
+        """True when ``rules`` test patient data (name, ID, birth date...). Run over the
+        received series, such rules tell which series match, one question at a time: only
+        a role that may see patient data may run them (Forbidden for another)."""
+        named = _patient_keywords(rules)
+        if named and not may(actor.user.role, "patient"):
+            raise Forbidden(
+                f"the rules match on patient data ({', '.join(named)}); role "
+                f"{actor.user.role.value} may not run them over received series"
+            )
+        return bool(named)
+
     def check_rules(self, actor: Actor, text: str) -> dict[str, Any]:
         actor.require("read")
         rules = self._candidate(text)
@@ -413,6 +433,8 @@ class Console:
         title, rules = self._running_rules(called_ae)
         if rules_text:
             rules = self._candidate(rules_text)
+            if series_uid is not None:
+                self._may_match_on(actor, rules)
         if upload is not None:
             if len(upload) > MAX_UPLOAD:
                 raise BadRequest(f"the file is larger than {MAX_UPLOAD >> 20} MiB")
@@ -422,7 +444,7 @@ class Console:
                 raise BadRequest("the upload is not a DICOM Part 10 file") from None
             if "SOPInstanceUID" not in header:
                 raise BadRequest("the upload is not a DICOM Part 10 file")
-            if not _AE.match(calling_ae):
+            if not _AE.fullmatch(calling_ae):
                 raise BadRequest(f"calling AE {calling_ae[:20]!r} is not an AE title")
             sender = SenderContext(calling_ae, title, source_ip)
             source = "upload"
@@ -475,6 +497,7 @@ class Console:
             raise BadRequest(f"count {count}: between 1 and {MAX_REPLAY}")
         title, current = self._running_rules(called_ae)
         candidate = self._candidate(text)
+        patient = self._may_match_on(actor, candidate)
         inputs = []
         unreadable = 0
         for series_uid, path in self.view.recent_series(count):
@@ -487,7 +510,10 @@ class Console:
             sender = SenderContext(*senders[0]) if senders else SenderContext("?", title, "")
             inputs.append((series_uid, header, sender))
         rows = replay(current, candidate, inputs)
-        self._audit(actor, "rules.replay", title, series=len(rows))
+        detail: dict[str, object] = {"series": len(rows)}
+        if patient:
+            detail["patient"] = True
+        self._audit(actor, "rules.replay", title, **detail)
         return {
             "called_ae": title,
             "series": len(rows),
@@ -548,6 +574,21 @@ class Console:
             }
             for e in self.accounts.audit_entries(limit=limit, newest_first=True)
         ]
+
+
+def _patient_keywords(rules: RuleSet) -> list[str]:
+    """The patient's elements (PHI_KEYWORDS, Patient*) that the rules' conditions test."""
+    named: set[str] = set()
+    conditions = [rule.match for rule in rules.rules if rule.match is not None]
+    while conditions:
+        for key, value in conditions.pop().terms():
+            if isinstance(value, tuple):
+                conditions.extend(value)
+            elif isinstance(value, Condition):
+                conditions.append(value)
+            elif key in PHI_KEYWORDS or key.startswith("Patient"):
+                named.add(key)
+    return sorted(named)
 
 
 def role_names() -> list[str]:

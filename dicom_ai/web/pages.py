@@ -69,8 +69,8 @@ DONE = {
     "logout": "You are logged out.",
 }
 
-# Where an action may send the browser back to (a form's ``back`` field).
-_BACK = re.compile(r"^/(failures|series/[0-9.]{1,64})$")
+# Where an action may send the browser back to (a form's ``back`` field); fullmatch.
+_BACK = re.compile(r"/(failures|series/[0-9.]{1,64})")
 
 
 def _when(epoch: float | None) -> str:
@@ -173,7 +173,7 @@ def _fragment(request: Request, who: Actor, template: str, **context: Any) -> HT
 
 
 def _back(value: str, default: str) -> str:
-    return value if _BACK.match(value) else default
+    return value if _BACK.fullmatch(value) else default
 
 
 def _see(url: str, done: str | None = None) -> RedirectResponse:
@@ -188,7 +188,11 @@ def _local(target: str | None) -> str:
     login link must not send anyone elsewhere."""
     if not target or len(target) > 1024 or not target.startswith("/"):
         return "/"
-    if target.startswith(("//", "/\\", "/login", "/logout")) or any(c in target for c in "\r\n\\"):
+    if target.startswith(("//", "/login", "/logout")):
+        return "/"
+    # No backslash, space or control character: browsers drop tabs and newlines from a URL
+    # ("/\t/evil" becomes "//evil") and read "\" as "/".
+    if any(c == "\\" or c <= " " or c == "\x7f" for c in target):
         return "/"
     return target
 
