@@ -39,6 +39,7 @@ from dicom_ai.routing.replay import replay
 from dicom_ai.store.index import Index
 from dicom_ai.store.states import DeliveryState, JobState, SeriesState
 from dicom_ai.web.accounts import Accounts, AccountsError, Role, Session, User, may
+from dicom_ai.web.isolated import IsolatedError, run_isolated
 from dicom_ai.web.views import ConsoleView, Page, SeriesFilter
 
 __all__ = ["Actor", "Console"]
@@ -55,6 +56,7 @@ MAX_PAGE = 10**7
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
 MAX_REPLAY = 1000
 MAX_UPLOAD = 64 << 20
+REPLAY_SECONDS = 30.0  # the evaluation of a candidate rules file, in its own process
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ def row_id(value: int, what: str) -> int:
 
 
 def since_arg(value: str | None) -> float | None:
-    """Epoch seconds, or an ISO 8601 date/time (UTC when it names no zone)."""
+    """Epoch seconds, or an ISO 8601 date/time (the node's local time when it names no
+    zone, as an operator reads the pages)."""
     if value is None or value == "":
         return None
     try:
@@ -158,7 +161,9 @@ class Console:
             )
         user = self.accounts.authenticate(name, password) if len(password) <= 1024 else None
         if user is None:
-            self.accounts.audit(name[:64], "login.failed", "", {}, address)
+            # An unknown name is often a password typed in the wrong field: not kept.
+            known = self.accounts.user(name) is not None
+            self.accounts.audit(name if known else "(unknown)", "login.failed", "", {}, address)
             log.warning("failed console login from %s", address)
             raise NotAuthenticated("wrong user name or password")
         self.accounts.login_succeeded(keys)
@@ -509,7 +514,15 @@ class Console:
             senders = self.view.series_senders(series_uid)
             sender = SenderContext(*senders[0]) if senders else SenderContext("?", title, "")
             inputs.append((series_uid, header, sender))
-        rows = replay(current, candidate, inputs)
+        try:
+            rows = run_isolated(replay, current, candidate, inputs, timeout=REPLAY_SECONDS)
+        except IsolatedError as exc:
+            if exc.timed_out:
+                raise BadRequest(
+                    f"the rules took longer than {REPLAY_SECONDS:.0f} s on {len(inputs)} "
+                    "series and were stopped: a regular expression that backtracks?"
+                ) from None
+            raise
         detail: dict[str, object] = {"series": len(rows)}
         if patient:
             detail["patient"] = True

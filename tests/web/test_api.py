@@ -7,6 +7,7 @@ the echo test calls a real DCMTK storescp.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,3 +476,31 @@ def test_the_audit_log_is_append_only(env: Env) -> None:
     finally:
         db.close()
     assert [e.action for e in env.accounts.audit_entries()] == ["job.rerun"]
+
+
+def test_a_replay_that_backtracks_is_stopped_and_the_console_answers(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_ai.web import console
+
+    monkeypatch.setattr(console, "REPLAY_SECONDS", 3.0)
+    # (\d|\d)+x on a 40-digit UID backtracks for hours; re holds the interpreter lock.
+    evil = CT_RULES.replace(
+        "match: {Modality: {equals: CT}}", r"match: {SeriesInstanceUID: {regex: '(\d|\d)+x'}}"
+    )
+    started = time.monotonic()
+    answer = env.call("POST", "/api/v1/rules/replay", json={"text": evil, "count": 2})
+    assert answer.status_code == 400, answer.text
+    assert "took longer than 3 s" in answer.json()["detail"]
+    assert time.monotonic() - started < 15
+    assert env.client.get("/healthz").status_code == 200
+    assert not [e for e in env.accounts.audit_entries() if e.action == "rules.replay"]
+
+
+def test_a_failed_login_keeps_no_unknown_name(env: Env) -> None:
+    """A name nobody has is often a password typed into the wrong field."""
+    for name in ("admin", "correct horse battery"):
+        with pytest.raises(Exception, match="wrong user name or password"):
+            env.client.app.state.console.login(name, "wrong", "10.0.0.9")  # type: ignore[attr-defined]
+    failed = [e.user for e in env.accounts.audit_entries() if e.action == "login.failed"]
+    assert failed == ["admin", "(unknown)"]
