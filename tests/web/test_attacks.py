@@ -32,6 +32,9 @@ from dicom_ai.web.console import MAX_UPLOAD
 from dicom_ai.web.pages import LOGIN_COOKIE
 from tests.web.test_api import CT_RULES, Env, _series, make_env
 
+# A corpus of about 120 attacks (30 s): the full suite runs it, the inner loop does not.
+pytestmark = pytest.mark.slow
+
 HTML = {"accept": "text/html,application/xhtml+xml"}
 # One payload per way out of a context: element text, a quoted attribute, a script tag.
 XSS = {
