@@ -131,11 +131,11 @@ def serve(config: ConfigOption = None, verbose: Verbose = False) -> None:
         node = Node(cfg, log_level=level)
         node.start()
     except Exception as exc:
+        if node is not None:
+            node.stop()  # the worker and console processes it started
         message = _start_failure(exc, cfg)
         if message is None:
             raise
-        if node is not None:
-            node.stop()  # the worker processes it started
         raise _fail(message) from exc
     started = node
 

@@ -74,7 +74,9 @@ class WebServer:
             target=_web_main,
             args=(self._config, self._socket, os.getpid(), self._log_level, self._ready),
             name="dicom-ai-web",
-            daemon=True,
+            # Not a daemon: a daemonic process may not start children, and a replay runs in
+            # one (isolated.py). It still ends with the node: stop(), or PR_SET_PDEATHSIG.
+            daemon=False,
         )
         self._process.start()
 

@@ -69,6 +69,14 @@ def test_users_from_the_cli_and_the_api_over_http(tmp_path: Path) -> None:
         assert token.startswith("dai_")
         page = _get(f"http://127.0.0.1:{web_port}/api/v1/series", token)
         assert page["total"] == 0
+        # A replay runs in a process of the console's own (a child of a child of the node).
+        replay = urllib.request.Request(
+            f"http://127.0.0.1:{web_port}/api/v1/rules/replay",
+            data=json.dumps({"text": "rules: []\n", "count": 5}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(replay, timeout=60) as answer:
+            assert json.loads(answer.read())["series"] == 0
         with pytest.raises(urllib.error.HTTPError) as refused:
             _get(f"http://127.0.0.1:{web_port}/api/v1/series")
         assert refused.value.code == 401
@@ -76,7 +84,7 @@ def test_users_from_the_cli_and_the_api_over_http(tmp_path: Path) -> None:
         assert unknown.returncode == 1 and "no user" in unknown.stdout + unknown.stderr
         exported = _cli(node.config_path, "audit", "export")
         actions = [json.loads(line)["action"] for line in exported.stdout.splitlines()]
-        assert actions == ["user.add", "user.token"]
+        assert actions == ["user.add", "user.token", "rules.replay"]
     finally:
         node.stop()
     assert not port_open(web_port)  # the console's process stopped with the node
