@@ -21,6 +21,7 @@ from selenium.common.exceptions import (
     NoSuchElementException,
     StaleElementReferenceException,
     TimeoutException,
+    WebDriverException,
 )
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -109,7 +110,9 @@ class Browser:
         for _ in range(5):
             try:
                 return str(self.find(css).text)
-            except StaleElementReferenceException:
+            except WebDriverException as exc:
+                if not _gone(exc):
+                    raise
                 time.sleep(0.1)
         return str(self.find(css).text)
 
@@ -136,8 +139,8 @@ class Browser:
             try:
                 self.find(css).click()
                 return
-            except StaleElementReferenceException:
-                if attempt == 4:
+            except WebDriverException as exc:
+                if attempt == 4 or not _gone(exc):
                     raise
                 time.sleep(0.2)
 
@@ -159,7 +162,12 @@ class Browser:
         found: list[T] = []
 
         def ready(_: object) -> bool:
-            result = predicate()
+            try:
+                result = predicate()
+            except WebDriverException as exc:
+                if _gone(exc):
+                    return False
+                raise
             if result:
                 found[:] = [result]
             return bool(result)
@@ -227,9 +235,20 @@ class Browser:
         return list(self._problems)
 
 
+def _gone(exc: WebDriverException) -> bool:
+    """An element a live refresh or a navigation took out of the page: Chromium says so as
+    a stale reference, or, caught in the middle, as a node that "does not belong to the
+    document"."""
+    return isinstance(exc, StaleElementReferenceException) or (
+        "does not belong to the document" in str(exc.msg or exc)
+    )
+
+
 def _stale(element: WebElement) -> bool:
     try:
         element.is_enabled()
-    except StaleElementReferenceException:
-        return True
+    except WebDriverException as exc:
+        if _gone(exc):
+            return True
+        raise
     return False
