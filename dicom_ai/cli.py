@@ -321,18 +321,28 @@ def rules_test(
 
 @app.command()
 def status(config: ConfigOption = None) -> None:
-    """Counts of instances, series, jobs and deliveries; dead letters and failed jobs."""
-    from dicom_ai.store.index import Index, StatusIndex
+    """Counts of instances, series, jobs and deliveries; the spool, free space, and what is
+    held back and why; dead letters and failed jobs."""
+    from dicom_ai.receivers import open_store
     from dicom_ai.store.states import DeliveryState, JobState
 
     cfg = load_config(config)
-    index: StatusIndex = Index(cfg.node.data_dir / "index.sqlite3")
+    spool, index = open_store(cfg)
     table = Table(title=f"dicom-ai data in {cfg.node.data_dir}")
     table.add_column("what")
     table.add_column("count", justify="right")
     for key, value in sorted(index.counts().items()):
         table.add_row(key, str(value))
     console.print(table)
+    usage = index.storage_usage()
+    console.print(
+        f"spool: {_size(usage.instance_bytes + usage.result_bytes)} "
+        f"({usage.instances} received instances, {_size(usage.instance_bytes)}; results of "
+        f"{usage.result_jobs} jobs, {_size(usage.result_bytes)}); "
+        f"{_size(spool.free_bytes())} free on its filesystem"
+    )
+    for held in usage.held_back:
+        console.print(f"held back: {held.count} ({_size(held.bytes)}), {held.reason}")
     for job in index.jobs(JobState.FAILED):
         console.print(
             f"failed job {job.id} ({job.model}, series {job.series_instance_uid}): {job.error}"
@@ -353,6 +363,73 @@ def resubmit(config: ConfigOption = None) -> None:
     index: StatusIndex = Index(cfg.node.data_dir / "index.sqlite3")
     count = index.resubmit_dead()
     console.print(f"{count} dead-letter deliveries resubmitted")
+
+
+@app.command()
+def discard(
+    delivery_ids: Annotated[list[int], typer.Argument(help="Dead-letter delivery ids.")],
+    config: ConfigOption = None,
+) -> None:
+    """Give up dead-letter deliveries: they are never sent, and their results may then be
+    purged (storage.keep_results_hours after they ended)."""
+    from dicom_ai.store.index import Index
+
+    cfg = load_config(config)
+    index = Index(cfg.node.data_dir / "index.sqlite3")
+    refused = [d for d in delivery_ids if not index.discard_delivery(d)]
+    console.print(f"{len(delivery_ids) - len(refused)} dead-letter deliveries discarded")
+    if refused:
+        raise _fail(f"not dead letters, left as they are: {', '.join(map(str, refused))}", 1)
+
+
+@app.command()
+def purge(
+    config: ConfigOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be deleted; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete now what the storage policy says may go (the running node does this every
+    storage.cleanup_interval_seconds); nothing undelivered is ever deleted."""
+    from dicom_ai.receivers import open_store
+    from dicom_ai.store.retention import Purger, RetentionPolicy
+
+    cfg = load_config(config)
+    spool, index = open_store(cfg, durable=True)
+    purger = Purger(index, spool, RetentionPolicy.from_config(cfg.storage))
+    if dry_run:
+        plan = purger.plan()
+        table = Table(title="would be deleted now")
+        for column in ("what", "count", "files", "size"):
+            table.add_column(column, justify="left" if column == "what" else "right")
+        table.add_row(
+            "received instances (series)",
+            str(len(plan.sources)),
+            str(sum(c.files for c in plan.sources)),
+            _size(sum(c.bytes for c in plan.sources)),
+        )
+        table.add_row(
+            "results (jobs)", str(len(plan.results)), "", _size(sum(c.bytes for c in plan.results))
+        )
+        for name, n in plan.records.items():
+            table.add_row(f"index rows: {name}", str(n), "", "")
+        console.print(table)
+    else:
+        report = purger.purge()
+        console.print(f"purged {report.summary()}")
+    for held in index.storage_usage().held_back:
+        console.print(f"held back: {held.count} ({_size(held.bytes)}), {held.reason}")
+
+
+def _size(size: int) -> str:
+    if size < 1000:
+        return f"{size} bytes"
+    value = size / 1000
+    for unit in ("kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
 
 
 models_app = typer.Typer(

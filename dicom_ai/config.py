@@ -40,6 +40,7 @@ __all__ = [
     "NodeConfig",
     "PipelineConfig",
     "ServerTLSConfig",
+    "StorageConfig",
     "WebConfig",
     "WebTLSConfig",
     "WebhookConfig",
@@ -224,6 +225,27 @@ class DeliveryConfig(_Strict):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+class StorageConfig(_Strict):
+    """Retention: what the cleaner deletes, and when (store/retention.py). Nothing that
+    is not yet delivered is ever deleted, whatever these say."""
+
+    # A series' received instances, counted from when all its jobs' results were delivered
+    # (or a rule routed it to no model).
+    keep_sources_hours: float = Field(default=24.0, ge=0)
+    # Result objects, counted from delivery.
+    keep_results_hours: float = Field(default=168.0, ge=0)
+    # Series no rule claimed, counted from routing.
+    keep_unrouted_hours: float = Field(default=24.0, ge=0)
+    # Index rows (series, jobs, deliveries, associations, events) whose files are gone,
+    # counted from their last change.
+    keep_records_days: float = Field(default=90.0, ge=0)
+    cleanup_interval_seconds: float = Field(default=60.0, gt=0)
+    # Below this much free space on the spool's filesystem, the oldest deletable sources and
+    # results go first, whatever their age; null: never. Set it above node.min_free_bytes,
+    # where C-STORE starts answering 0xA700.
+    emergency_free_bytes: int | None = Field(default=None, ge=0)
+
+
 class WebTLSConfig(_Strict):
     certificate: Path
     private_key: Path
@@ -284,6 +306,7 @@ class Config(_Strict):
     called_aes: dict[AETitle, CalledAEConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = PipelineConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    storage: StorageConfig = StorageConfig()
     web: WebConfig = WebConfig()
     webhooks: list[WebhookConfig] = Field(default_factory=list)
 
@@ -306,6 +329,13 @@ class Config(_Strict):
                 raise ValueError(f"destination name {name!r}: use letters, digits, '_', '.', '-'")
             if name == SENDER:
                 raise ValueError(f"destination name {SENDER!r} is reserved for return to sender")
+        emergency = self.storage.emergency_free_bytes
+        if emergency is not None and emergency <= self.node.min_free_bytes:
+            raise ValueError(
+                f"storage.emergency_free_bytes ({emergency}) must be above node.min_free_bytes "
+                f"({self.node.min_free_bytes}): the cleaner must free space before C-STORE "
+                "refuses for lack of it"
+            )
         if self.called_aes and "rules" in self.model_fields_set:
             raise ValueError("with called_aes, give each AE title its rules; drop top-level rules")
         return self

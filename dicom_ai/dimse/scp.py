@@ -346,5 +346,6 @@ class StorageSCP:
                 modality=header.modality,
                 path=path,
                 association_id=self._association_id(request.association),
+                size=sum(len(piece) for piece in contents),
             )
         )

@@ -14,6 +14,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -127,6 +128,12 @@ class Prefetcher:
                 self._sent[uid] = _NO_MODEL
 
 
+def _utc(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "an unknown time"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _nothing() -> None:
     pass
 
@@ -201,10 +208,22 @@ class Scheduler:
         uid = start.series.series_instance_uid
         self.prefetcher.forget(uid)
         paths = self.index.series_instance_paths(uid)
+        missing, purged_at = self.index.purged_shortfall(uid)
+        if missing:
+            # The rest of the series was purged: a run on what is here would replace the
+            # results made from all of it (store/retention.py).
+            note = (
+                f"not run: its earlier instances were purged at {_utc(purged_at)} after their "
+                f"results were delivered, and {missing} of them have not come back; send the "
+                "whole series again to run it"
+            )
+            self.index.start_run(uid, [], note)
+            log.warning("series %s (%d new instances): %s", uid, len(paths), note)
+            return
         plans, notes = self.plan(uid, paths)
         note = "; ".join(notes) or "no rule matched"
         hold_until = start.hold_until if plans else None
-        job_ids = self.index.start_run(uid, plans, note, hold_until)
+        job_ids = self.index.start_run(uid, plans, note, hold_until, claimed=bool(notes))
         if not job_ids:
             log.info(
                 "series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 
 from dicom_ai import metrics
-from dicom_ai.errors import OutOfSpaceError
+from dicom_ai.errors import OutOfSpaceError, StorageError
 from dicom_ai.store.states import (
     DeliveryState,
     IllegalTransition,
@@ -43,17 +43,21 @@ __all__ = [
     "DeliveryRecord",
     "Event",
     "EventIndex",
+    "HeldBack",
     "Index",
     "InstanceRecord",
     "JobRecord",
     "MetricValues",
     "PendingSeries",
+    "PurgeCandidate",
     "ReceivingIndex",
     "RecoveryIndex",
     "RunPlan",
     "SchedulingIndex",
     "Sender",
     "StatusIndex",
+    "StorageUsage",
+    "SweepIndex",
 ]
 
 
@@ -161,6 +165,33 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
             " checked_at REAL NOT NULL)",
         ),
     ),
+    (
+        5,
+        _statements(
+            # Retention (store/retention.py). An instance row marked purged names a file
+            # being deleted: a purge commits the mark before it touches a file.
+            "ALTER TABLE instances ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE instances ADD COLUMN purged INTEGER NOT NULL DEFAULT 0",
+            "CREATE INDEX IF NOT EXISTS instances_purged ON instances(series_instance_uid) "
+            "WHERE purged = 1",
+            "ALTER TABLE series ADD COLUMN routed_at REAL",
+            # 0: no rule claimed the series' last run (keep_unrouted_hours applies).
+            "ALTER TABLE series ADD COLUMN claimed INTEGER NOT NULL DEFAULT 1",
+            # 1 while the series has instance files not yet purged.
+            "ALTER TABLE series ADD COLUMN has_sources INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE series ADD COLUMN sources_purged_at REAL",
+            "ALTER TABLE series ADD COLUMN purged_instances INTEGER NOT NULL DEFAULT 0",
+            "CREATE INDEX IF NOT EXISTS series_has_sources ON series(has_sources) "
+            "WHERE has_sources = 1",
+            "CREATE INDEX IF NOT EXISTS series_sources_purged ON series(sources_purged_at)",
+            "ALTER TABLE jobs ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN results_purged_at REAL",
+            "CREATE INDEX IF NOT EXISTS jobs_results_kept ON jobs(finished_at) "
+            "WHERE results_purged_at IS NULL",
+            "CREATE INDEX IF NOT EXISTS associations_closed ON associations(closed_at)",
+            "CREATE INDEX IF NOT EXISTS events_created ON events(created_at)",
+        ),
+    ),
 )
 
 
@@ -176,6 +207,7 @@ class InstanceRecord:
     modality: str
     path: Path
     association_id: int
+    size: int = 0  # bytes of the file
 
 
 @dataclass(frozen=True)
@@ -243,6 +275,34 @@ class Event:
 
 
 @dataclass(frozen=True)
+class PurgeCandidate:
+    """A series (its UID) or a job (its id) whose files may be purged from ``due`` on."""
+
+    key: str
+    due: float
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    """Files kept past their time, and why: how many series or jobs, how many bytes."""
+
+    reason: str
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StorageUsage:
+    instances: int
+    instance_bytes: int
+    result_jobs: int
+    result_bytes: int
+    held_back: list[HeldBack]
+
+
+@dataclass(frozen=True)
 class MetricValues:
     """Every counter and histogram the index holds (labels as pairs)."""
 
@@ -263,7 +323,18 @@ class ReceivingIndex(Protocol):
     def count(self, name: str, labels: Mapping[str, str], by: float = 1.0) -> None: ...
 
 
-class RecoveryIndex(ReceivingIndex, Protocol):
+class SweepIndex(Protocol):
+    """Finishing interrupted purges (store/retention.py's `sweep`)."""
+
+    def series_with_purged_instances(self) -> list[str]: ...
+    def remove_purged_sources(
+        self, series_uid: str, remove: Callable[[Sequence[Path]], None]
+    ) -> tuple[int, int]: ...
+    def unneeded_results(self, job_ids: Sequence[int]) -> list[int]: ...
+    def remove_purged_results(self, job_id: int, remove: Callable[[], None]) -> bool: ...
+
+
+class RecoveryIndex(ReceivingIndex, SweepIndex, Protocol):
     """Recovery at start: what an earlier process left half done."""
 
     def close_stale_associations(self) -> int: ...
@@ -285,7 +356,9 @@ class SchedulingIndex(Protocol):
         plans: Sequence[RunPlan],
         note: str,
         hold_until: float | None = None,
+        claimed: bool = True,
     ) -> list[int]: ...
+    def purged_shortfall(self, series_uid: str) -> tuple[int, float | None]: ...
     def claim_pending_jobs(self, limit: int) -> list[JobRecord]: ...
     def job(self, job_id: int) -> JobRecord: ...
     def finish_job(
@@ -345,17 +418,22 @@ _DELIVERIES = (
 class Index:
     """Thread-safe access to the node's SQLite index (one connection, one lock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, durable: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._commits = 0  # this connection's; other connections' show in data_version
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
+        # Takes effect only on a new database: free pages can then be given back in steps
+        # (store/retention.py); an older one is converted by one VACUUM there.
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit survives a process crash (kill -9) but not power loss; the
         # instance file itself is fsynced before Success, and `unindexed` finds files a
-        # power loss took out of the index, so nothing acknowledged is lost.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # power loss took out of the index, so nothing acknowledged is lost. ``durable``
+        # (the cleaner's connection): FULL, so a purge's mark is on disk before any file
+        # it names is deleted.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -460,10 +538,11 @@ class Index:
                 SeriesState.PENDING,
                 record.series_instance_uid,
             )
+            _check_not_purged_under(db, record)
             db.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, series_instance_uid, "
-                "study_instance_uid, sop_class_uid, path, association_id, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "study_instance_uid, sop_class_uid, path, association_id, received_at, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.sop_instance_uid,
                     record.series_instance_uid,
@@ -472,6 +551,7 @@ class Index:
                     str(record.path),
                     record.association_id,
                     now,
+                    record.size,
                 ),
             )
             db.execute(
@@ -479,7 +559,7 @@ class Index:
                 "first_received, last_received, dirty, last_association_id) "
                 "VALUES (?, ?, ?, ?, ?, 1, ?) "
                 "ON CONFLICT(series_instance_uid) DO UPDATE SET "
-                "last_received = excluded.last_received, dirty = 1, "
+                "last_received = excluded.last_received, dirty = 1, has_sources = 1, "
                 "last_association_id = excluded.last_association_id",
                 (
                     record.series_instance_uid,
@@ -602,12 +682,16 @@ class Index:
         plans: Sequence[RunPlan],
         note: str,
         hold_until: float | None = None,
+        claimed: bool = True,
     ) -> list[int]:
         """Close the series' current batch of instances into a run with one job per plan.
 
         ``hold_until``: the run starts before the series is known complete; its results
         are held until then (assembly.py has the rule). A new run supersedes the held
-        results of earlier runs.
+        results of earlier runs. ``claimed``: False when no rule claimed the series (its
+        files are kept ``keep_unrouted_hours``). A run with jobs on a series whose earlier
+        instances were purged needs them all back (`purged_shortfall`); it then starts
+        afresh.
         """
         now = time.time()
         with self._tx() as db:
@@ -617,10 +701,20 @@ class Index:
             ).fetchone()
             run = int(runs) + 1
             db.execute(
-                "UPDATE series SET dirty = 0, runs = ?, routed_note = ? "
-                "WHERE series_instance_uid = ?",
-                (run, note, series_uid),
+                "UPDATE series SET dirty = 0, runs = ?, routed_note = ?, routed_at = ?, "
+                "claimed = ? WHERE series_instance_uid = ?",
+                (run, note, now, int(claimed or bool(plans)), series_uid),
             )
+            if plans:
+                if _purged_shortfall(db, series_uid):
+                    raise IllegalTransition(
+                        f"series {series_uid}: a run on part of a purged series"
+                    )
+                db.execute(
+                    "UPDATE series SET sources_purged_at = NULL, purged_instances = 0 "
+                    "WHERE series_instance_uid = ?",
+                    (series_uid,),
+                )
             db.execute(
                 "DELETE FROM series_associations WHERE series_instance_uid = ?", (series_uid,)
             )
@@ -707,6 +801,7 @@ class Index:
         now = time.time()
         encoded = json.dumps([str(f) for f in files])
         stages = dict(stages or {})
+        size = sum(_size(f) for f in files)
         with self._tx() as db:
             self._move(
                 db,
@@ -714,8 +809,9 @@ class Index:
                 "id = ?",
                 (job_id,),
                 JobState.DONE,
-                ", result_files = ?, error = NULL, updated_at = ?, finished_at = ?, stages = ?",
-                (encoded, now, now, json.dumps(stages)),
+                ", result_files = ?, error = NULL, updated_at = ?, finished_at = ?, stages = ?, "
+                "result_bytes = ?, results_purged_at = NULL",
+                (encoded, now, now, json.dumps(stages), size),
             )
             model_id = _job_model(db, job_id)
             _count(db, metrics.JOBS, {"model": model_id, "state": "done"})
@@ -795,19 +891,33 @@ class Index:
 
     def rerun_job(self, job_id: int) -> bool:
         """An operator runs a failed job again, with a fresh attempt budget; False when it
-        has not failed."""
+        has not failed, or when its series' instances were purged (a run on what is left
+        would replace results made from all of it)."""
         with self._tx() as db:
             moved = self._move(
                 db,
                 "jobs",
-                "id = ? AND state = ?",
+                "id = ? AND state = ? AND NOT EXISTS (SELECT 1 FROM series s "
+                "WHERE s.series_instance_uid = jobs.series_instance_uid "
+                "AND s.sources_purged_at IS NOT NULL)",
                 (job_id, JobState.FAILED.value),
                 JobState.PENDING,
                 ", attempts = 0, error = NULL, updated_at = ?, started_at = NULL, "
-                "finished_at = NULL",
+                "finished_at = NULL, results_purged_at = NULL",
                 (time.time(),),
             )
             return bool(moved)
+
+    def purged_shortfall(self, series_uid: str) -> tuple[int, float | None]:
+        """How many instances the series has fewer than were purged from it (0: none were,
+        or they came back), and when its sources were last purged."""
+        with self._lock:
+            missing = _purged_shortfall(self._db, series_uid)
+            row = self._db.execute(
+                "SELECT sources_purged_at FROM series WHERE series_instance_uid = ?",
+                (series_uid,),
+            ).fetchone()
+        return missing, None if row is None or row[0] is None else float(row[0])
 
     # -- deliveries --------------------------------------------------------------------------
 
@@ -914,6 +1024,292 @@ class Index:
             )
             return bool(moved)
 
+    def discard_delivery(self, delivery_id: int) -> bool:
+        """An operator gives up one dead letter: its results may then be purged. False when
+        it is not a dead letter."""
+        with self._tx() as db:
+            moved = self._move(
+                db,
+                "deliveries",
+                "id = ? AND state = ?",
+                (delivery_id, DeliveryState.DEAD.value),
+                DeliveryState.DISCARDED,
+                ", last_error = COALESCE(last_error, '') || ' (discarded)'",
+            )
+            return bool(moved)
+
+    # -- retention (store/retention.py) ------------------------------------------------------
+
+    def sources_due(
+        self,
+        now: float,
+        keep_seconds: float,
+        keep_unrouted_seconds: float,
+        limit: int,
+        any_age: bool = False,
+    ) -> list[PurgeCandidate]:
+        """Series whose instance files may go, oldest first: routed, no job pending or
+        running, no delivery pending or dead letter, and kept long enough (``any_age``:
+        whatever their age, for disk pressure)."""
+        rows = self._query(
+            "SELECT uid, due, files, bytes FROM ("
+            " SELECT s.series_instance_uid AS uid,"
+            "  MAX(COALESCE(s.routed_at, s.last_received),"
+            "   COALESCE((SELECT MAX(j.finished_at) FROM jobs j"
+            "     WHERE j.series_instance_uid = s.series_instance_uid), 0),"
+            "   COALESCE((SELECT MAX(d.delivered_at) FROM deliveries d JOIN jobs j"
+            "     ON j.id = d.job_id WHERE j.series_instance_uid = s.series_instance_uid), 0))"
+            "  + CASE WHEN s.claimed = 0 AND NOT EXISTS (SELECT 1 FROM jobs j"
+            "     WHERE j.series_instance_uid = s.series_instance_uid) THEN ? ELSE ? END"
+            "  AS due,"
+            "  (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid ="
+            "   s.series_instance_uid AND i.purged = 0) AS files,"
+            "  (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.series_instance_uid ="
+            "   s.series_instance_uid AND i.purged = 0) AS bytes"
+            " FROM series s WHERE s.has_sources = 1 AND s.dirty = 0 AND " + _SOURCES_FREE + ")"
+            " WHERE ? OR due <= ? ORDER BY due LIMIT ?",
+            (keep_unrouted_seconds, keep_seconds, int(any_age), now, limit),
+        )
+        return [
+            PurgeCandidate(str(r["uid"]), float(r["due"]), int(r["files"]), int(r["bytes"]))
+            for r in rows
+        ]
+
+    def results_due(
+        self, now: float, keep_seconds: float, limit: int, any_age: bool = False
+    ) -> list[PurgeCandidate]:
+        """Jobs whose result files may go, oldest first: done or failed, every delivery
+        delivered, superseded or discarded, and kept long enough (``any_age``: whatever
+        their age)."""
+        rows = self._query(
+            "SELECT id, due, bytes FROM ("
+            " SELECT j.id AS id, j.result_bytes AS bytes,"
+            "  MAX(COALESCE(j.finished_at, j.updated_at), COALESCE((SELECT MAX(d.delivered_at)"
+            "   FROM deliveries d WHERE d.job_id = j.id), 0)) + ? AS due"
+            " FROM jobs j WHERE j.results_purged_at IS NULL AND " + _RESULTS_FREE + ")"
+            " WHERE ? OR due <= ? ORDER BY due LIMIT ?",
+            (keep_seconds, int(any_age), now, limit),
+        )
+        return [PurgeCandidate(str(r["id"]), float(r["due"]), 0, int(r["bytes"])) for r in rows]
+
+    def mark_sources_purged(self, series_uids: Sequence[str]) -> list[str]:
+        """The first step of a purge: mark the series' instance rows, checking again that
+        nothing needs them. Committed before any file is deleted. The series marked."""
+        now = time.time()
+        marked = []
+        with self._tx() as db:
+            for uid in series_uids:
+                free = db.execute(
+                    "SELECT 1 FROM series s WHERE s.series_instance_uid = ? AND s.dirty = 0 AND "
+                    + _SOURCES_FREE,
+                    (uid,),
+                ).fetchone()
+                if free is None:
+                    continue
+                cur = db.execute(
+                    "UPDATE instances SET purged = 1 WHERE series_instance_uid = ? AND purged = 0",
+                    (uid,),
+                )
+                db.execute(
+                    "UPDATE series SET has_sources = 0, sources_purged_at = ?, "
+                    "purged_instances = purged_instances + ? WHERE series_instance_uid = ?",
+                    (now, cur.rowcount, uid),
+                )
+                marked.append(uid)
+        return marked
+
+    def remove_purged_sources(
+        self, series_uid: str, remove: Callable[[Sequence[Path]], None]
+    ) -> tuple[int, int]:
+        """The second step: ``remove`` the files of the series' marked rows, then the rows,
+        in one transaction. A receiver that wrote one of these files again meanwhile finds
+        it gone when it indexes it, and answers a failure (`add_instance`). Files, bytes."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT path, size FROM instances WHERE series_instance_uid = ? AND purged = 1",
+                (series_uid,),
+            ).fetchall()
+            remove([Path(str(r["path"])) for r in rows])
+            db.execute(
+                "DELETE FROM instances WHERE series_instance_uid = ? AND purged = 1",
+                (series_uid,),
+            )
+            return len(rows), sum(int(r["size"]) for r in rows)
+
+    def series_with_purged_instances(self) -> list[str]:
+        """Series whose purge was marked and not finished (a crash in between)."""
+        rows = self._query("SELECT DISTINCT series_instance_uid FROM instances WHERE purged = 1")
+        return [str(r[0]) for r in rows]
+
+    def mark_results_purged(self, job_ids: Sequence[int]) -> list[int]:
+        """The first step of a results purge, as `mark_sources_purged`. The jobs marked."""
+        now = time.time()
+        marked = []
+        with self._tx() as db:
+            for job_id in job_ids:
+                cur = db.execute(
+                    "UPDATE jobs SET results_purged_at = ? WHERE id IN (SELECT j.id FROM jobs j "
+                    "WHERE j.id = ? AND j.results_purged_at IS NULL AND " + _RESULTS_FREE + ")",
+                    (now, job_id),
+                )
+                if cur.rowcount:
+                    marked.append(job_id)
+        return marked
+
+    def remove_purged_results(self, job_id: int, remove: Callable[[], None]) -> bool:
+        """The second step: ``remove`` the job's result files if its mark still stands (an
+        operator's rerun clears it) or its rows were pruned. False when it does not."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT results_purged_at FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is not None and row[0] is None:
+                return False
+            remove()
+            return True
+
+    def unneeded_results(self, job_ids: Sequence[int]) -> list[int]:
+        """Of ``job_ids`` (result folders found on disk), those whose results were purged or
+        whose job is gone: orphans for the sweep."""
+        known = {
+            int(r["id"]): r["results_purged_at"] is not None
+            for r in self._query("SELECT id, results_purged_at FROM jobs")
+        }
+        return [j for j in job_ids if known.get(j, True)]
+
+    def prune_records(
+        self, cutoff: float, limit: int = 500, dry_run: bool = False
+    ) -> dict[str, int]:
+        """Delete the rows of series whose files are all gone and that have not changed
+        since ``cutoff`` (their jobs, deliveries and attempts with them), closed associations
+        nothing points to, and events, all older than ``cutoff``. The newest row of each
+        table stays, so SQLite never gives its id again (a webhook cursor, an audit line
+        and a result folder name ids). Rows deleted, per table; ``dry_run``: counted, and
+        rolled back (every row that would go, not ``limit``)."""
+        deleted: dict[str, int] = {}
+        if dry_run:
+            limit = -1
+        try:
+            with self._tx() as db:
+                self._prune(db, cutoff, limit, deleted)
+                if dry_run:
+                    raise _RolledBack
+        except _RolledBack:
+            pass
+        return deleted
+
+    @staticmethod
+    def _prune(db: sqlite3.Connection, cutoff: float, limit: int, deleted: dict[str, int]) -> None:
+        uids = [
+            str(r[0])
+            for r in db.execute(
+                "SELECT s.series_instance_uid FROM series s "
+                "WHERE s.sources_purged_at < ? AND s.has_sources = 0 AND s.dirty = 0 "
+                "AND NOT EXISTS (SELECT 1 FROM instances i "
+                "  WHERE i.series_instance_uid = s.series_instance_uid) "
+                "AND NOT EXISTS (SELECT 1 FROM jobs j "
+                "  WHERE j.series_instance_uid = s.series_instance_uid AND ("
+                "  j.results_purged_at IS NULL OR j.results_purged_at >= ? "
+                "  OR j.id >= (SELECT MAX(id) FROM jobs) OR EXISTS (SELECT 1 FROM "
+                "  deliveries d WHERE d.job_id = j.id AND "
+                "  d.id >= (SELECT MAX(id) FROM deliveries)))) "
+                "ORDER BY s.sources_purged_at LIMIT ?",
+                (cutoff, cutoff, limit),
+            )
+        ]
+        for table, sql in (
+            (
+                "delivery_attempts",
+                "DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT d.id FROM "
+                "deliveries d JOIN jobs j ON j.id = d.job_id WHERE j.series_instance_uid = ?)",
+            ),
+            (
+                "deliveries",
+                "DELETE FROM deliveries WHERE job_id IN "
+                "(SELECT id FROM jobs WHERE series_instance_uid = ?)",
+            ),
+            ("jobs", "DELETE FROM jobs WHERE series_instance_uid = ?"),
+            (
+                "series_associations",
+                "DELETE FROM series_associations WHERE series_instance_uid = ?",
+            ),
+            ("series", "DELETE FROM series WHERE series_instance_uid = ?"),
+        ):
+            deleted[table] = sum(db.execute(sql, (uid,)).rowcount for uid in uids)
+        deleted["associations"] = db.execute(
+            "DELETE FROM associations WHERE id IN (SELECT a.id FROM associations a "
+            "WHERE a.closed_at < ? AND a.id < (SELECT MAX(id) FROM associations) "
+            "AND a.id NOT IN (SELECT last_association_id FROM series) "
+            "AND a.id NOT IN (SELECT association_id FROM series_associations) "
+            "AND a.id NOT IN (SELECT association_id FROM instances) LIMIT ?)",
+            (cutoff, limit * 10),
+        ).rowcount
+        deleted["events"] = db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < ? "
+            "AND id < (SELECT MAX(id) FROM events) LIMIT ?)",
+            (cutoff, limit * 10),
+        ).rowcount
+
+    def compact(self) -> None:
+        """Give the pages of deleted rows back to the filesystem and bring the WAL file back
+        to empty. An index made before auto_vacuum was set is converted by one VACUUM."""
+        with self._lock:
+            (mode,) = self._db.execute("PRAGMA auto_vacuum").fetchone()
+            if int(mode) == 0:
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._db.execute("VACUUM")
+            else:
+                self._db.execute("PRAGMA incremental_vacuum").fetchall()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def storage_usage(self) -> StorageUsage:
+        """What the spool holds by the index's account, and what is held back and why."""
+        (sources,) = self._query(
+            "SELECT COUNT(*) AS files, COALESCE(SUM(size), 0) AS bytes FROM instances"
+        )
+        (results,) = self._query(
+            "SELECT COUNT(*) AS jobs, COALESCE(SUM(result_bytes), 0) AS bytes FROM jobs "
+            "WHERE results_purged_at IS NULL AND result_files IS NOT NULL"
+        )
+        held = [
+            HeldBack(str(r["reason"]), int(r["series"]), int(r["bytes"]))
+            for r in self._query(
+                "SELECT reason, COUNT(*) AS series, SUM(bytes) AS bytes FROM ("
+                " SELECT CASE"
+                "  WHEN s.dirty = 1 THEN 'sources: series still receiving or not yet routed'"
+                "  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid ="
+                "   s.series_instance_uid AND j.state IN ('pending', 'running'))"
+                "   THEN 'sources: a job pending or running'"
+                "  WHEN EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+                "   WHERE j.series_instance_uid = s.series_instance_uid AND d.state = 'dead')"
+                "   THEN 'sources: a delivery in dead letter'"
+                "  WHEN EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+                "   WHERE j.series_instance_uid = s.series_instance_uid AND d.state = 'pending')"
+                "   THEN 'sources: a delivery pending or backing off'"
+                "  ELSE NULL END AS reason,"
+                "  (SELECT COALESCE(SUM(size), 0) FROM instances i"
+                "   WHERE i.series_instance_uid = s.series_instance_uid) AS bytes"
+                " FROM series s WHERE s.has_sources = 1)"
+                " WHERE reason IS NOT NULL GROUP BY reason"
+                " UNION ALL "
+                "SELECT reason, COUNT(*), SUM(bytes) FROM ("
+                " SELECT CASE WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id"
+                "   AND d.state = 'dead') THEN 'results: a delivery in dead letter'"
+                "  ELSE 'results: a delivery pending or backing off' END AS reason,"
+                "  j.result_bytes AS bytes"
+                " FROM jobs j WHERE j.results_purged_at IS NULL AND EXISTS (SELECT 1 FROM"
+                "  deliveries d WHERE d.job_id = j.id AND d.state IN ('pending', 'dead')))"
+                " GROUP BY reason ORDER BY reason"
+            )
+        ]
+        return StorageUsage(
+            int(sources["files"]),
+            int(sources["bytes"]),
+            int(results["jobs"]),
+            int(results["bytes"]),
+            held,
+        )
+
     # -- events and metrics ------------------------------------------------------------------
 
     def events_after(self, event_id: int, limit: int = 100) -> list[Event]:
@@ -998,6 +1394,56 @@ class Index:
             for r in rows:
                 out[f"{table}.{r['state']}"] = int(r["n"])
         return out
+
+
+# Nothing of the series is still needed: no job to run, no delivery to make or resubmit.
+_SOURCES_FREE = (
+    "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid "
+    "AND j.state IN ('pending', 'running')) "
+    "AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id "
+    "WHERE j.series_instance_uid = s.series_instance_uid AND d.state IN ('pending', 'dead'))"
+)
+# The job's results are no longer needed: it will not run again by itself, and every
+# delivery went out, was superseded or was discarded.
+_RESULTS_FREE = (
+    "j.state IN ('done', 'failed') AND NOT EXISTS (SELECT 1 FROM deliveries d "
+    "WHERE d.job_id = j.id AND d.state IN ('pending', 'dead'))"
+)
+
+
+class _RolledBack(Exception):
+    """Raised inside a transaction to roll it back on purpose (a dry run)."""
+
+
+def _purged_shortfall(db: sqlite3.Connection, series_uid: str) -> int:
+    row = db.execute(
+        "SELECT s.purged_instances - (SELECT COUNT(*) FROM instances i "
+        "WHERE i.series_instance_uid = s.series_instance_uid AND i.purged = 0) "
+        "FROM series s WHERE s.series_instance_uid = ? AND s.sources_purged_at IS NOT NULL",
+        (series_uid,),
+    ).fetchone()
+    return 0 if row is None else max(0, int(row[0]))
+
+
+def _check_not_purged_under(db: sqlite3.Connection, record: InstanceRecord) -> None:
+    """A file written while a purge of its series ran may have been deleted by it: where a
+    purge touched the series, the file must still be there before it is acknowledged."""
+    touched = db.execute(
+        "SELECT 1 FROM series WHERE series_instance_uid = ? AND sources_purged_at IS NOT NULL",
+        (record.series_instance_uid,),
+    ).fetchone()
+    if touched is not None and not record.path.exists():
+        raise StorageError(
+            f"{record.path.name} was removed by a purge of its series before it was indexed; "
+            "not stored, send it again"
+        )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _job_model(db: sqlite3.Connection, job_id: int) -> str:

@@ -7,6 +7,7 @@ the same filesystem, so the rename is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -67,6 +68,41 @@ class Spool:
     def results_dir(self, job_id: int) -> Path:
         return self.root / "results" / str(job_id)
 
+    def result_job_ids(self) -> list[int]:
+        """The jobs that have a results folder."""
+        return sorted(int(p.name) for p in (self.root / "results").iterdir() if p.name.isdigit())
+
+    def remove_instance_files(self, paths: Sequence[Path]) -> None:
+        """Delete instance files, then their series and study folders where empty. A
+        receiver writing into a folder removed here makes it again (`write_atomic`)."""
+        folders = set()
+        for path in paths:
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        for folder in folders:
+            self._known_dirs.discard(folder)
+            for empty in (folder, folder.parent):
+                try:
+                    empty.rmdir()
+                except OSError:  # not empty (more of the series or study), or gone
+                    break
+
+    def remove_results(self, job_id: int) -> None:
+        shutil.rmtree(self.results_dir(job_id), ignore_errors=True)
+
+    def remove_empty_folders(self) -> int:
+        """Series and study folders a crash left empty; how many went."""
+        removed = 0
+        for study in (self.root / "instances").iterdir():
+            for series in list(study.iterdir()) if study.is_dir() else []:
+                with contextlib.suppress(OSError):
+                    series.rmdir()
+                    removed += 1
+            with contextlib.suppress(OSError):
+                study.rmdir()
+                removed += 1
+        return removed
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
@@ -90,7 +126,12 @@ class Spool:
         try:
             if not (self._direct and size <= _DIRECT_MAX and self._write_direct(tmp, pieces, size)):
                 _write_buffered(tmp, pieces)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                # The cleaner removed the (empty) folder of a purged series meanwhile.
+                folder.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, path)
             _fsync_dir(folder)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -19,6 +19,8 @@ existed reads the same.
     delivery:  (new) -> PENDING -> DELIVERED
                         PENDING -> PENDING                      (failed attempt, backing off)
                         PENDING -> DEAD -> PENDING              (attempts used up; resubmit)
+                                   DEAD -> DISCARDED            (an operator gives it up: its
+                                                                 results may then be purged)
                (new) -> SUPERSEDED                               (a later run already finished)
                         PENDING | DEAD -> SUPERSEDED            (a later run's results replace
                                                                  these; held results of an
@@ -63,6 +65,7 @@ class DeliveryState(StrEnum):
     DELIVERED = "delivered"
     DEAD = "dead"
     SUPERSEDED = "superseded"
+    DISCARDED = "discarded"
 
 
 class IllegalTransition(RuntimeError):
@@ -92,9 +95,12 @@ DELIVERY_MOVES: Mapping[DeliveryState | None, frozenset[DeliveryState]] = {
             DeliveryState.SUPERSEDED,
         }
     ),
-    DeliveryState.DEAD: frozenset({DeliveryState.PENDING, DeliveryState.SUPERSEDED}),
+    DeliveryState.DEAD: frozenset(
+        {DeliveryState.PENDING, DeliveryState.SUPERSEDED, DeliveryState.DISCARDED}
+    ),
     DeliveryState.SUPERSEDED: frozenset({DeliveryState.DELIVERED}),
     DeliveryState.DELIVERED: frozenset(),
+    DeliveryState.DISCARDED: frozenset(),
 }
 
 _S = TypeVar("_S", SeriesState, JobState, DeliveryState)

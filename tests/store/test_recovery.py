@@ -42,7 +42,11 @@ def test_recover_puts_right_what_a_killed_node_left(tmp_path: Path) -> None:
         (tmp_path / "spool" / "instances" / "junk").mkdir()
         recovered = recover(spool, index, "AI_CT")
         assert recovered == Recovered(
-            temp_files_removed=1, associations_closed=1, jobs_requeued=1, instances_reindexed=1
+            temp_files_removed=1,
+            associations_closed=1,
+            jobs_requeued=1,
+            instances_reindexed=1,
+            empty_folders_removed=1,  # junk
         )
         assert list((tmp_path / "spool" / "tmp").iterdir()) == []
         (pending,) = index.pending_series()

@@ -65,7 +65,13 @@ def test_every_state_has_its_row_in_the_table() -> None:
 
 def test_states_are_the_strings_stored_before() -> None:
     assert [s.value for s in JobState] == ["pending", "running", "done", "failed"]
-    assert {s.value for s in DeliveryState} == {"pending", "delivered", "dead", "superseded"}
+    assert {s.value for s in DeliveryState} == {
+        "pending",
+        "delivered",
+        "dead",
+        "superseded",
+        "discarded",
+    }
     assert JobState.DONE == "done"
 
 
