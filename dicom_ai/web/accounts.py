@@ -66,6 +66,7 @@ AUDIT_ACTIONS = (
     "view.patient",
     "job.rerun",
     "delivery.resubmit",
+    "delivery.discard",
     "destination.echo",
     "rules.test",
     "rules.replay",

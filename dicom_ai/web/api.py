@@ -85,6 +85,12 @@ def resubmit_delivery(delivery_id: int, who: Who, svc: Svc) -> dict[str, Any]:
     return svc.resubmit(who, delivery_id)
 
 
+@router.post("/deliveries/{delivery_id}/discard")
+def discard_delivery(delivery_id: int, who: Who, svc: Svc) -> dict[str, Any]:
+    """Give up a dead letter: it is never sent, and its results may then be purged."""
+    return svc.discard(who, delivery_id)
+
+
 @router.get("/destinations")
 def list_destinations(who: Who, svc: Svc) -> list[dict[str, Any]]:
     return svc.destinations(who)

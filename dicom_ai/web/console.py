@@ -194,6 +194,14 @@ class Console:
         actor.require("read")
         out = self.view.dashboard()
         out["disk"] = self.disk()
+        usage = self.index.storage_usage()
+        out["storage"] = {
+            "instance_bytes": usage.instance_bytes,
+            "result_bytes": usage.result_bytes,
+            "held_back": [
+                {"reason": h.reason, "count": h.count, "bytes": h.bytes} for h in usage.held_back
+            ],
+        }
         out["models"] = self.view.model_checks()
         return out
 
@@ -251,6 +259,11 @@ class Console:
         if job is None:
             raise NotFound(f"no job {job_id}")
         if not self.index.rerun_job(job_id):
+            if job["state"] == JobState.FAILED.value:
+                raise Conflict(
+                    f"job {job_id}: the instances of its series were purged "
+                    "(storage.keep_sources_hours); send the series again to run it"
+                )
             raise Conflict(f"job {job_id} is {job['state']}; only a failed job can be rerun")
         self._audit(actor, "job.rerun", str(job_id), series=job["series_instance_uid"])
         log.info("job %d rerun by %s", job_id, actor.user.name)
@@ -274,6 +287,20 @@ class Console:
         self._audit(actor, "delivery.resubmit", str(delivery_id), job=delivery["job_id"])
         log.info("delivery %d resubmitted by %s", delivery_id, actor.user.name)
         return {"delivery": delivery_id, "state": DeliveryState.PENDING.value}
+
+    def discard(self, actor: Actor, delivery_id: int) -> dict[str, Any]:
+        actor.require("act")
+        delivery = self.view.delivery(row_id(delivery_id, "delivery id"))
+        if delivery is None:
+            raise NotFound(f"no delivery {delivery_id}")
+        if not self.index.discard_delivery(delivery_id):
+            raise Conflict(
+                f"delivery {delivery_id} is {delivery['state']}; only a dead letter can be "
+                "discarded"
+            )
+        self._audit(actor, "delivery.discard", str(delivery_id), job=delivery["job_id"])
+        log.info("delivery %d discarded by %s", delivery_id, actor.user.name)
+        return {"delivery": delivery_id, "state": DeliveryState.DISCARDED.value}
 
     # -- destinations and models -------------------------------------------------------------
 

@@ -64,6 +64,7 @@ NAV = (
 DONE = {
     "rerun": "The job is queued to run again.",
     "resubmit": "The delivery is queued to go out again.",
+    "discard": "The delivery is given up; its results may now be purged.",
     "user-added": "The user was added.",
     "user-removed": "The user was removed.",
     "logout": "You are logged out.",
@@ -448,6 +449,14 @@ def resubmit(
 ) -> Response:
     svc.resubmit(who, delivery_id)
     return _see(_back(back, "/failures"), "resubmit")
+
+
+@router.post("/deliveries/{delivery_id}/discard")
+def discard(
+    delivery_id: int, who: Who, svc: Svc, back: Annotated[str, Form(max_length=100)] = ""
+) -> Response:
+    svc.discard(who, delivery_id)
+    return _see(_back(back, "/failures"), "discard")
 
 
 # -- rules -----------------------------------------------------------------------------------

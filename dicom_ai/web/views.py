@@ -61,6 +61,7 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
         "stages": json.loads(row["stages"]) if row["stages"] else {},
+        "results_purged_at": row["results_purged_at"],
     }
 
 
@@ -82,7 +83,8 @@ def _delivery(row: sqlite3.Row) -> dict[str, Any]:
 
 _SERIES = (
     "SELECT s.series_instance_uid, s.study_instance_uid, s.modality, s.first_received,"
-    " s.last_received, s.dirty, s.runs, s.routed_note,"
+    " s.last_received, s.dirty, s.runs, s.routed_note, s.sources_purged_at,"
+    " s.purged_instances,"
     " (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid = s.series_instance_uid)"
     "  AS instances,"
     " (SELECT GROUP_CONCAT(j.state) FROM jobs j"
@@ -104,6 +106,8 @@ def _series(row: sqlite3.Row) -> dict[str, Any]:
         "instances": row["instances"],
         "routing": row["routed_note"],
         "jobs": {s: states.count(s) for s in sorted(set(states))},
+        "sources_purged_at": row["sources_purged_at"],
+        "purged_instances": row["purged_instances"],
     }
 
 

@@ -94,7 +94,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def test_delivered_sources_and_results_go_after_their_time_not_before(store: Store) -> None:
-    paths, job_id, folder = store.delivered_series("1.1")
+    paths, _job_id, folder = store.delivered_series("1.1")
     assert not store.purger.purge()
     store.clock.ahead = 1.1 * HOUR
     report = store.purger.purge()
@@ -113,7 +113,7 @@ def test_nothing_undelivered_goes_whatever_the_age_or_pressure(tmp_path: Path) -
     pending = store.receive("2.1", 2)  # still receiving: not routed
     running_paths = store.receive("2.2", 2)
     assert store.run("2.2") is not None  # job running
-    backing_off, job_b, folder_b = store.delivered_series("2.3")
+    backing_off, _job_b, folder_b = store.delivered_series("2.3")
     # A second run's delivery backing off holds both runs' sources and its own results.
     store.receive("2.3", 1, first=9)
     job_b2 = store.run("2.3")
@@ -181,7 +181,7 @@ def test_a_purge_killed_between_its_steps_is_finished_by_the_sweep(store: Store)
 
 
 def test_a_late_instance_of_a_purged_series_never_runs_on_part_of_it(store: Store) -> None:
-    paths, job_id, _ = store.delivered_series("5.1", count=3)
+    _paths, _job_id, _ = store.delivered_series("5.1", count=3)
     store.clock.ahead = 1.1 * HOUR
     store.purger.purge()
     store.receive("5.1", 1, first=7)  # a straggler, acknowledged and kept
@@ -232,3 +232,80 @@ def test_old_rows_are_pruned_and_their_pages_given_back(store: Store) -> None:
 
 def _pages(index: Index) -> int:
     return int(index._query("PRAGMA page_count")[0][0])
+
+
+def test_purge_cli_shows_then_deletes_and_status_says_what_is_held_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from dicom_ai.cli import app
+
+    monkeypatch.setenv("COLUMNS", "200")
+    store = Store(tmp_path)
+    paths, _, folder = store.delivered_series("8.1")
+    held = store.receive("8.2", 2)
+    job_id = store.run("8.2")
+    assert job_id is not None
+    store.finish(job_id)
+    dead = store.delivery(job_id)
+    store.index.delivery_failed(dead, "refused", None)
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"data_dir": str(tmp_path), "min_free_bytes": 0},
+                "storage": {"keep_sources_hours": 0, "keep_results_hours": 0},
+            }
+        )
+    )
+    runner = CliRunner()
+    shown = runner.invoke(app, ["purge", "--dry-run", "--config", str(config)])
+    assert shown.exit_code == 0, shown.output
+    rows = {
+        cells[0]: cells[1:]
+        for line in shown.output.splitlines()
+        if "│" in line
+        for cells in [[c.strip() for c in line.strip("│ ").split("│")]]
+    }
+    assert rows["received instances (series)"] == ["1", "3", "3.0 kB"]
+    assert rows["results (jobs)"] == ["1", "", "500 bytes"]
+    assert rows["index rows: series"][0] == "0"
+    assert "held back: 1 (2.0 kB), sources: a delivery in dead letter" in shown.output
+    assert all(p.exists() for p in paths) and folder.exists()
+    done = runner.invoke(app, ["purge", "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    assert "purged sources of 1 series (3 files, 0.0 MB), results of 1 jobs" in done.output
+    assert not any(p.exists() for p in paths) and not folder.exists()
+    assert all(p.exists() for p in held)
+    status = runner.invoke(app, ["status", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    assert "spool: 2.5 kB (2 received instances, 2.0 kB; results of 1 jobs, 500 bytes)" in (
+        status.output
+    )
+    assert "held back: 1 (500 bytes), results: a delivery in dead letter" in status.output
+    refused = runner.invoke(app, ["discard", "12345", str(dead), "--config", str(config)])
+    assert refused.exit_code == 1 and "not dead letters, left as they are: 12345" in (
+        refused.output
+    )
+    assert "1 dead-letter deliveries discarded" in refused.output
+    runner.invoke(app, ["purge", "--config", str(config)])
+    assert not any(p.exists() for p in held)
+
+
+def test_emergency_threshold_must_be_above_the_refusal_watermark() -> None:
+    from pydantic import ValidationError
+
+    from dicom_ai.config import Config
+
+    with pytest.raises(ValidationError, match=r"must be above node\.min_free_bytes"):
+        Config.model_validate(
+            {"node": {"min_free_bytes": 100}, "storage": {"emergency_free_bytes": 100}}
+        )
+    config = Config.model_validate(
+        {"node": {"min_free_bytes": 100}, "storage": {"emergency_free_bytes": 101}}
+    )
+    policy = RetentionPolicy.from_config(config.storage)
+    assert (policy.keep_sources_seconds, policy.keep_records_seconds) == (24 * HOUR, 90 * 24 * HOUR)
+    assert policy.emergency_free_bytes == 101

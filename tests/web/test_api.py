@@ -153,6 +153,7 @@ READS = [
 ACTIONS = [
     ("POST", "/api/v1/jobs/{job}/rerun"),
     ("POST", "/api/v1/deliveries/{delivery}/resubmit"),
+    ("POST", "/api/v1/deliveries/{delivery}/discard"),
     ("POST", "/api/v1/destinations/pacs/echo"),
 ]
 ADMIN = [("GET", "/api/v1/users"), ("GET", "/api/v1/audit")]
@@ -266,6 +267,19 @@ def test_resubmit_a_dead_letter(env: Env) -> None:
     again = env.call("POST", f"/api/v1/deliveries/{env.dead_delivery}/resubmit")
     assert again.status_code == 409
     assert env.call("POST", "/api/v1/deliveries/12345/resubmit").status_code == 404
+
+
+def test_discard_a_dead_letter_then_its_results_may_be_purged(env: Env) -> None:
+    answer = env.call("POST", f"/api/v1/deliveries/{env.dead_delivery}/discard", "operator")
+    assert answer.status_code == 200 and answer.json()["state"] == "discarded"
+    assert env.call("GET", "/api/v1/deliveries?state=dead_letter").json()["total"] == 0
+    again = env.call("POST", f"/api/v1/deliveries/{env.dead_delivery}/discard")
+    assert again.status_code == 409 and "only a dead letter" in again.json()["detail"]
+    (entry,) = [e for e in env.accounts.audit_entries() if e.action == "delivery.discard"]
+    assert (entry.user, entry.target) == ("operator", str(env.dead_delivery))
+    job_id = next(d.job_id for d in env.index.deliveries() if d.id == env.dead_delivery)
+    due = env.index.results_due(time.time(), 0, limit=-1)
+    assert str(job_id) in [c.key for c in due]
 
 
 @pytest.mark.dcmtk

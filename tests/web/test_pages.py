@@ -379,12 +379,27 @@ def test_a_resubmit_from_the_series_page_goes_back_there(
     assert _delivery_state(node, node.dead_delivery) == "pending"
 
 
+def test_discard_from_the_failures_page(app_client: TestClient, node: Node) -> None:
+    _login(app_client, "ada")
+    page = app_client.get("/failures")
+    assert f'id="discard-{node.dead_delivery}"' in page.text
+    answer = app_client.post(
+        f"/deliveries/{node.dead_delivery}/discard",
+        data={"csrf_token": _csrf(page.text), "back": "/failures"},
+        follow_redirects=False,
+    )
+    assert answer.headers["location"] == "/failures?done=discard"
+    assert _delivery_state(node, node.dead_delivery) == "discarded"
+    assert "its results may now be purged" in app_client.get("/failures?done=discard").text
+
+
 def test_a_viewer_sees_no_action_and_may_not_act(app_client: TestClient, node: Node) -> None:
     _login(app_client, "vic")
     failures = app_client.get("/failures")
     assert failures.status_code == 200
     assert node.failed.series_instance_uid in failures.text  # the failure is listed
     assert "Rerun" not in failures.text and "Resubmit" not in failures.text
+    assert "Discard" not in failures.text
     series = app_client.get(f"/series/{node.failed.series_instance_uid}")
     assert "Rerun" not in series.text
     assert "C-ECHO" not in app_client.get("/destinations").text
@@ -392,6 +407,7 @@ def test_a_viewer_sees_no_action_and_may_not_act(app_client: TestClient, node: N
     for url in (
         f"/jobs/{node.failed_job}/rerun",
         f"/deliveries/{node.dead_delivery}/resubmit",
+        f"/deliveries/{node.dead_delivery}/discard",
         "/destinations/pacs/echo",
     ):
         answer = app_client.post(url, data={"csrf_token": token}, follow_redirects=False)
