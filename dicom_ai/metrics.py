@@ -17,6 +17,7 @@ __all__ = [
     "INSTANCES_RECEIVED",
     "JOBS",
     "JOB_STAGE_SECONDS",
+    "PURGED_BYTES",
     "RESULT_LATENCY_SECONDS",
     "Histogram",
 ]
@@ -25,6 +26,7 @@ INSTANCES_RECEIVED = "dicom_ai_instances_received_total"
 ASSOCIATIONS = "dicom_ai_associations_total"  # {result}: accepted, rejected_<reason>
 JOBS = "dicom_ai_jobs_total"  # {model, state}: done, failed, retried
 DELIVERIES = "dicom_ai_deliveries_total"  # {destination, state}: delivered, failed, dead_letter
+PURGED_BYTES = "dicom_ai_purged_bytes_total"  # {kind}: sources, results
 JOB_STAGE_SECONDS = "dicom_ai_job_stage_seconds"  # {model, stage}: load, infer, encode
 RESULT_LATENCY_SECONDS = "dicom_ai_result_latency_seconds"  # {model}
 

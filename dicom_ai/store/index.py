@@ -1012,29 +1012,31 @@ class Index:
 
     def resubmit_delivery(self, delivery_id: int) -> bool:
         """One dead letter back to pending; False when it is not a dead letter."""
-        with self._tx() as db:
-            moved = self._move(
-                db,
-                "deliveries",
-                "id = ? AND state = ?",
-                (delivery_id, DeliveryState.DEAD.value),
-                DeliveryState.PENDING,
-                ", attempts = 0, next_attempt_at = ?",
-                (time.time(),),
-            )
-            return bool(moved)
+        return self._move_dead_letter(
+            delivery_id, DeliveryState.PENDING, ", attempts = 0, next_attempt_at = ?", time.time()
+        )
 
     def discard_delivery(self, delivery_id: int) -> bool:
         """An operator gives up one dead letter: its results may then be purged. False when
         it is not a dead letter."""
+        return self._move_dead_letter(
+            delivery_id,
+            DeliveryState.DISCARDED,
+            ", last_error = COALESCE(last_error, '') || ' (discarded)'",
+        )
+
+    def _move_dead_letter(
+        self, delivery_id: int, new: DeliveryState, assign: str, *assign_args: object
+    ) -> bool:
         with self._tx() as db:
             moved = self._move(
                 db,
                 "deliveries",
                 "id = ? AND state = ?",
                 (delivery_id, DeliveryState.DEAD.value),
-                DeliveryState.DISCARDED,
-                ", last_error = COALESCE(last_error, '') || ' (discarded)'",
+                new,
+                assign,
+                assign_args,
             )
             return bool(moved)
 
@@ -1134,7 +1136,9 @@ class Index:
                 "DELETE FROM instances WHERE series_instance_uid = ? AND purged = 1",
                 (series_uid,),
             )
-            return len(rows), sum(int(r["size"]) for r in rows)
+            size = sum(int(r["size"]) for r in rows)
+            _count(db, metrics.PURGED_BYTES, {"kind": "sources"}, size)
+            return len(rows), size
 
     def series_with_purged_instances(self) -> list[str]:
         """Series whose purge was marked and not finished (a crash in between)."""
@@ -1161,11 +1165,13 @@ class Index:
         operator's rerun clears it) or its rows were pruned. False when it does not."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT results_purged_at FROM jobs WHERE id = ?", (job_id,)
+                "SELECT results_purged_at, result_bytes FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
             if row is not None and row[0] is None:
                 return False
             remove()
+            if row is not None:
+                _count(db, metrics.PURGED_BYTES, {"kind": "results"}, float(row[1]))
             return True
 
     def unneeded_results(self, job_ids: Sequence[int]) -> list[int]:

@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -275,32 +276,36 @@ class Console:
         return self.view.deliveries_page(parsed, *page_args(page, per_page))
 
     def resubmit(self, actor: Actor, delivery_id: int) -> dict[str, Any]:
-        actor.require("act")
-        delivery = self.view.delivery(row_id(delivery_id, "delivery id"))
-        if delivery is None:
-            raise NotFound(f"no delivery {delivery_id}")
-        if not self.index.resubmit_delivery(delivery_id):
-            raise Conflict(
-                f"delivery {delivery_id} is {delivery['state']}; only a dead letter can be "
-                "resubmitted"
-            )
-        self._audit(actor, "delivery.resubmit", str(delivery_id), job=delivery["job_id"])
-        log.info("delivery %d resubmitted by %s", delivery_id, actor.user.name)
-        return {"delivery": delivery_id, "state": DeliveryState.PENDING.value}
+        return self._dead_letter(
+            actor, delivery_id, self.index.resubmit_delivery, "resubmit", DeliveryState.PENDING
+        )
 
     def discard(self, actor: Actor, delivery_id: int) -> dict[str, Any]:
+        return self._dead_letter(
+            actor, delivery_id, self.index.discard_delivery, "discard", DeliveryState.DISCARDED
+        )
+
+    def _dead_letter(
+        self,
+        actor: Actor,
+        delivery_id: int,
+        move: Callable[[int], bool],
+        verb: str,
+        new: DeliveryState,
+    ) -> dict[str, Any]:
+        """What an operator does to one dead letter: ``move`` it, audited as ``verb``."""
+        done = {"resubmit": "resubmitted", "discard": "discarded"}[verb]
         actor.require("act")
         delivery = self.view.delivery(row_id(delivery_id, "delivery id"))
         if delivery is None:
             raise NotFound(f"no delivery {delivery_id}")
-        if not self.index.discard_delivery(delivery_id):
+        if not move(delivery_id):
             raise Conflict(
-                f"delivery {delivery_id} is {delivery['state']}; only a dead letter can be "
-                "discarded"
+                f"delivery {delivery_id} is {delivery['state']}; only a dead letter can be {done}"
             )
-        self._audit(actor, "delivery.discard", str(delivery_id), job=delivery["job_id"])
-        log.info("delivery %d discarded by %s", delivery_id, actor.user.name)
-        return {"delivery": delivery_id, "state": DeliveryState.DISCARDED.value}
+        self._audit(actor, f"delivery.{verb}", str(delivery_id), job=delivery["job_id"])
+        log.info("delivery %d %s by %s", delivery_id, done, actor.user.name)
+        return {"delivery": delivery_id, "state": new.value}
 
     # -- destinations and models -------------------------------------------------------------
 

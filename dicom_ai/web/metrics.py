@@ -1,11 +1,11 @@
 """``/metrics``: the index's counters and histograms in Prometheus' text format.
 
 Counters and histograms come from `Index.metric_values` (every process counts into the
-index, see `dicom_ai.metrics`); two gauges are measured at scrape time: the jobs waiting
-for a worker, and the free bytes on the spool's file system. Every metric `dicom_ai.metrics`
-names is always exposed, with its HELP and TYPE, also before anything was counted. Labels
-carry model ids, stage names, destination names and fixed results; never AE titles,
-addresses or patient data.
+index, see `dicom_ai.metrics`); gauges are measured at scrape time: the jobs waiting for a
+worker, the free bytes on the spool's file system, and the bytes the spool holds. Every
+metric `dicom_ai.metrics` names is always exposed, with its HELP and TYPE, also before
+anything was counted. Labels carry model ids, stage names, destination names and fixed
+results; never AE titles, addresses or patient data.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from prometheus_client.registry import Collector
 from dicom_ai import metrics
 from dicom_ai.store.index import Index, MetricValues
 
-__all__ = ["CONTENT_TYPE", "QUEUE_DEPTH", "SPOOL_FREE_BYTES", "render"]
+__all__ = ["CONTENT_TYPE", "QUEUE_DEPTH", "SPOOL_BYTES", "SPOOL_FREE_BYTES", "render"]
 
 # What generate_latest writes (prometheus_client's own server answers it so, too).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 QUEUE_DEPTH = "dicom_ai_queue_depth"
 SPOOL_FREE_BYTES = "dicom_ai_spool_free_bytes"
+SPOOL_BYTES = "dicom_ai_spool_bytes"
 
 # Each counter's help and label names, in the order they are exposed.
 _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -51,6 +52,10 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Delivery attempts, by destination and outcome: delivered, failed (to be retried), "
         "dead_letter.",
         ("destination", "state"),
+    ),
+    metrics.PURGED_BYTES: (
+        "Bytes of files the retention policy deleted, by kind: sources, results.",
+        ("kind",),
     ),
 }
 _COUNTER_LABELS = {name: labels for name, (_, labels) in _COUNTERS.items()}
@@ -86,6 +91,15 @@ class _Collector(Collector):
             "Free bytes on the spool's file system.",
             value=shutil.disk_usage(self._spool_dir).free,
         )
+        usage = self._index.storage_usage()
+        spool = GaugeMetricFamily(
+            SPOOL_BYTES,
+            "Bytes the spool holds by the index's account, by kind: sources, results.",
+            labels=("kind",),
+        )
+        spool.add_metric(["sources"], usage.instance_bytes)
+        spool.add_metric(["results"], usage.result_bytes)
+        yield spool
 
 
 def _label_names(

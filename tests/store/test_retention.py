@@ -106,6 +106,12 @@ def test_delivered_sources_and_results_go_after_their_time_not_before(store: Sto
     report = store.purger.purge()
     assert (report.jobs, report.result_bytes) == (1, 500)
     assert not folder.exists()
+    counted = {
+        labels: value
+        for name, labels, value in store.index.metric_values().counters
+        if name == "dicom_ai_purged_bytes_total"
+    }
+    assert counted == {(("kind", "results"),): 500.0, (("kind", "sources"),): 3000.0}
 
 
 def test_nothing_undelivered_goes_whatever_the_age_or_pressure(tmp_path: Path) -> None:

@@ -24,7 +24,13 @@ from dicom_ai.dimse.scp import AccessPolicy, CalledAE, StorageSCP
 from dicom_ai.store import index as index_module
 from dicom_ai.store.index import Index, InstanceRecord, RunPlan
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
-from dicom_ai.web.metrics import CONTENT_TYPE, QUEUE_DEPTH, SPOOL_FREE_BYTES, render
+from dicom_ai.web.metrics import (
+    CONTENT_TYPE,
+    QUEUE_DEPTH,
+    SPOOL_BYTES,
+    SPOOL_FREE_BYTES,
+    render,
+)
 from tests.peers import (
     NodeProcess,
     StoreSCP,
@@ -45,10 +51,12 @@ _FAMILIES = {
     "dicom_ai_associations": "counter",
     "dicom_ai_jobs": "counter",
     "dicom_ai_deliveries": "counter",
+    "dicom_ai_purged_bytes": "counter",
     "dicom_ai_job_stage_seconds": "histogram",
     "dicom_ai_result_latency_seconds": "histogram",
     QUEUE_DEPTH: "gauge",
     SPOOL_FREE_BYTES: "gauge",
+    SPOOL_BYTES: "gauge",
 }
 
 
@@ -150,6 +158,8 @@ def test_every_metric_is_exposed_before_anything_is_counted(
         ("dicom_ai_instances_received_total", ()): 0.0,
         (QUEUE_DEPTH, ()): 0.0,
         (SPOOL_FREE_BYTES, ()): 123456789.0,
+        (SPOOL_BYTES, (("kind", "sources"),)): 0.0,
+        (SPOOL_BYTES, (("kind", "results"),)): 0.0,
     }
     assert free_bytes == [tmp_path / "spool"]
 
