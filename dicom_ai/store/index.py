@@ -428,6 +428,9 @@ class Index:
         # (store/retention.py); an older one is converted by one VACUUM there.
         self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
+        # After a checkpoint the WAL file is cut back to this, so a burst does not keep it
+        # large for good (retention's `compact` truncates it to nothing).
+        self._db.execute(f"PRAGMA journal_size_limit={64 << 20}")
         # NORMAL: a commit survives a process crash (kill -9) but not power loss; the
         # instance file itself is fsynced before Success, and `unindexed` finds files a
         # power loss took out of the index, so nothing acknowledged is lost. ``durable``
