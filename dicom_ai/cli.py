@@ -343,6 +343,11 @@ def status(config: ConfigOption = None) -> None:
     )
     for held in usage.held_back:
         console.print(f"held back: {held.count} ({_size(held.bytes)}), {held.reason}")
+    for uid, here, missing in index.not_run_for_purge():
+        console.print(
+            f"not run: series {uid} ({here} instances here): sent after the series was "
+            f"purged; {missing} purged instances have not come back"
+        )
     for job in index.jobs(JobState.FAILED):
         console.print(
             f"failed job {job.id} ({job.model}, series {job.series_instance_uid}): {job.error}"
@@ -392,11 +397,18 @@ def purge(
     """Delete now what the storage policy says may go (the running node does this every
     storage.cleanup_interval_seconds); nothing undelivered is ever deleted."""
     from dicom_ai.receivers import open_store
-    from dicom_ai.store.retention import Purger, RetentionPolicy
+    from dicom_ai.store.retention import Purger, RetentionPolicy, sweep
 
     cfg = load_config(config)
     spool, index = open_store(cfg, durable=True)
     purger = Purger(index, spool, RetentionPolicy.from_config(cfg.storage))
+    if not dry_run:
+        swept = sweep(index, spool)  # what an interrupted purge (or this command) left
+        if swept:
+            console.print(
+                f"finished {swept.series} interrupted series purges, removed "
+                f"{swept.result_folders} result folders"
+            )
     if dry_run:
         plan = purger.plan()
         table = Table(title="would be deleted now")

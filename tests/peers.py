@@ -233,8 +233,11 @@ class NodeProcess:
         """Rows of a query on the node's index, read-only (the node may be running)."""
         import sqlite3
 
-        with sqlite3.connect(f"file:{self.data_dir / 'index.sqlite3'}?mode=ro", uri=True) as db:
+        db = sqlite3.connect(f"file:{self.data_dir / 'index.sqlite3'}?mode=ro", uri=True)
+        try:
             return db.execute(sql, args).fetchall()
+        finally:
+            db.close()
 
 
 def node_config(

@@ -17,6 +17,7 @@ database's ``PRAGMA user_version`` says how many it has seen.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import sqlite3
 import threading
@@ -181,6 +182,9 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
             "ALTER TABLE series ADD COLUMN has_sources INTEGER NOT NULL DEFAULT 1",
             "ALTER TABLE series ADD COLUMN sources_purged_at REAL",
             "ALTER TABLE series ADD COLUMN purged_instances INTEGER NOT NULL DEFAULT 0",
+            # Which instances were purged: 8-byte digests of their SOP Instance UIDs, so a
+            # run waits until exactly these came back (`_purged_shortfall`).
+            "ALTER TABLE series ADD COLUMN purged_sops BLOB",
             "CREATE INDEX IF NOT EXISTS series_has_sources ON series(has_sources) "
             "WHERE has_sources = 1",
             "CREATE INDEX IF NOT EXISTS series_sources_purged ON series(sources_purged_at)",
@@ -714,7 +718,8 @@ class Index:
                         f"series {series_uid}: a run on part of a purged series"
                     )
                 db.execute(
-                    "UPDATE series SET sources_purged_at = NULL, purged_instances = 0 "
+                    "UPDATE series SET sources_purged_at = NULL, purged_instances = 0, "
+                    "purged_sops = NULL "
                     "WHERE series_instance_uid = ?",
                     (series_uid,),
                 )
@@ -912,8 +917,8 @@ class Index:
             return bool(moved)
 
     def purged_shortfall(self, series_uid: str) -> tuple[int, float | None]:
-        """How many instances the series has fewer than were purged from it (0: none were,
-        or they came back), and when its sources were last purged."""
+        """How many of the instances purged from the series have not been received again
+        (0: none were purged, or all came back), and when its sources were last purged."""
         with self._lock:
             missing = _purged_shortfall(self._db, series_uid)
             row = self._db.execute(
@@ -1111,14 +1116,27 @@ class Index:
                 ).fetchone()
                 if free is None:
                     continue
-                cur = db.execute(
+                sops = [
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT sop_instance_uid FROM instances "
+                        "WHERE series_instance_uid = ? AND purged = 0",
+                        (uid,),
+                    )
+                ]
+                db.execute(
                     "UPDATE instances SET purged = 1 WHERE series_instance_uid = ? AND purged = 0",
                     (uid,),
                 )
+                (before,) = db.execute(
+                    "SELECT purged_sops FROM series WHERE series_instance_uid = ?", (uid,)
+                ).fetchone()
+                digests = bytes(before or b"") + b"".join(_sop_digest(sop) for sop in sops)
                 db.execute(
                     "UPDATE series SET has_sources = 0, sources_purged_at = ?, "
-                    "purged_instances = purged_instances + ? WHERE series_instance_uid = ?",
-                    (now, cur.rowcount, uid),
+                    "purged_instances = purged_instances + ?, purged_sops = ? "
+                    "WHERE series_instance_uid = ?",
+                    (now, len(sops), digests, uid),
                 )
                 marked.append(uid)
         return marked
@@ -1142,6 +1160,19 @@ class Index:
             size = sum(int(r["size"]) for r in rows)
             _count(db, metrics.PURGED_BYTES, {"kind": "sources"}, size)
             return len(rows), size
+
+    def not_run_for_purge(self, limit: int = 20) -> list[tuple[str, int, int]]:
+        """Series holding instances that came after their series was purged, not run until
+        the rest comes back: UID, instances here, purged instances still missing."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.series_instance_uid, (SELECT COUNT(*) FROM instances i "
+                "WHERE i.series_instance_uid = s.series_instance_uid AND i.purged = 0) "
+                "FROM series s WHERE s.has_sources = 1 AND s.sources_purged_at IS NOT NULL "
+                "ORDER BY s.last_received DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [(str(r[0]), int(r[1]), _purged_shortfall(self._db, str(r[0]))) for r in rows]
 
     def series_with_purged_instances(self) -> list[str]:
         """Series whose purge was marked and not finished (a crash in between)."""
@@ -1424,14 +1455,29 @@ class _RolledBack(Exception):
     """Raised inside a transaction to roll it back on purpose (a dry run)."""
 
 
+def _sop_digest(sop_instance_uid: str) -> bytes:
+    return hashlib.blake2b(sop_instance_uid.encode(), digest_size=8).digest()
+
+
 def _purged_shortfall(db: sqlite3.Connection, series_uid: str) -> int:
+    """How many of the series' purged instances have not been received again."""
     row = db.execute(
-        "SELECT s.purged_instances - (SELECT COUNT(*) FROM instances i "
-        "WHERE i.series_instance_uid = s.series_instance_uid AND i.purged = 0) "
-        "FROM series s WHERE s.series_instance_uid = ? AND s.sources_purged_at IS NOT NULL",
+        "SELECT purged_sops FROM series WHERE series_instance_uid = ? "
+        "AND sources_purged_at IS NOT NULL",
         (series_uid,),
     ).fetchone()
-    return 0 if row is None else max(0, int(row[0]))
+    if row is None or not row[0]:
+        return 0
+    blob = bytes(row[0])
+    purged = {blob[n : n + 8] for n in range(0, len(blob), 8)}
+    back = {
+        _sop_digest(str(r[0]))
+        for r in db.execute(
+            "SELECT sop_instance_uid FROM instances WHERE series_instance_uid = ? AND purged = 0",
+            (series_uid,),
+        )
+    }
+    return len(purged - back)
 
 
 def _check_not_purged_under(db: sqlite3.Connection, record: InstanceRecord) -> None:

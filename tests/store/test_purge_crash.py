@@ -11,8 +11,14 @@ series that must never go: one with a delivery backing off, one with a dead lett
 
 - ``marked``: as soon as a mark is committed (instance rows purged = 1), before or right
   after its first files go;
-- ``sources``: after a random number of instance rows went (in a batch of marked series);
+- ``unlink``: the purge kills itself right before a random one of its unlinks of instance
+  files (in the first batch of series it purges): inside the transaction that deletes a
+  series' files and rows, some files gone and some not;
+- ``file``: as soon as a random one of the instance files not yet marked is gone from the
+  disk, seen from outside;
+- ``sources``: after a random number of instance rows went (a kill right after a commit);
 - ``results-marked``: as soon as the first job's results are marked;
+- ``unlink-results``: right before a random one of its unlinks of result files;
 - ``results``: after a random number of result folders went;
 - ``pruning``: a random few milliseconds after the last result folder went, while old
   index rows are pruned and the index compacted.
@@ -20,11 +26,12 @@ series that must never go: one with a delivery backing off, one with a dead lett
 After each kill, on the index read only and the disk: every instance row not marked purged
 names a file that is there, every file under ``spool/instances`` has a row (a file goes
 before its row), every job whose results are not marked has its result files, and the
-undelivered series have every row and file they had. One purge then runs to its end, and
-the node starts on the data directory with long retention: its recovery sweep, and only
-that, must finish what the kills left: no row marked purged, no instance file without a
-row or of a purged series, no result folder of a purged or pruned job, no empty folder,
-and the undelivered series intact.
+undelivered series have every row and file they had. One purge then runs to its end (it
+does not sweep: what the kills left is still there), and the node starts on the data
+directory with long retention, so that nothing is purged anew: the sweep of its recovery
+must finish what the kills left: no row marked purged, no instance file without a row or of
+a purged series, no result folder of a purged or pruned job, no empty folder, and the
+undelivered series intact.
 """
 
 from __future__ import annotations
@@ -53,9 +60,20 @@ pytestmark = [pytest.mark.slow]
 SEED = int(os.environ.get("DICOM_AI_PURGE_CRASH_SEED", "1"))
 CT = "1.2.840.10008.5.1.4.1.1.2"
 UID = "1.2.826.0.1.3680043.8.498.7777"
-DELIVERED, FILES_PER_SERIES, FILE_BYTES = 240, 24, 2048
+DELIVERED, FILES_PER_SERIES, FILE_BYTES = 480, 12, 2048
+BATCH = 100  # series a purge marks per transaction (Purger.batch)
 UNROUTED, FAILED = 12, 12
-KILL_PLAN = ("marked", "sources", "sources", "results-marked", "results", "pruning")
+KILL_PLAN = (
+    "marked",
+    "unlink",
+    "file",
+    "sources",
+    "unlink",
+    "results-marked",
+    "unlink-results",
+    "results",
+    "pruning",
+)
 KILL_TIMEOUT = 60  # for one kill point to come
 POLL = 0.002
 
@@ -229,14 +247,37 @@ def _check_kept(probe: Probe, data: Data, when: str) -> None:
         ), when
 
 
-class PurgeRun:
-    """One ``dicom-ai purge`` process, killed when ``trigger`` says so."""
+# ``dicom-ai purge`` that SIGKILLs itself right before its N-th os.unlink (Path.unlink and
+# shutil.rmtree both call it): a kill point exact to the file, inside a purge's transaction.
+_KILL_AT_UNLINK = """
+import os, runpy, signal, sys
+kill_at = int(sys.argv.pop(1))
+unlink = os.unlink
+calls = 0
+def counting_unlink(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return unlink(*args, **kwargs)
+os.unlink = counting_unlink
+sys.argv[0] = "dicom-ai"
+runpy.run_module("dicom_ai.cli", run_name="__main__")
+"""
 
-    def __init__(self, config_path: Path, log: Path) -> None:
+
+class PurgeRun:
+    """One ``dicom-ai purge`` process, killed when ``trigger`` says so, or by itself before
+    its ``kill_at_unlink``-th unlink."""
+
+    def __init__(self, config_path: Path, log: Path, kill_at_unlink: int | None = None) -> None:
+        command = ["purge", "--config", str(config_path)]
+        if kill_at_unlink is None:
+            command = ["-m", "dicom_ai.cli", *command]
+        else:
+            command = ["-c", _KILL_AT_UNLINK, str(kill_at_unlink), *command]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_ai.cli", "purge", "--config", str(config_path)],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
+            [sys.executable, *command], stdout=log.open("ab"), stderr=subprocess.STDOUT
         )
 
     def kill_when(self, trigger: Any, timeout: float) -> bool:
@@ -255,17 +296,56 @@ class PurgeRun:
         raise TimeoutError(f"no kill point within {timeout} s")
 
 
+def _unlink_point(kind: str, probe: Probe, rng: random.Random) -> tuple[int, str]:
+    """Which unlink of the next purge to kill before: one of the first batch of series it
+    purges (``unlink``), or one of the results after every source (``unlink-results``)."""
+    kept = [k.series_uid for k in probe.data.kept]
+    sources = probe.one(
+        "SELECT COUNT(*) FROM instances WHERE purged = 0 AND series_instance_uid NOT IN "
+        f"({', '.join('?' * len(kept))})",
+        *kept,
+    )
+    if kind == "unlink":
+        assert sources > 1, "no purgeable instance left for this kill: KILL_PLAN asks too much"
+        n = rng.randint(2, min(sources, BATCH * FILES_PER_SERIES))
+        return n, f"before unlink {n} of the {sources} instance files it may delete"
+    n = sources + rng.randint(1, 100)  # two files per result folder
+    return n, f"before unlink {n - sources} of the result files, after {sources} instance files"
+
+
 def _trigger(kind: str, probe: Probe, rng: random.Random) -> tuple[Any, str]:
     """The predicate that says when to kill, and what it waits for."""
     start = probe.figures()
     if kind == "marked":
+        marked_rows = start["marked purged"]
         return (
-            lambda: probe.one("SELECT COUNT(*) FROM instances WHERE purged = 1") > 0,
+            lambda: probe.one("SELECT COUNT(*) FROM instances WHERE purged = 1") > marked_rows,
             "the first mark committed",
         )
+    if kind == "file":
+        # One of the series the purge marks first (the oldest), so later kills have some left.
+        kept = [k.series_uid for k in probe.data.kept]
+        paths = sorted(
+            Path(p)
+            for (p,) in probe.rows(
+                "SELECT path FROM instances WHERE purged = 0 AND series_instance_uid IN ("
+                " SELECT series_instance_uid FROM series WHERE has_sources = 1"
+                f" AND series_instance_uid NOT IN ({', '.join('?' * len(kept))})"
+                " ORDER BY routed_at LIMIT ?)",
+                *kept,
+                BATCH,
+            )
+        )
+        assert paths, "no purgeable instance left for this kill: KILL_PLAN asks too much"
+        path = rng.choice(paths)
+        return lambda: not path.exists(), f"instance file {path.name} gone from the disk"
     if kind == "sources":
-        left = start["instance rows"] - sum(len(k.instance_paths) for k in probe.data.kept)
-        drop = rng.randint(1, max(1, left * 2 // 3))
+        # Rows marked by an earlier kill go only at the sweep: not counted.
+        left = probe.one("SELECT COUNT(*) FROM instances WHERE purged = 0") - sum(
+            len(k.instance_paths) for k in probe.data.kept
+        )
+        assert left > 0, "no purgeable instance left for this kill: KILL_PLAN asks too much"
+        drop = rng.randint(1, min(left, BATCH * FILES_PER_SERIES) * 2 // 3)
         target = start["instance rows"] - drop
         return (
             lambda: probe.one("SELECT COUNT(*) FROM instances") <= target,
@@ -274,8 +354,9 @@ def _trigger(kind: str, probe: Probe, rng: random.Random) -> tuple[Any, str]:
     if kind == "results-marked":
         marked = start["results marked"]
         return (
-            lambda: probe.one("SELECT COUNT(*) FROM jobs WHERE results_purged_at IS NOT NULL")
-            > marked,
+            lambda: (
+                probe.one("SELECT COUNT(*) FROM jobs WHERE results_purged_at IS NOT NULL") > marked
+            ),
             "the first results mark committed",
         )
     if kind == "results":
@@ -337,41 +418,41 @@ def test_purge_killed_at_random_moments_needs_no_missing_file_and_leaves_no_orph
 
     killed = 0
     for n, kind in enumerate(KILL_PLAN, 1):
-        trigger, what = _trigger(kind, probe, rng)
-        run = PurgeRun(config_path, log)
         started = time.monotonic()
-        hit = run.kill_when(trigger, KILL_TIMEOUT)
+        if kind.startswith("unlink"):
+            at, what = _unlink_point(kind, probe, rng)
+            run = PurgeRun(config_path, log, kill_at_unlink=at)
+            run.proc.wait(timeout=KILL_TIMEOUT)
+            hit = run.proc.returncode == -signal.SIGKILL
+        else:
+            trigger, what = _trigger(kind, probe, rng)
+            run = PurgeRun(config_path, log)
+            hit = run.kill_when(trigger, KILL_TIMEOUT)
         killed += hit
         seen = probe.figures()
         print(
             f"kill {n} ({kind}, {what}): "
             f"{'killed' if hit else 'purge ended first'} after "
-            f"{time.monotonic() - started:.2f} s; "
-            + ", ".join(f"{k} {v}" for k, v in seen.items())
+            f"{time.monotonic() - started:.2f} s; " + ", ".join(f"{k} {v}" for k, v in seen.items())
         )
         _check_consistent(probe, data, f"after kill {n} ({kind})")
     # Every kill but the last (whose point may come after the purge's end) hit a purge.
     assert killed >= len(KILL_PLAN) - 1, log.read_text(errors="replace")
 
-    # One purge to its end: it does not sweep, so what the kills left is still there.
-    final = subprocess.run(
-        [sys.executable, "-m", "dicom_ai.cli", "purge", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert final.returncode == 0, final.stdout + final.stderr
+    # What the kills left for the sweep: marked rows, folders of purged jobs.
     left = probe.figures()
-    leftover_folders = {int(p.name) for p in (data.spool / "results").iterdir()}
     kept_jobs = {int(Path(k.result_paths[0]).parent.name) for k in data.kept}
+    marked_jobs = {
+        job_id
+        for (job_id,) in probe.rows("SELECT id FROM jobs WHERE results_purged_at IS NOT NULL")
+    }
+    leftover_folders = {int(p.name) for p in (data.spool / "results").iterdir()} & marked_jobs
     print(
-        "after a purge to its end: "
+        "after the last kill: "
         + ", ".join(f"{k} {v}" for k, v in left.items())
-        + f"; result folders of purged or pruned jobs {len(leftover_folders - kept_jobs)}"
+        + f"; result folders of purged jobs {len(leftover_folders)}"
     )
-    _check_consistent(probe, data, "after a purge to its end")
-    assert left["marked purged"] + len(leftover_folders - kept_jobs) > 0, (
+    assert left["marked purged"] + len(leftover_folders) > 0, (
         "the kills left nothing for the sweep: the test proves nothing about it"
     )
 
@@ -385,6 +466,22 @@ def test_purge_killed_at_random_moments_needs_no_missing_file_and_leaves_no_orph
     log_text = node.log_text()
     assert "interrupted purges finished" in log_text, log_text
     assert "cannot be reindexed" not in log_text and "Traceback" not in log_text, log_text
+    _check_consistent(probe, data, "after the node's sweep")
+    assert after["marked purged"] == 0
+    folders = {int(p.name) for p in (data.spool / "results").iterdir()}
+    assert not folders & marked_jobs, f"folders of purged jobs: {folders & marked_jobs}"
+
+    # Then one purge to its end (it sweeps first too): only what must stay is left.
+    final = subprocess.run(
+        [sys.executable, "-m", "dicom_ai.cli", "purge", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert final.returncode == 0, final.stdout + final.stderr
+    after = probe.figures()
+    print("after a purge to its end: " + ", ".join(f"{k} {v}" for k, v in after.items()))
 
     _check_consistent(probe, data, "after the sweep")
     assert after["marked purged"] == 0

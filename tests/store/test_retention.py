@@ -190,8 +190,11 @@ def test_a_late_instance_of_a_purged_series_never_runs_on_part_of_it(store: Stor
     _paths, _job_id, _ = store.delivered_series("5.1", count=3)
     store.clock.ahead = 1.1 * HOUR
     store.purger.purge()
-    store.receive("5.1", 1, first=7)  # a straggler, acknowledged and kept
-    assert store.index.purged_shortfall("5.1")[0] == 2  # 3 purged, 1 here
+    store.receive("5.1", 3, first=7)  # new instances, acknowledged and kept
+    assert store.index.purged_shortfall("5.1")[0] == 3  # none of the 3 purged came back
+    assert store.index.not_run_for_purge() == [("5.1", 3, 3)]  # dicom-ai status says it
+    store.receive("5.1", 2)
+    assert store.index.purged_shortfall("5.1")[0] == 1
     with pytest.raises(IllegalTransition):
         store.index.start_run("5.1", [RunPlan("rule", "m", ("pacs",))], "note")
     # The whole series sent again: it runs, and the purge is forgotten.
