@@ -1,7 +1,7 @@
 """Retention soak: a week of a busy node compressed into two minutes (store/retention.py).
 
 Retention is set in seconds (sources 3 s after their last delivery, results 5 s, series no
-rule claimed 3 s after routing, index rows 10 s after their files went; a cleanup every
+rule claimed 4 s after routing, index rows 10 s after their files went; a cleanup every
 0.5 s). For ``SEND_SECONDS`` a modality sends a study every ``STUDY_PERIOD`` seconds (one
 storescu association each): a small CT series, which the rules route to the built-in
 ``ct-body`` model with results to two destinations, and in every ``LOCALIZER_EVERY``-th study
@@ -17,16 +17,18 @@ pending or in dead letter.
 
 Afterwards:
 
-- the spool and the index level off while studies keep coming (the last third of the sending
-  period peaks no higher than the middle third, where the outages are, and its fitted growth
-  is small against what was sent in it); figures are printed;
+- the spool and the index level off while studies keep coming: in the last third of the
+  sending period they peak at most 1.25 times as high as in the middle third (where the
+  outages are; a store that only grows peaks 1.5 times as high), far below what was sent,
+  and their fitted growth is small against what was sent in it; figures are printed;
 - once sending stops and the destinations are up, everything is delivered, then the spool
   empties and the index's rows are pruned (the rows of the newest job and delivery stay by
   design, `Index.prune_records`);
 - every acknowledged instance was seen in the spool and is accounted for: delivered (its
   series' SEG and SR at both destinations reference it) and then purged no sooner than
-  ``keep_sources`` after the last of those results arrived, or unrouted and purged no sooner
-  than ``keep_unrouted`` after it was acknowledged; none vanished otherwise;
+  ``keep_sources`` after the last of those results arrived, or unrouted (the index said no
+  rule claimed its series) and purged no sooner than ``keep_unrouted`` after it was routed;
+  none vanished otherwise;
 - no needed file was ever missing, and the node log has no traceback.
 """
 
@@ -38,9 +40,9 @@ import sqlite3
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -51,25 +53,25 @@ from tests.peers import (
     RestartableStoreSCP,
     node_config,
     storescu_acked,
-    wait_until,
 )
 from tests.results_check import COMPREHENSIVE_3D_SR, SEG_SOP_CLASS, sr_evidence_uids
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.4343"
-SEND_SECONDS = 90.0
+SEND_SECONDS = 96.0
 STUDY_PERIOD = 1.2  # seconds between the starts of two studies
 SLICES, LOCALIZER_SLICES = 6, 2
 LOCALIZER_EVERY = 3  # every third study also has a localizer series, which no rule claims
 # seconds since the first study: (down at, up at) per destination
-OUTAGES = {"pacs": (22.0, 47.0), "archive": (36.0, 58.0)}
-KEEP_SOURCES, KEEP_RESULTS, KEEP_UNROUTED, KEEP_RECORDS = 3.0, 5.0, 3.0, 10.0
+OUTAGES = {"pacs": (15.0, 35.0), "archive": (26.0, 45.0)}
+# keep_unrouted differs from keep_sources, so that using one for the other shows.
+KEEP_SOURCES, KEEP_RESULTS, KEEP_UNROUTED, KEEP_RECORDS = 3.0, 5.0, 4.0, 10.0
 CLEANUP_INTERVAL = 0.5
 SAMPLE_INTERVAL = 0.5
 # A missing file counts only when read and stat were this close (retention gives 3 s).
 RACE_MARGIN = 2.0
-DRAIN_TIMEOUT = 90.0
+DRAIN_TIMEOUT = 60.0  # after the last study, for all to be delivered, purged and pruned
 TABLES = (
     "series",
     "instances",
@@ -83,18 +85,30 @@ TABLES = (
 
 # A series' instance files are needed while it is receiving or not yet routed, has a job
 # pending or running, or a delivery pending, backing off or in dead letter.
-HELD_INSTANCES = (
-    "SELECT i.path, s.series_instance_uid, CASE"
+HOLDS = (
     "  WHEN s.dirty = 1 THEN 'receiving or not yet routed'"
     "  WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid"
     "   AND j.state IN ('pending', 'running')) THEN 'a job pending or running'"
-    "  ELSE 'a delivery pending or dead' END"
-    " FROM series s JOIN instances i ON i.series_instance_uid = s.series_instance_uid"
-    " WHERE s.dirty = 1"
-    "  OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid"
-    "   AND j.state IN ('pending', 'running'))"
-    "  OR EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+    "  WHEN EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id"
     "   WHERE j.series_instance_uid = s.series_instance_uid AND d.state IN ('pending', 'dead'))"
+    "   THEN 'a delivery pending or dead'"
+)
+HELD_SERIES = (
+    "SELECT uid, why FROM (SELECT s.series_instance_uid AS uid, CASE"
+    + HOLDS
+    + " END AS why FROM series s) WHERE why IS NOT NULL"
+)
+# The instance rows of those series (a purge takes a series' rows with its files).
+HELD_INSTANCE_ROWS = (
+    "SELECT i.path, i.series_instance_uid FROM instances i WHERE i.series_instance_uid IN ("
+    "SELECT uid FROM (SELECT s.series_instance_uid AS uid, CASE"
+    + HOLDS
+    + " END AS why FROM series s) WHERE why IS NOT NULL)"
+)
+# Series routed, and no rule claimed them: keep_unrouted counts from their routed_at.
+UNROUTED = (
+    "SELECT series_instance_uid, routed_at FROM series"
+    " WHERE claimed = 0 AND dirty = 0 AND routed_at IS NOT NULL"
 )
 HELD_RESULTS = "SELECT id, state, files FROM deliveries WHERE state IN ('pending', 'dead')"
 
@@ -117,6 +131,7 @@ rules:
 @dataclass(frozen=True)
 class Study:
     number: int
+    uid: str
     paths: tuple[Path, ...]
     routed_series: str
     unrouted_series: str | None
@@ -169,7 +184,7 @@ def _write_studies(directory: Path, count: int, sop_uid: dict[Path, str]) -> lis
             unrouted = scout.series_instance_uid
         for path in paths:
             sop_uid[path] = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        studies.append(Study(s, tuple(paths), ct.series_instance_uid, unrouted))
+        studies.append(Study(s, study_uid, tuple(paths), ct.series_instance_uid, unrouted))
     return studies
 
 
@@ -182,7 +197,8 @@ class Sample:
     spool_bytes: int
     instance_files: int
     result_files: int
-    index_bytes: int  # the index file and its WAL
+    index_bytes: int  # the index file
+    wal_bytes: int  # its write-ahead log
     rows: dict[str, int]
 
 
@@ -208,9 +224,12 @@ class Watcher:
     first_seen: dict[str, float] = field(default_factory=dict)  # SOP UID -> wall time
     gone_at: dict[str, float] = field(default_factory=dict)  # SOP UID -> wall time
     reappeared: set[str] = field(default_factory=set)
+    unrouted_at: dict[str, float] = field(default_factory=dict)  # series -> routed_at, claimed 0
     error: BaseException | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     _present: set[str] = field(default_factory=set)
+    _acked: dict[str, list[str]] = field(default_factory=dict)  # series -> spool paths
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
     def start(self) -> Watcher:
@@ -225,7 +244,15 @@ class Watcher:
         if self.error is not None:
             raise self.error
 
+    def acknowledged(self, series_uid: str, spool_paths: list[Path]) -> None:
+        """Instances of the series the node acknowledged: the spool must hold them while
+        the series is held."""
+        with self._lock:
+            self._acked.setdefault(series_uid, []).extend(map(str, spool_paths))
+
     def latest(self) -> Sample:
+        if self.error is not None:
+            raise self.error
         return self.samples[-1]
 
     def _run(self) -> None:
@@ -246,13 +273,22 @@ class Watcher:
         db.execute("BEGIN")
         try:
             rows = {t: int(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in TABLES}
-            held_instances = db.execute(HELD_INSTANCES).fetchall()
+            held_series = dict(db.execute(HELD_SERIES).fetchall())
+            held_rows = db.execute(HELD_INSTANCE_ROWS).fetchall()
             held_results = db.execute(HELD_RESULTS).fetchall()
+            unrouted = db.execute(UNROUTED).fetchall()
         finally:
             db.execute("COMMIT")
+        # The files of a held series: those its instance rows name, and those the test
+        # knows were acknowledged (a purge would take the rows away with the files).
+        needed = {(str(path), str(series)) for path, series in held_rows}
+        with self._lock:
+            needed.update(
+                (path, series) for series in held_series for path in self._acked.get(series, ())
+            )
         missing = [
-            ("instance", str(path), f"series {series}: {why}")
-            for path, series, why in held_instances
+            ("instance", path, f"series {series}: {held_series[series]}")
+            for path, series in sorted(needed)
             if not os.path.exists(path)
         ]
         missing += [
@@ -262,6 +298,8 @@ class Watcher:
             if not os.path.exists(path)
         ]
         read_to_stat = time.monotonic() - read_at
+        for series, routed_at in unrouted:
+            self.unrouted_at[series] = max(self.unrouted_at.get(series, 0.0), float(routed_at))
         self.slowest_check = max(self.slowest_check, read_to_stat)
         t = time.monotonic() - self.t0
         if missing and read_to_stat < RACE_MARGIN:
@@ -292,13 +330,12 @@ class Watcher:
             self.gone_at.setdefault(uid, now)
         self._present = present
 
-        index_bytes = sum(
-            os.path.getsize(p)
+        index_bytes, wal_bytes = (
+            p.stat().st_size if p.exists() else 0
             for p in (self.data_dir / "index.sqlite3", self.data_dir / "index.sqlite3-wal")
-            if p.exists()
         )
         self.samples.append(
-            Sample(t, spool_bytes, instance_files, result_files, index_bytes, rows)
+            Sample(t, spool_bytes, instance_files, result_files, index_bytes, wal_bytes, rows)
         )
 
 
@@ -348,6 +385,15 @@ def _arrived(scp: RestartableStoreSCP, series_of: dict[str, str]) -> Arrived:
     return arrived
 
 
+def _when(done: Callable[[], bool], deadline: float, t0: float) -> float | None:
+    """Seconds since ``t0`` when ``done()`` first held, polling until ``deadline``."""
+    while time.monotonic() < deadline:
+        if done():
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    return None
+
+
 # -- the figures ----------------------------------------------------------------------------
 
 
@@ -357,8 +403,8 @@ def _mb(size: float) -> str:
 
 def _timeline(samples: list[Sample], every: float = 10.0) -> str:
     lines = [
-        "     t   spool (instance files, result files)   index file   rows: series instances "
-        "jobs deliveries attempts associations events"
+        "      t       spool (instance, result files)   index    WAL       rows: series "
+        "instances jobs deliveries attempts associations events"
     ]
     next_t = 0.0
     for s in samples:
@@ -366,15 +412,15 @@ def _timeline(samples: list[Sample], every: float = 10.0) -> str:
             r = s.rows
             lines.append(
                 f"  {s.t:5.1f} s  {_mb(s.spool_bytes):>9} ({s.instance_files:4d}, "
-                f"{s.result_files:4d})      {s.index_bytes / 1e3:7.0f} kB     "
-                f"{r['series']:4d} {r['instances']:5d} {r['jobs']:4d} {r['deliveries']:4d} "
-                f"{r['delivery_attempts']:4d} {r['associations']:4d} {r['events']:4d}"
+                f"{s.result_files:4d})  {s.index_bytes / 1e3:5.0f} kB {s.wal_bytes / 1e3:5.0f} kB"
+                f"  {r['series']:17d} {r['instances']:9d} {r['jobs']:4d} {r['deliveries']:10d} "
+                f"{r['delivery_attempts']:8d} {r['associations']:12d} {r['events']:6d}"
             )
             next_t = s.t - s.t % every + every
     return "\n".join(lines)
 
 
-def _fitted_growth(samples: list[Sample], value: Any) -> float:
+def _fitted_growth(samples: list[Sample], value: Callable[[Sample], int]) -> float:
     """Least-squares slope of ``value`` over the samples, times their time span."""
     ts = [s.t for s in samples]
     ys = [float(value(s)) for s in samples]
@@ -419,7 +465,10 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
             "retry_base_seconds": 0.5,
             "retry_max_seconds": 2,
             "max_attempts": 100,  # an outage never sends a delivery to dead letter here
-            "timeout_seconds": 10,
+            # Short: now and then pynetdicom's reactor takes a C-STORE response meant for the
+            # SCU ("Received unexpected C-STORE service message"), which then waits out this
+            # timeout and holds up every delivery; it is counted below.
+            "timeout_seconds": 2,
         },
         storage={
             "keep_sources_hours": KEEP_SOURCES / 3600,
@@ -430,7 +479,7 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
         },
     )
     node = NodeProcess(tmp_path / "node", config)
-    acked_at: dict[str, float] = {}  # SOP UID -> wall time storescu had every Success
+    acked: set[str] = set()  # SOP UIDs storescu saw answered with Success
     refused: list[str] = []
     outage_log: list[str] = []
     watcher: Watcher | None = None
@@ -453,11 +502,18 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
                 elif scp.proc is None and t >= up:
                     scp.start()
                     outage_log.append(f"{name} up at {t:.1f} s")
-            code, acked, output = storescu_acked(node.port, study.paths)
-            done = time.time()
-            for path in acked:
-                acked_at[sop_uid[path]] = done
-            if code != 0 or len(acked) != len(study.paths):
+            code, acked_paths, output = storescu_acked(node.port, study.paths)
+            spooled: dict[str, list[Path]] = {}
+            for path in acked_paths:
+                uid = sop_uid[path]
+                acked.add(uid)
+                series = series_of[uid]
+                spooled.setdefault(series, []).append(
+                    node.data_dir / "spool" / "instances" / study.uid / series / f"{uid}.dcm"
+                )
+            for series, paths in spooled.items():
+                watcher.acknowledged(series, paths)
+            if code != 0 or len(acked_paths) != len(study.paths):
                 refused.append(f"study {study.number}: exit {code}\n{output}")
             if watcher.error is not None:
                 break
@@ -473,25 +529,24 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
                 " + (SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running'))"
                 " + (SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'dead'))"
             )
-            return rows[0][0] == 0
+            return int(rows[0][0]) == 0
 
-        wait_until(nothing_to_do, DRAIN_TIMEOUT, "every series routed, run and delivered", 0.25)
-        delivered_at = time.monotonic() - t0
-        wait_until(
-            lambda: watcher.samples[-1].instance_files + watcher.samples[-1].result_files == 0,
-            DRAIN_TIMEOUT,
-            "the spool to empty",
-            0.25,
-        )
-        emptied_at = time.monotonic() - t0
-        wait_until(
-            lambda: watcher.samples[-1].rows["series"] <= 1
-            and watcher.samples[-1].rows["instances"] == 0,
-            DRAIN_TIMEOUT,
-            "the index rows to be pruned",
-            0.25,
-        )
-        pruned_at = time.monotonic() - t0
+        def spool_empty() -> bool:
+            return watcher.latest().instance_files + watcher.latest().result_files == 0
+
+        def index_pruned() -> bool:
+            return watcher.latest().rows["series"] <= 1 and watcher.latest().rows["instances"] == 0
+
+        # Each in turn, within one deadline; the figures come first, then what was missed.
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        drained = {
+            what: _when(done, deadline, t0)
+            for what, done in (
+                ("nothing left to do", nothing_to_do),
+                ("spool empty", spool_empty),
+                ("index pruned", index_pruned),
+            )
+        }
         time.sleep(2 * SAMPLE_INTERVAL)  # a last look, after the last prune's compaction
         watcher.finish()
     finally:
@@ -516,21 +571,24 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
         f"instances, {_mb(sent_bytes)}) in {sent_at:.1f} s; keep sources {KEEP_SOURCES:g} s, "
         f"results {KEEP_RESULTS:g} s, unrouted {KEEP_UNROUTED:g} s, records {KEEP_RECORDS:g} s"
         f"\n  outages: {', '.join(outage_log)}"
-        f"\n  nothing left to do at {delivered_at:.1f} s, spool empty at {emptied_at:.1f} s, "
-        f"index pruned at {pruned_at:.1f} s; test {runtime:.0f} s in all"
+        "\n  after sending: "
+        + ", ".join(
+            f"{what} {'never' if at is None else f'at {at:.1f} s'}" for what, at in drained.items()
+        )
+        + f"; test {runtime:.0f} s in all"
     )
     print(_timeline(samples))
-    measures = {
+    measures: dict[str, Callable[[Sample], int]] = {
         "spool bytes": lambda s: s.spool_bytes,
         "spool files": lambda s: s.instance_files + s.result_files,
         "series rows": lambda s: s.rows["series"],
         "instance rows": lambda s: s.rows["instances"],
         "job rows": lambda s: s.rows["jobs"],
         "index bytes": lambda s: s.index_bytes,
+        "WAL bytes": lambda s: s.wal_bytes,
     }
     peaks = {
-        name: [max(value(s) for s in third) for third in thirds]
-        for name, value in measures.items()
+        name: [max(value(s) for s in third) for third in thirds] for name, value in measures.items()
     }
     growth = {name: _fitted_growth(thirds[2], value) for name, value in measures.items()}
     for name in measures:
@@ -540,6 +598,12 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
             f"fitted growth over the last third {growth[name]:+,.0f}; "
             f"at the end {measures[name](final):,}"
         )
+    log = node.log_text()
+    print(
+        "  C-STORE responses the SCU missed (pynetdicom reactor race), each a stall of "
+        f"{config['delivery']['timeout_seconds']} s: "
+        f"{log.count('Received unexpected C-STORE service message')}"
+    )
     print(
         f"  watcher: {len(samples)} samples, slowest read-and-stat {watcher.slowest_check:.3f} s,"
         f" samples with a late stat {watcher.inconclusive}"
@@ -547,9 +611,16 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
 
     # -- nothing undelivered was ever deleted
     assert not refused, "studies not acknowledged in full:\n" + "\n\n".join(refused)
-    assert not watcher.missing, "needed files missing:\n" + "\n".join(
-        f"  {m.t:.1f} s: {m.what} {m.path} ({m.why}; stat {m.read_to_stat:.3f} s after the read)"
-        for m in watcher.missing[:40]
+    first_missing: dict[str, Missing] = {}
+    for m in watcher.missing:
+        first_missing.setdefault(m.path, m)
+    assert not first_missing, (
+        f"{len(first_missing)} needed files missing, first seen so:\n"
+        + "\n".join(
+            f"  {m.t:.1f} s: {m.what} {'/'.join(Path(m.path).parts[-2:])} ({m.why}; stat "
+            f"{m.read_to_stat:.3f} s after the read)"
+            for m in list(first_missing.values())[:30]
+        )
     )
     assert watcher.inconclusive <= len(samples) // 20, watcher.inconclusive
 
@@ -562,7 +633,9 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
         for s in studies
         if (s.number - 1) * STUDY_PERIOD >= 2 * sent_at / 3
     )
-    for name in measures:
+    # The WAL is not held to it: SQLite checkpoints it at about 4 MB, and the cleaner
+    # truncates it after each prune; its figures are printed.
+    for name in measures.keys() - {"WAL bytes"}:
         _, middle, last = peaks[name]
         assert last <= 1.25 * middle, f"{name}: last third peaks at {last:,}, middle at {middle:,}"
     assert peaks["spool bytes"][2] <= 0.35 * sent_bytes, peaks["spool bytes"]
@@ -572,22 +645,25 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
     assert growth["series rows"] <= 0.25 * sent_series_last_third, (growth, sent_series_last_third)
 
     # -- drained: the spool is empty and the index holds the newest job's rows at most
+    missed = [what for what, at in drained.items() if at is None]
+    assert not missed, f"not within {DRAIN_TIMEOUT:g} s of the last study: {missed}; {final}"
     assert final.spool_bytes == 0 and final.instance_files == final.result_files == 0, final
     rows = final.rows
     assert rows["instances"] == 0 and rows["series"] <= 1, rows
     # The newest job's series stays, with its deliveries (one per destination).
     assert rows["jobs"] <= 1 and rows["deliveries"] <= len(scps) and rows["events"] <= 1, rows
     assert rows["associations"] <= 2 and rows["series_associations"] <= 1, rows
-    assert rows["delivery_attempts"] <= 2 * len(OUTAGES), rows
+    assert rows["delivery_attempts"] <= 2 * len(scps), rows
 
     # -- every acknowledged instance: delivered then purged, unrouted then purged, or here
-    assert len(acked_at) == total_instances, (len(acked_at), total_instances)
+    assert len(acked) == total_instances, (len(acked), total_instances)
     arrived = {name: _arrived(scp, series_of) for name, scp in scps.items()}
     unexpected = [f"{n}: {u}" for n, a in arrived.items() for u in a.unexpected]
     assert not unexpected, unexpected
     outcome: dict[str, int] = {"delivered then purged": 0, "unrouted then purged": 0}
+    kept: dict[str, list[float]] = {"after delivery": [], "after routing to nothing": []}
     still_here, problems = 0, []
-    for uid, acked in sorted(acked_at.items()):
+    for uid in sorted(acked):
         series = series_of[uid]
         if uid not in watcher.first_seen:
             problems.append(f"{uid}: acknowledged, never seen in the spool")
@@ -606,29 +682,42 @@ def test_a_week_compressed_levels_off_and_deletes_nothing_undelivered(tmp_path: 
             results_written = max(a.last_written[series] for a in at_all)
             if gone < results_written + KEEP_SOURCES:
                 problems.append(
-                    f"{uid} of {series}: gone {gone - results_written:.2f} s after its "
-                    f"results arrived (keep_sources {KEEP_SOURCES:g} s)"
+                    f"{uid} of {series}: seen gone {gone - results_written:+.2f} s from when "
+                    f"its results arrived (keep_sources {KEEP_SOURCES:g} s)"
                 )
                 continue
             outcome["delivered then purged"] += 1
+            kept["after delivery"].append(gone - results_written)
         else:
             if any(series in a.referenced for a in arrived.values()):
                 problems.append(f"{uid} of unrouted {series}: results were delivered")
-            if gone < acked + KEEP_UNROUTED:
+            unrouted_at = watcher.unrouted_at.get(series)
+            if unrouted_at is None:
+                problems.append(f"{uid} of {series}: purged, never seen routed to nothing")
+                continue
+            if gone < unrouted_at + KEEP_UNROUTED:
                 problems.append(
-                    f"{uid} of unrouted {series}: gone {gone - acked:.2f} s after its "
-                    f"acknowledgement (keep_unrouted {KEEP_UNROUTED:g} s)"
+                    f"{uid} of unrouted {series}: seen gone {gone - unrouted_at:+.2f} s from "
+                    f"its routing (keep_unrouted {KEEP_UNROUTED:g} s)"
                 )
                 continue
             outcome["unrouted then purged"] += 1
+            kept["after routing to nothing"].append(gone - unrouted_at)
     print(f"  acknowledged instances: {outcome}, still in the spool {still_here}")
+    for what, seconds in kept.items():
+        if seconds:
+            print(
+                f"  seen gone {what}: min {min(seconds):.2f} s, median "
+                f"{statistics.median(seconds):.2f} s, max {max(seconds):.2f} s"
+            )
     assert not problems, f"{len(problems)} acknowledged instances:\n" + "\n".join(problems[:40])
     assert still_here == 0
+    localizers = {s.unrouted_series for s in studies if s.unrouted_series is not None}
+    assert set(watcher.unrouted_at) == localizers, set(watcher.unrouted_at) ^ localizers
     for name, a in arrived.items():
         counts = {s: (len(a.segs.get(s, [])), len(a.srs.get(s, []))) for s in routed}
         wrong = {s: c for s, c in counts.items() if c != (1, 1)}
         assert not wrong, f"{name}: series without exactly one SEG and one SR: {wrong}"
 
-    log = node.log_text()
     assert "Traceback (most recent call last)" not in log, log[-20000:]
     assert "cleanup failed" not in log, log[-20000:]
