@@ -400,7 +400,7 @@ def purge(
     from dicom_ai.store.retention import Purger, RetentionPolicy, sweep
 
     cfg = load_config(config)
-    spool, index = open_store(cfg, durable=True)
+    spool, index = open_store(cfg)
     purger = Purger(index, spool, RetentionPolicy.from_config(cfg.storage))
     if not dry_run:
         swept = sweep(index, spool)  # what an interrupted purge (or this command) left

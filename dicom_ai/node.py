@@ -6,9 +6,9 @@ policy lives in the stages: recovery at start (recovery.py), the rules and their
 (pipeline/scheduler.py), delivery (pipeline/delivery.py). Besides the receiving threads (an
 accept loop per port, one thread per association), two threads: the scheduler, which runs
 `Scheduler.step` in a loop, and the deliverer (sending can block on a slow peer, and must
-not hold up the scheduler); the cleaner, which applies the retention policy on its own
-index connection (store/retention.py); with ``webhooks`` configured, one more sends the
-events (pipeline/webhooks.py), with its own waits, so a slow receiver holds up nothing.
+not hold up the scheduler); with ``webhooks`` configured, a third sends the events
+(pipeline/webhooks.py), with its own waits, so a slow receiver holds up neither. The
+retention policy runs in a process of its own (cleaner.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dicom_ai.assembly import AssemblyPolicy
+from dicom_ai.cleaner import Cleaner
 from dicom_ai.config import SENDER, Config
 from dicom_ai.errors import ConfigError
 from dicom_ai.lifecycle import wait_for_stop
@@ -32,7 +33,6 @@ from dicom_ai.pipeline.worker import WorkerPool
 from dicom_ai.receivers import ReceiverProcesses, access_policy, make_scp, open_store
 from dicom_ai.recovery import orphan_called_ae, recover
 from dicom_ai.routing import LiveRules, RuleSet
-from dicom_ai.store.retention import Purger, RetentionPolicy
 from dicom_ai.web.server import WebServer
 
 __all__ = ["Node", "access_policy", "check_rules_against_config"]
@@ -102,10 +102,7 @@ class Node:
             senders=config.senders,
         )
         self.webhooks = WebhookSender(self.index, config.webhooks) if config.webhooks else None
-        cleaner_spool, cleaner_index = open_store(config, durable=True)
-        self.purger = Purger(
-            cleaner_index, cleaner_spool, RetentionPolicy.from_config(config.storage)
-        )
+        self.cleaner = Cleaner(config, log_level)
         self._log_level = log_level
         # The bundles' start-time checks: run in the background once the SCP listens.
         self.health = ModelHealth(config, record=self.index.record_model_check)
@@ -159,11 +156,9 @@ class Node:
             self._receivers.start(self.scp.listening())
         if self.web is not None:
             self.web.wait_ready()
-        loops = [
-            (self._schedule_loop, "scheduler"),
-            (self._deliver_loop, "deliverer"),
-            (self._clean_loop, "cleaner"),
-        ]
+        # After recovery (its sweep finishes interrupted purges before anything else runs).
+        self.cleaner.start()
+        loops = [(self._schedule_loop, "scheduler"), (self._deliver_loop, "deliverer")]
         if self.webhooks is not None:
             loops.append((self._webhook_loop, "webhooks"))
         for target, name in loops:
@@ -175,6 +170,7 @@ class Node:
         self._stop.set()
         self._deliver_now.set()
         self._receivers.stop()
+        self.cleaner.stop()
         if self.web is not None:
             self.web.stop()
         self.scp.stop()
@@ -185,7 +181,6 @@ class Node:
             self._pool.shutdown()
         if self.webhooks is not None:
             self.webhooks.close()
-        self.purger.index.close()
         self.index.close()
         self._wake.close()
         self._waker.close()
@@ -220,9 +215,6 @@ class Node:
             except Exception:
                 log.exception("delivery step failed; continuing")
                 self._stop.wait(1.0)
-
-    def _clean_loop(self) -> None:
-        self.purger.run(self._stop, self.config.storage.cleanup_interval_seconds)
 
     def _webhook_loop(self) -> None:
         assert self.webhooks is not None

@@ -56,12 +56,11 @@ def access_policy(config: Config) -> AccessPolicy:
     )
 
 
-def open_store(config: Config, durable: bool = False) -> tuple[Spool, Index]:
-    """The spool and the index under the config's data directory; ``durable``: an index
-    connection whose commits are on disk before they return (the cleaner's)."""
+def open_store(config: Config) -> tuple[Spool, Index]:
+    """The spool and the index under the config's data directory."""
     data_dir = config.node.data_dir
     spool = Spool(data_dir / "spool", config.node.min_free_bytes)
-    return spool, Index(data_dir / "index.sqlite3", durable=durable)
+    return spool, Index(data_dir / "index.sqlite3")
 
 
 def make_scp(

@@ -65,6 +65,7 @@ def _associate(ae: Any, peer: Peer, tls: ssl.SSLContext | None) -> Any:
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "no answer or aborted"
         raise DeliveryError(f"no association with {peer} ({why})")
+    _compat.pause_reactor_safely(assoc)
     return assoc
 
 

@@ -182,9 +182,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
             "ALTER TABLE series ADD COLUMN has_sources INTEGER NOT NULL DEFAULT 1",
             "ALTER TABLE series ADD COLUMN sources_purged_at REAL",
             "ALTER TABLE series ADD COLUMN purged_instances INTEGER NOT NULL DEFAULT 0",
-            # Which instances were purged: 8-byte digests of their SOP Instance UIDs, so a
-            # run waits until exactly these came back (`_purged_shortfall`).
-            "ALTER TABLE series ADD COLUMN purged_sops BLOB",
             "CREATE INDEX IF NOT EXISTS series_has_sources ON series(has_sources) "
             "WHERE has_sources = 1",
             "CREATE INDEX IF NOT EXISTS series_sources_purged ON series(sources_purged_at)",
@@ -196,6 +193,9 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
             "CREATE INDEX IF NOT EXISTS events_created ON events(created_at)",
         ),
     ),
+    # Which instances were purged: 8-byte digests of their SOP Instance UIDs, so a run
+    # waits until exactly these came back (`_purged_shortfall`).
+    (6, _add_column("series", "purged_sops", "BLOB")),
 )
 
 
@@ -422,7 +422,7 @@ _DELIVERIES = (
 class Index:
     """Thread-safe access to the node's SQLite index (one connection, one lock)."""
 
-    def __init__(self, path: Path, durable: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._commits = 0  # this connection's; other connections' show in data_version
@@ -437,10 +437,9 @@ class Index:
         self._db.execute(f"PRAGMA journal_size_limit={64 << 20}")
         # NORMAL: a commit survives a process crash (kill -9) but not power loss; the
         # instance file itself is fsynced before Success, and `unindexed` finds files a
-        # power loss took out of the index, so nothing acknowledged is lost. ``durable``
-        # (the cleaner's connection): FULL, so a purge's mark is on disk before any file
-        # it names is deleted.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        # power loss took out of the index, so nothing acknowledged is lost. A purge's
+        # mark commits FULL (`_tx(durable=True)`): on disk before any file it names goes.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -462,17 +461,24 @@ class Index:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``durable``: its commit is synced (FULL) before it returns."""
         with self._lock:
             try:
                 changes = self._db.total_changes
-                self._db.execute("BEGIN IMMEDIATE")
+                if durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
                 try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._db
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+                finally:
+                    if durable:
+                        self._db.execute("PRAGMA synchronous=NORMAL")
                 # A transaction that changed nothing (no pending job to claim) leaves the
                 # version alone, so what was read before stays current.
                 if self._db.total_changes != changes:
@@ -1107,7 +1113,7 @@ class Index:
         nothing needs them. Committed before any file is deleted. The series marked."""
         now = time.time()
         marked = []
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             for uid in series_uids:
                 free = db.execute(
                     "SELECT 1 FROM series s WHERE s.series_instance_uid = ? AND s.dirty = 0 AND "
@@ -1183,7 +1189,7 @@ class Index:
         """The first step of a results purge, as `mark_sources_purged`. The jobs marked."""
         now = time.time()
         marked = []
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             for job_id in job_ids:
                 cur = db.execute(
                     "UPDATE jobs SET results_purged_at = ? WHERE id IN (SELECT j.id FROM jobs j "

@@ -19,8 +19,8 @@ not hold its series' files: they go ``keep_sources`` after it failed, and from t
 job cannot be rerun (`Index.rerun_job`).
 
 A purge is two steps, so that ``kill -9`` at any moment leaves nothing that is needed
-missing: the index marks the rows (`Index.mark_sources_purged`, on a connection that commits
-with ``synchronous=FULL``), then deletes the files and the marked rows in one transaction
+missing: the index marks the rows (`Index.mark_sources_purged`, a commit synced with
+``synchronous=FULL``), then deletes the files and the marked rows in one transaction
 (`Index.remove_purged_sources`). A crash between the two leaves marked rows whose files
 nothing needs; `sweep` (at start and at every cleanup) finishes them, and removes result
 folders of purged or pruned jobs and the empty folders a crash left.
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 HOUR = 3600.0
 DAY = 24 * HOUR
+_PRUNE_BATCH = 50  # series per transaction: a few milliseconds of the write lock
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,12 @@ def sweep(index: SweepIndex, spool: Spool, empty_folders: bool = False) -> Sweep
 class Purger:
     """Applies a `RetentionPolicy` to one spool and its index.
 
-    ``index`` should be a connection of its own, opened ``durable``; ``batch``: series or
-    jobs marked per transaction; ``pause``: seconds between the files of two series, so
-    receivers waiting to index an instance get the index between them.
+    ``index``: a connection of its own (the cleaner runs in its own process); ``batch``:
+    series or jobs marked per transaction; ``pause``: seconds after each transaction that
+    deletes (the files of one series, the results of one job, a batch of rows), so that
+    receivers waiting to index an instance get the index: SQLite's busy handler retries
+    after 1, 2, 5, 10 ms and more, and a writer that takes the lock again at once keeps
+    them waiting.
     """
 
     def __init__(
@@ -142,7 +146,7 @@ class Purger:
         spool: Spool,
         policy: RetentionPolicy,
         batch: int = 100,
-        pause: float = 0.002,
+        pause: float = 0.01,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.index = index
@@ -179,11 +183,12 @@ class Purger:
                 break
         cutoff = self.clock() - p.keep_records_seconds
         while not self.stopping.is_set():
-            deleted = self.index.prune_records(cutoff)
+            deleted = self.index.prune_records(cutoff, limit=_PRUNE_BATCH)
             for table, n in deleted.items():
                 report.records[table] = report.records.get(table, 0) + n
             if not any(deleted.values()):
                 break
+            self._rest()
         if any(report.records.values()):
             self.index.compact()
         return report
@@ -221,9 +226,9 @@ class Purger:
         return report
 
     def run(self, stop: threading.Event, interval: float) -> None:
-        """The cleaner thread: `sweep` and `purge` every ``interval`` seconds, and `relieve`
-        every second in between. Never raises: a failure is one log line, and the next
-        round tries again."""
+        """The cleaner's loop (cleaner.py): `sweep` and `purge` every ``interval`` seconds,
+        and `relieve` every second in between. Never raises: a failure is one log line, and
+        the next round tries again."""
         self.stopping = stop
         next_purge = 0.0
         while True:
@@ -252,18 +257,24 @@ class Purger:
             report.series += 1
             report.instances += files
             report.instance_bytes += size
-            if self.pause:
-                time.sleep(self.pause)
+            self._rest()
         return bool(marked)
 
     def _purge_results(self, due: list[PurgeCandidate], report: PurgeReport) -> bool:
         marked = self.index.mark_results_purged([int(c.key) for c in due])
         sizes = {int(c.key): c.bytes for c in due}
         for job_id in marked:
+            if self.stopping.is_set():
+                break
             if self.index.remove_purged_results(job_id, partial(self.spool.remove_results, job_id)):
                 report.jobs += 1
                 report.result_bytes += sizes[job_id]
+            self._rest()
         return bool(marked)
+
+    def _rest(self) -> None:
+        if self.pause:
+            time.sleep(self.pause)
 
 
 def _mb(size: int) -> str:

@@ -45,7 +45,7 @@ class Store:
         self.index = Index(root / "index.sqlite3")
         self.clock = Clock()
         self.purger = Purger(
-            Index(root / "index.sqlite3", durable=True), self.spool, policy, pause=0,
+            Index(root / "index.sqlite3"), self.spool, policy, pause=0,
             clock=self.clock,
         )  # fmt: skip
         self.association = self.index.open_association("CT", "DICOM_AI", "127.0.0.1")
