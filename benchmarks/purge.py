@@ -17,7 +17,7 @@ same path, so the index's file paths hold), after `settle` (file creation cheap 
 
 Before the rounds (unless --no-profile), the lock profile: one purge of a copy in this
 process, nothing else writing, as the node's cleaner runs it (`Purger` with its defaults on
-a durable connection), each Index call it makes timed, and a probe waiting for the write
+a connection of its own), each Index call it makes timed, and a probe waiting for the write
 lock every 50 ms: how long each step holds the lock and how long a writer waits while it
 runs.
 
@@ -42,7 +42,7 @@ Prints each round; the medians of instances/s and MB/s, the ratio (the target: 0
 more), the purge's duration and series/s and the share of it a send was under way; the
 phases of each purge (from the index, polled every 0.2 s: sources, results, index rows,
 compaction until the cleaner logs) with the ingest in each; the node's CPU per image (all
-its processes, the cleaner's thread included); and the wait of a writer for the index's
+its processes, the cleaner's included); and the wait of a writer for the index's
 write lock (a probe: BEGIN IMMEDIATE then COMMIT, changing nothing, every 50 ms from this
 process, in both kinds of round), per phase. Beside it, the peer: DCMTK storescp receiving
 the same series (--peer-sends sends per round, fresh each round). The node keeps
@@ -188,7 +188,7 @@ class Profile:
 
 def profile_purge(template: Path, workdir: Path) -> Profile:
     """One purge of a copy of the template in this process, nothing else writing, as the
-    node's cleaner makes it (its own durable connection, the default batch and pause), each
+    node's cleaner makes it (a connection of its own, the default batch and pause), each
     Index call timed, while a probe waits for the write lock every ``_PROBE`` s."""
     node_dir = workdir / "node"
     shutil.rmtree(node_dir, ignore_errors=True)
@@ -199,10 +199,10 @@ def profile_purge(template: Path, workdir: Path) -> Profile:
     for name in _STEPS:
         method = getattr(index, name)
 
-        def timed(*args: object, _method: Any = method, _name: str = name) -> Any:
+        def timed(*args: object, _method: Any = method, _name: str = name, **kw: Any) -> Any:
             started = time.perf_counter()
             try:
-                return _method(*args)
+                return _method(*args, **kw)
             finally:
                 calls.append((_name, started, time.perf_counter()))
 
