@@ -51,7 +51,7 @@ def test_no_response_is_lost_under_cpu_load(
     started = time.monotonic()
     try:
         with caplog.at_level(logging.WARNING, logger="pynetdicom"):
-            for _ in range(150):
+            for _ in range(60):
                 results = send_files(Peer("PACS", "127.0.0.1", pacs.port), paths, timeout=2)
                 failed += [r for r in results if not r.ok]
     finally:
@@ -59,5 +59,5 @@ def test_no_response_is_lost_under_cpu_load(
         for thread in threads:
             thread.join()
     unexpected = [r for r in caplog.records if "unexpected" in r.getMessage().lower()]
-    print(f"150 associations in {time.monotonic() - started:.1f} s, {len(failed)} lost")
+    print(f"60 associations in {time.monotonic() - started:.1f} s, {len(failed)} lost")
     assert not failed and not unexpected, [r.getMessage() for r in unexpected]
