@@ -19,7 +19,7 @@ import threading
 from multiprocessing.process import BaseProcess
 
 from dicom_ai.config import Config
-from dicom_ai.lifecycle import die_with_parent
+from dicom_ai.lifecycle import die_with_parent, stop_child
 from dicom_ai.receivers import open_store
 from dicom_ai.store.retention import Purger, RetentionPolicy
 
@@ -47,14 +47,7 @@ class Cleaner:
         self._process.start()
 
     def stop(self) -> None:
-        process = self._process
-        if process is not None and process.pid is not None and process.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGTERM)
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
+        stop_child(self._process, timeout=30)  # it stops after the series it is purging
         self._process = None
 
 

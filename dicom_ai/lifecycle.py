@@ -3,13 +3,15 @@ SIGKILL; a process's main thread waits for the stop its signal handler asks for.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import threading
+from multiprocessing.process import BaseProcess
 
-__all__ = ["die_with_parent", "wait_for_stop"]
+__all__ = ["die_with_parent", "stop_child", "wait_for_stop"]
 
 log = logging.getLogger(__name__)
 
@@ -37,3 +39,15 @@ def wait_for_stop(stop: threading.Event) -> None:
     next bytecode, which an untimed wait never reaches."""
     while not stop.wait(0.05):
         pass
+
+
+def stop_child(process: BaseProcess | None, timeout: float = 10) -> None:
+    """SIGTERM a child process and wait ``timeout`` seconds for it, then SIGKILL it."""
+    if process is None or process.pid is None or not process.is_alive():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    process.join(timeout=timeout)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=5)

@@ -496,3 +496,27 @@ def local_scp(directory: Path, **options: Any) -> Iterator[StorageSCP]:
     finally:
         scp.stop()
         scp.index.close()
+
+
+@contextmanager
+def tmpfs(mount_point: Path, size_mib: int) -> Iterator[Path]:
+    """A size-limited tmpfs mounted at ``mount_point`` (made here), unmounted afterwards;
+    the test is skipped, with the reason, where it cannot be mounted (not root)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root; this test runs as a user")
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -18,7 +18,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
 from dicom_ai.config import Config
-from dicom_ai.lifecycle import die_with_parent
+from dicom_ai.lifecycle import die_with_parent, stop_child
 
 __all__ = ["WebServer"]
 
@@ -89,14 +89,7 @@ class WebServer:
         return True
 
     def stop(self) -> None:
-        process = self._process
-        if process is not None and process.pid is not None and process.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGTERM)
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
+        stop_child(self._process)
         self._process = None
         if self._socket is not None:
             self._socket.close()

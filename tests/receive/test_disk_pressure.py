@@ -13,10 +13,8 @@ times the disk's size was sent.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from tests.peers import (
     free_port,
     node_config,
     storescu_acked,
+    tmpfs,
     wait_until,
 )
 
@@ -49,24 +48,9 @@ LONG = 1000.0
 
 @pytest.fixture
 def pressure_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MiB tmpfs, unmounted afterwards (the pattern of test_full_disk.small_disk)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root; this test runs as a user")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK // MiB}m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
-    try:
+    """A 32 MiB tmpfs, unmounted afterwards."""
+    with tmpfs(tmp_path / "disk", DISK // MiB) as mount_point:
         yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def _rows(node: NodeProcess, sql: str, *args: object) -> list[tuple[Any, ...]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from dicom_ai.dimse.scp import StorageSCP
 from dicom_ai.store.index import Index
 from dicom_ai.store.spool import Spool
 from dicom_ai.synthetic import PhantomSpec, phantom_ct_datasets, write_phantom_ct
-from tests.peers import NodeProcess, StoreSCP, echoscu, node_config, storescu
+from tests.peers import NodeProcess, StoreSCP, echoscu, node_config, storescu, tmpfs
 from tests.raw_dicom import c_store_status
 
 pytestmark = [pytest.mark.dcmtk]
@@ -31,23 +30,8 @@ WATERMARK = 8 * MiB
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root; this test runs as a user")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK // MiB}m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
-    try:
+    with tmpfs(tmp_path / "disk", DISK // MiB) as mount_point:
         yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def _fill(disk: Path, leave_free: int) -> Path:
