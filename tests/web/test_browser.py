@@ -292,8 +292,14 @@ def test_a_dead_letter_resubmitted(site: Site, browser: Browser) -> None:
     assert "No dead letters." in browser.text("#failures")
     browser.screenshot("11-dead-letter-resubmitted")
     wait_until(lambda: len(site.archive.files()) == 2, 30, "SEG and SR at the archive")
-    assert _one(site.node, "SELECT state FROM deliveries WHERE id = ?", delivery_id) == (
-        "delivered",
+    # storescp writes the files before the node has its responses and records them.
+    wait_until(
+        lambda: (
+            _one(site.node, "SELECT state FROM deliveries WHERE id = ?", delivery_id)
+            == ("delivered",)
+        ),
+        30,
+        "the delivery recorded as delivered",
     )
     browser.open(f"/series/{site.good.series_instance_uid}")
     states = [e.text for e in browser.find_all(".delivery-state")]
