@@ -1219,7 +1219,11 @@ class Index:
         whose job is gone: orphans for the sweep."""
         known = {
             int(r["id"]): r["results_purged_at"] is not None
-            for r in self._query("SELECT id, results_purged_at FROM jobs")
+            for r in self._query(
+                "SELECT id, results_purged_at FROM jobs WHERE id IN "
+                "(SELECT value FROM json_each(?))",
+                (json.dumps(list(job_ids)),),
+            )
         }
         return [j for j in job_ids if known.get(j, True)]
 
