@@ -9,6 +9,7 @@ import sqlite3
 import ssl
 import sys
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
@@ -25,8 +26,10 @@ from rich.table import Table
 
 from dicom_ai.config import Config, load_config
 from dicom_ai.errors import ConfigError, DicomAIError
+from dicom_ai.store.index import StudyMember
 
 if TYPE_CHECKING:
+    from dicom_ai.routing import RuleSet
     from dicom_ai.web.accounts import Accounts
 
 app = typer.Typer(help="dicom-ai: a DICOM node that runs MONAI models on received series.")
@@ -284,9 +287,16 @@ def rules_test(
     if not series:
         raise _fail(f"no DICOM series under {path}", 1)
     sender = SenderContext(calling_ae, called_ae, source_ip)
-    for uid, files in series.items():
+    members: dict[tuple[str, str], list[StudyMember]] = defaultdict(list)
+    for order, (uid, files) in enumerate(series.items()):
         header = headers[uid]
         evaluation = rules.evaluate(header, sender)
+        for decision in evaluation.decisions:
+            if decision.study is not None:
+                study_uid = str(header.get("StudyInstanceUID", "?"))
+                members[(study_uid, decision.rule)].append(
+                    StudyMember(uid, decision.roles, decision.order_values, len(files), 1, order)
+                )
         table = Table(
             # Header values and regexes are data, not markup: "[sz]" must print as is.
             title=escape(
@@ -317,6 +327,54 @@ def rules_test(
                 )
         else:
             console.print("  -> no rule matched: the series is kept, not processed")
+    for (study_uid, rule_name), found in members.items():
+        _print_study(rules, rule_name, study_uid, found, headers)
+
+
+def _print_study(
+    rules: RuleSet,
+    rule_name: str,
+    study_uid: str,
+    members: list[StudyMember],
+    headers: dict[str, Dataset],
+) -> None:
+    """Which series of the study fill the study rule's roles (series in the order found,
+    the last counting as received last), and what is missing."""
+    from dicom_ai.routing.studies import select_roles
+
+    rule = next(r for r in rules.rules if r.name == rule_name)
+    assert rule.study is not None
+    selection = select_roles(rule.study, members)
+    console.print(escape(f"study {study_uid}, rule {rule_name} (model {rule.model}):"))
+    for role, member in selection.chosen:
+        if member is None:
+            continue
+        description = headers[member.series_instance_uid].get("SeriesDescription", "")
+        console.print(
+            escape(
+                f"  role {role}: series {member.series_instance_uid} ({description!s}, "
+                f"{member.instances} instances)"
+            )
+        )
+    for note in selection.notes:
+        console.print(escape(f"  {note}"))
+    missing = [
+        *(f"{role} (required)" for role in selection.missing_required),
+        *(f"{role} (optional)" for role in selection.missing_optional),
+    ]
+    study = rule.study
+    if missing:
+        then = (
+            "runs without the optional roles"
+            if not selection.missing_required
+            else ("fails" if study.at_deadline == "fail" else "keeps waiting")
+        )
+        console.print(
+            f"  missing: {escape(', '.join(missing))}; at the deadline, "
+            f"{study.deadline_seconds:g} s after the study's first instance, it {then}"
+        )
+    else:
+        console.print("  -> every role is filled: the study job starts")
 
 
 @app.command()
@@ -343,6 +401,14 @@ def status(config: ConfigOption = None) -> None:
     )
     for held in usage.held_back:
         console.print(f"held back: {held.count} ({_size(held.bytes)}), {held.reason}")
+    for study in index.studies(("waiting", "overdue", "failed")):
+        when = datetime.fromtimestamp(study.deadline_at, UTC).strftime("%H:%M:%S UTC")
+        console.print(
+            escape(
+                f"study {study.study_instance_uid} (rule {study.rule}, {study.state}, "
+                f"{len(study.members)} series, deadline {when}): {study.note or ''}"
+            )
+        )
     for uid, here, missing in index.not_run_for_purge():
         console.print(
             f"not run: series {uid} ({here} instances here): sent after the series was "

@@ -201,6 +201,11 @@ class ModelConfig(_Strict):
     config_files: list[str] = Field(default_factory=list)
     # A promptable bundle's label prompts (label ids); None: every class its metadata lists.
     prompts: list[int] | None = None
+    # Label value -> name, replacing the bundle metadata's names (brats: its postprocessing
+    # writes 1, 2, 4 where the metadata names channels 0..2); None: the metadata's.
+    labels: dict[int, str] | None = None
+    # Jobs of this model running at once, at most (a GPU's memory); None: as many as workers.
+    max_concurrent: int | None = Field(default=None, ge=1)
 
 
 class PipelineConfig(_Strict):
@@ -216,6 +221,9 @@ class PipelineConfig(_Strict):
     # (prefetch or job), for the series it decodes next (320: a 300-slice 512x512 CT as
     # float32). 0: none.
     warm_memory_mb: int = Field(default=320, ge=0)
+    # Models each worker keeps loaded, the most recently used; a job goes to an idle worker
+    # that has its model loaded, so an urgent job seldom waits for a model load.
+    warm_models: int = Field(default=2, ge=1)
 
 
 class DeliveryConfig(_Strict):

@@ -135,7 +135,12 @@ class Node:
         titles = list(self.config.called_ae_table())
         recover(self.spool, self.index, orphan_called_ae(titles, self.config.node.ae_title))
         pipeline = self.config.pipeline
-        self._pool = WorkerPool(pipeline.workers, self._log_level, pipeline.warm_memory_mb << 20)
+        self._pool = WorkerPool(
+            pipeline.workers,
+            self._log_level,
+            pipeline.warm_memory_mb << 20,
+            warm_models=pipeline.warm_models,
+        )
         self.scheduler = Scheduler(
             self.index,
             self._pool,
@@ -146,6 +151,11 @@ class Node:
             results_ready=self._deliver_now.set,
             wake=self._wake,
             health=self.health,
+            max_concurrent={
+                name: model.max_concurrent
+                for name, model in self.config.models.items()
+                if model.max_concurrent is not None
+            },
         )
         self.scp.start()
         self.health.start()

@@ -25,7 +25,18 @@ the decoded series (:mod:`dicom_ai.inference.loader`: what the loader, with its 
 arguments, would give for the series written as NIfTI), ``inferer``, and ``postprocessing``
 without transforms that write files (``SaveImage(d)``, a bundle's own savers), keeping
 ``Invertd`` so the prediction comes back on the source grid. Label names come from
-``metadata.json`` (``network_data_format.outputs.pred.channel_def`` or ``label_def``).
+``metadata.json`` (``network_data_format.outputs.pred.channel_def`` or ``label_def``), or
+from the model config's ``labels`` (value -> name), which replace them: brats' metadata
+names its network's three channels 0..2 where its postprocessing writes the values 1, 2, 4.
+
+A 3-D bundle whose input has several channels takes several series of one study (MR
+sequences, contrast phases): one series is refused with a reason. It runs on a study job's
+:class:`~dicom_ai.inference.study.StudyInput` (every role on the reference series' grid),
+segmentation only: in ``channels`` mode its image key gets the images in role order (a
+missing optional role as zeros), which its own ``LoadImage(d)`` stacks as channels; in
+``keys`` mode its input dict gets each image under its role name (renal CECT's ``artery``,
+``vein``, ``excret``), and loader keys without an image (ground truth such as ``label``) are
+left out. The label map lies on the reference series' frames.
 
 What the bundle outputs is read from ``outputs.pred`` too (or set in the node's model config):
 
@@ -105,6 +116,7 @@ from dicom_ai.inference.findings import (
 from dicom_ai.inference.loader import SeriesLoadImage, SeriesLoadImaged, series_loaders
 from dicom_ai.inference.model import ModelInput, limit_torch_threads, resolve_device
 from dicom_ai.inference.planar import PlanarImage, cine_series, with_channels
+from dicom_ai.inference.study import StudyInput
 from dicom_ai.inference.volume import SeriesVolume
 
 __all__ = [
@@ -150,6 +162,8 @@ class BundleModel:
         config_files: config files under ``configs/`` merged in order, as MONAI's runner
             merges them (default: ``inference.json`` or ``inference.yaml``).
         prompts: a promptable bundle's label prompts (default: every class of its metadata).
+        labels: (value, name) of each label, replacing the metadata's names (brats' names
+            the network's channels, its postprocessing writes other label values).
     """
 
     def __init__(
@@ -164,6 +178,7 @@ class BundleModel:
         threshold: float = 0.5,
         config_files: Sequence[str] = (),
         prompts: Sequence[int] | None = None,
+        labels: Sequence[tuple[int, str]] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
         self.model_id = model_id or self.bundle_dir.name
@@ -178,15 +193,14 @@ class BundleModel:
         self.threshold = threshold
         self._requested_prompts = prompts
         self._input_channels = _input_channels(metadata)
-        if self.spatial_dims == 3 and self._input_channels > 1:
-            raise ModelError(
-                f"bundle {self.bundle_dir}: takes {self._input_channels} input channels "
-                "(several series of one study, such as MR sequences or contrast phases); the "
-                "node runs a model on one series"
-            )
+        # A 3-D network taking several channels: several series of a study (a 2-D one may
+        # take a colour picture, or be run slice by slice on a volume).
+        self._multi_series = self.spatial_dims == 3 and self._input_channels > 1
         self._landmark_names = _landmark_names(metadata)
         self.labels: tuple[SegmentLabel, ...] = (
-            read_bundle_labels(metadata)
+            _given_labels(labels, self.task)
+            if labels is not None
+            else read_bundle_labels(metadata)
             if self.task is TaskKind.SEGMENTATION
             else read_bundle_classes(metadata, required=self.task is TaskKind.CLASSIFICATION)
         )
@@ -279,7 +293,9 @@ class BundleModel:
         # The same transform objects but the loader, which reads the decoded series instead
         # of a file: Invertd finds the applied operations by transform id, and the bundle's
         # own Invertd keeps pointing at ``parsed_pre``.
-        self.preprocessing = Compose(series_loaders(_flat(parsed_pre)))
+        # Loader keys the node has no image for (ground truth, as renal CECT's `label`) are
+        # left out: the bundle's file stays as it is.
+        self.preprocessing = Compose(series_loaders(_flat(parsed_pre), leave_out_missing=True))
         self._array_input = any(isinstance(t, SeriesLoadImage) for t in _flat(self.preprocessing))
         post = [t for t in _flat(parsed_post) if not _writes_files(t)]
         _invert_what_ran(post, self.preprocessing)
@@ -322,6 +338,14 @@ class BundleModel:
 
     def __call__(self, source: ModelInput) -> Findings:
         try:
+            if isinstance(source, StudyInput):
+                return self._segment_study(source)
+            if isinstance(source, SeriesVolume) and self._multi_series:
+                raise ModelError(
+                    f"bundle {self.model_id} takes {self._input_channels} input channels "
+                    "(several series of one study, such as MR sequences or contrast phases); "
+                    "one series is not enough: a study rule with roles gives them"
+                )
             if self.task is TaskKind.CLASSIFICATION:
                 return self._classify(source)
             if self.task is TaskKind.LANDMARKS:
@@ -338,9 +362,59 @@ class BundleModel:
         except (ModelError, InputError):
             raise
         except Exception as exc:
+            what = "study" if isinstance(source, StudyInput) else "series"
             raise ModelError(
-                f"bundle {self.model_id} failed on the series: {_reason(exc)}"
+                f"bundle {self.model_id} failed on the {what}: {_reason(exc)}"
             ) from exc
+
+    def _segment_study(self, study: StudyInput) -> SegmentationFindings:
+        """The bundle on a study's series (on the reference grid): channels mode gives its
+        image key the images in role order (a missing optional role as zeros), which its
+        own loader stacks; keys mode gives each image under its role name. The labels lie
+        on the reference series' frames."""
+        if self.task is not TaskKind.SEGMENTATION or self.spatial_dims != 3:
+            raise ModelError(
+                f"bundle {self.model_id} is a {self.spatial_dims}-D {self.task.value} model; "
+                "study jobs give 3-D segmentations only"
+            )
+        reference = study.reference
+        pred = self._label_image(self._study_input(study), (1, *reference.image.shape[1:]))
+        label_map = reference.frames_from_volume(pred)
+        del pred
+        return self._segmentation(label_map, reference.sop_instance_uids, reference.frame_numbers)
+
+    def _study_input(self, study: StudyInput) -> Any:
+        """What the bundle's loader gets for ``study`` (see :meth:`_segment_study`)."""
+        if study.mode == "channels":
+            if len(study.images) != self._input_channels:
+                raise ModelError(
+                    f"bundle {self.model_id} takes {self._input_channels} input channel(s); "
+                    f"the study rule gives {len(study.images)} roles "
+                    f"({', '.join(study.roles)})"
+                )
+            reference = study.reference.image
+            return [
+                image if image is not None else _zeros_like(reference, role)
+                for role, image in study.images
+            ]
+        if self._array_input:
+            raise ModelError(
+                f"bundle {self.model_id} loads one image (LoadImage), not keys; its study "
+                "rule must give the roles as channels"
+            )
+        keys = {
+            str(k)
+            for t in _flat(self.preprocessing)
+            if isinstance(t, SeriesLoadImaged)
+            for k in t.keys
+        }
+        unknown = [role for role in study.roles if role not in keys]
+        if unknown:
+            raise ModelError(
+                f"bundle {self.model_id}: role(s) {', '.join(unknown)} are not keys its "
+                f"loader reads ({', '.join(sorted(keys))})"
+            )
+        return {role: image for role, image in study.images if image is not None}
 
     def _segment(self, volume: SeriesVolume) -> SegmentationFindings:
         pred = self.predict(volume)
@@ -380,7 +454,7 @@ class BundleModel:
             source_frame_numbers=frame_numbers,
         )
 
-    def _classify(self, source: ModelInput) -> ClassificationFindings:
+    def _classify(self, source: SeriesVolume | tuple[PlanarImage, ...]) -> ClassificationFindings:
         if self.spatial_dims == 2:
             if isinstance(source, SeriesVolume):
                 raise ModelError(f"bundle {self.model_id} is a 2-D model; it needs 2-D images")
@@ -449,7 +523,7 @@ class BundleModel:
             return with_channels(image, self._input_channels)
         return image
 
-    def _locate(self, source: ModelInput) -> LandmarkFindings:
+    def _locate(self, source: SeriesVolume | tuple[PlanarImage, ...]) -> LandmarkFindings:
         """Points per image: the output's last axis is the landmark, the one before it the
         coordinate along the network input's axes (the image's columns, then rows); mapped
         to patient space through each image's own geometry."""
@@ -583,13 +657,15 @@ class BundleModel:
             source_frame_numbers=volume.frame_numbers,
         )
 
-    def _preprocess(self, image: MetaTensor) -> dict[str, Any]:
+    def _preprocess(self, image: MetaTensor | list[MetaTensor] | dict[str, Any]) -> dict[str, Any]:
         """The bundle's preprocessing of ``image`` (its loader reads the image, never
-        writing it), with the prompts of a promptable bundle."""
+        writing it), with the prompts of a promptable bundle. A list of images is several
+        channels; a dict holds the images under the bundle's own input keys."""
         if self._array_input:
             return {self.image_key: self.preprocessing(image)}
         extra = {_LABEL_PROMPT: list(self.prompts)} if self._prompted else {}
-        return dict(self.preprocessing({self.image_key: image, **extra}))
+        data = image if isinstance(image, dict) else {self.image_key: image}
+        return dict(self.preprocessing({**data, **extra}))
 
     def _infer(self, data: dict[str, Any]) -> Any:
         """The bundle's inferer on the preprocessed image as a batch of one; a promptable
@@ -634,8 +710,11 @@ class BundleModel:
         """The bundle's label volume on the series grid, ``(1, columns, rows, slices)``."""
         return self._label_image(volume.image, tuple(volume.image.shape))
 
-    def _label_image(self, image: MetaTensor, expected: tuple[int, ...]) -> torch.Tensor:
-        """The bundle's labels for ``image``, on its grid (``expected``: its shape)."""
+    def _label_image(
+        self, image: MetaTensor | list[MetaTensor] | dict[str, Any], expected: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The bundle's labels for ``image`` (or a study's images, see :meth:`_preprocess`),
+        on its grid (``expected``: its shape)."""
         with torch.no_grad():
             data = self._preprocess(image)
             autocast = (
@@ -663,6 +742,22 @@ class BundleModel:
                 f"{expected}; does its postprocessing invert the preprocessing?"
             )
         return result.cpu()
+
+
+def _given_labels(labels: Sequence[tuple[int, str]], task: TaskKind) -> tuple[SegmentLabel, ...]:
+    """The model config's labels, in value order; a segmentation's 0 is the background."""
+    given = sorted((int(value), str(name)) for value, name in labels)
+    if task is TaskKind.SEGMENTATION and any(value <= 0 for value, _ in given):
+        raise ModelError("labels: a segmentation's label values start at 1 (0 is background)")
+    if len({value for value, _ in given}) != len(given):
+        raise ModelError("labels: a label value is given twice")
+    return tuple(SegmentLabel(value, name) for value, name in given)
+
+
+def _zeros_like(image: MetaTensor, role: str) -> MetaTensor:
+    """A missing optional role's channel: no signal, on the reference grid."""
+    meta = {**image.meta, "filename_or_obj": f"{role} (no series)"}
+    return MetaTensor(torch.zeros_like(image.as_tensor()), meta=meta)  # the meta's affine
 
 
 def read_bundle_labels(metadata: Mapping[str, Any]) -> tuple[SegmentLabel, ...]:

@@ -13,7 +13,9 @@ What to feed (the node's channel-first ``MetaTensor`` s, never a copy):
   files: MONAI stacks them on a new first axis).
 - ``SeriesLoadImaged``: the data dict with an image (or a list) under each of the loader's
   keys, e.g. ``{image_key: volume.image}``; other items pass through as ``LoadImaged``
-  leaves them.
+  leaves them. Built with ``leave_out_missing`` (as a bundle's are), a key without an
+  image is left out, as with ``allow_missing_keys``: a study's roles as keys, where the
+  loader also names ground truth for evaluation.
 
 Accepted images: channel-first ``(C, *spatial)`` on the CPU with a RAS affine (4x4 for 3-D,
 3x3 for 2-D), as ``SeriesVolume.image`` ``(1, columns, rows, slices)``,
@@ -94,7 +96,13 @@ class SeriesLoadImaged(Transform):
     list of them) instead of a file name; returns the dict ``loader`` returns for them as
     NIfTI files (see the module docstring)."""
 
-    def __init__(self, loader: LoadImaged) -> None:
+    def __init__(self, loader: LoadImaged, *, leave_out_missing: bool = False) -> None:
+        if leave_out_missing and not loader.allow_missing_keys:
+            # A bundle's loader may also read ground truth for its evaluation (renal CECT's
+            # `label`), which inference never has: such keys are left out, as
+            # allow_missing_keys would. A copy: the bundle's own object is unchanged.
+            loader = copy.copy(loader)
+            loader.allow_missing_keys = True
         self.loader = loader
         self.keys = loader.keys
         self._array_loader = cast(LoadImage, monai_array_loader(loader))
@@ -110,19 +118,28 @@ class SeriesLoadImaged(Transform):
         return out
 
 
-def series_loader(loader: LoadImage | LoadImaged) -> SeriesLoadImage | SeriesLoadImaged:
-    """The stand-in for one bundle loader."""
+def series_loader(
+    loader: LoadImage | LoadImaged, *, leave_out_missing: bool = False
+) -> SeriesLoadImage | SeriesLoadImaged:
+    """The stand-in for one bundle loader; ``leave_out_missing``: a dict loader's keys
+    without an image are left out (as with ``allow_missing_keys``), not an error."""
     if isinstance(loader, LoadImaged):
-        return SeriesLoadImaged(loader)
+        return SeriesLoadImaged(loader, leave_out_missing=leave_out_missing)
     if isinstance(loader, LoadImage):
         return SeriesLoadImage(loader)
     raise ModelError(f"{type(loader).__name__} is not a LoadImage or LoadImaged")
 
 
-def series_loaders(transforms: Iterable[Any]) -> list[Any]:
+def series_loaders(transforms: Iterable[Any], *, leave_out_missing: bool = False) -> list[Any]:
     """``transforms`` (a flattened preprocessing) with each ``LoadImage(d)`` replaced by its
-    stand-in; every other transform is the same object (``Invertd`` finds them by id)."""
-    return [series_loader(t) if isinstance(t, LoadImage | LoadImaged) else t for t in transforms]
+    stand-in (``leave_out_missing`` as :func:`series_loader`'s); every other transform is
+    the same object (``Invertd`` finds them by id)."""
+    return [
+        series_loader(t, leave_out_missing=leave_out_missing)
+        if isinstance(t, LoadImage | LoadImaged)
+        else t
+        for t in transforms
+    ]
 
 
 class _DecodedReader(ImageReader):

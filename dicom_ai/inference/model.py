@@ -21,6 +21,7 @@ import torch
 from dicom_ai.errors import ModelError
 from dicom_ai.inference.findings import AlgorithmIdentification, Findings, TaskKind
 from dicom_ai.inference.planar import PlanarImage
+from dicom_ai.inference.study import StudyInput
 from dicom_ai.inference.volume import SeriesVolume
 
 __all__ = [
@@ -39,8 +40,9 @@ logger = logging.getLogger(__name__)
 BUILTIN_MODELS = ("ct-body", "mr-brain")
 
 
-ModelInput = SeriesVolume | tuple[PlanarImage, ...]
-"""A 3-D model gets the series as one volume, a 2-D model its images."""
+ModelInput = SeriesVolume | tuple[PlanarImage, ...] | StudyInput
+"""A 3-D model gets the series as one volume, a 2-D model its images; a multi-series
+bundle the series of a study job, on one grid."""
 
 
 @runtime_checkable
@@ -71,12 +73,14 @@ def load_model(
     threshold: float = 0.5,
     config_files: Sequence[str] = (),
     prompts: Sequence[int] | None = None,
+    labels: Sequence[tuple[int, str]] | None = None,
 ) -> Model:
     """The model for ``model_id``: a MONAI bundle when ``bundle`` is given, else a built-in.
 
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (``cuda:N``); ``task``
     overrides what the bundle's metadata says it outputs; ``threshold`` is the probability
-    from which a class or detection counts as found.
+    from which a class or detection counts as found; ``labels`` (value, name) replace the
+    bundle metadata's label names.
     Raises :class:`ModelError` for an unknown built-in or a bundle that cannot be loaded.
     """
     # Imported here: bundle.py uses this module's helpers; the built-ins pull in scipy,
@@ -92,7 +96,10 @@ def load_model(
             threshold=threshold,
             config_files=config_files,
             prompts=prompts,
+            labels=labels,
         )
+    if labels is not None:
+        raise ModelError(f"{model_id}: `labels` names a bundle's labels; a built-in has its own")
     resolve_device(device)  # a bad device string is a config error for built-ins too
     if model_id == "ct-body":
         from dicom_ai.inference.builtin.ct_body import CTBodyModel
@@ -109,7 +116,13 @@ def load_model(
 
 
 def require_volume(source: ModelInput, model_id: str) -> SeriesVolume:
-    """The volume a 3-D model needs; a 2-D input is a routing mistake, said as such."""
+    """The volume a 3-D model needs; a 2-D input or a study is a routing mistake, said as
+    such."""
+    if isinstance(source, StudyInput):
+        raise ModelError(
+            f"{model_id} takes one series; a study job's several series are for a bundle "
+            "that takes them (several input channels or keys)"
+        )
     if not isinstance(source, SeriesVolume):
         raise ModelError(f"{model_id} is a 3-D model; it needs a series volume, not 2-D images")
     return source

@@ -11,8 +11,9 @@ the assembly policy), so a test drives it with a fake pool and no sockets; the n
 from __future__ import annotations
 
 import logging
+import math
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,9 +23,10 @@ from pydicom import dcmread
 
 from dicom_ai.assembly import AssemblyPolicy, RunStart
 from dicom_ai.config import Config
-from dicom_ai.pipeline.worker import JobOutcome, JobSpec
+from dicom_ai.pipeline.worker import JobOutcome, JobSpec, RoleInput
 from dicom_ai.routing import LiveRules, plan_runs
-from dicom_ai.store.index import JobRecord, PendingSeries, RunPlan, SchedulingIndex
+from dicom_ai.routing.studies import decide
+from dicom_ai.store.index import JobRecord, PendingSeries, RunPlan, SchedulingIndex, StudyWait
 from dicom_ai.store.spool import Spool
 
 __all__ = ["Health", "JobSpecs", "Pool", "Prefetcher", "Scheduler"]
@@ -60,8 +62,18 @@ class JobSpecs:
     # The interpreter a model's jobs run (`ModelHealth.python`); None: the node's.
     python: Callable[[str], Path | None] = _node_python
 
-    def __call__(self, job: JobRecord, instance_paths: tuple[Path, ...]) -> JobSpec:
+    def __call__(
+        self,
+        job: JobRecord,
+        instance_paths: tuple[Path, ...],
+        role_paths: Mapping[str, tuple[Path, ...]] | None = None,
+    ) -> JobSpec:
+        """``role_paths``: a study job's instance files per series UID."""
         model = self.config.model(job.model)
+        found = role_paths or {}
+        roles = tuple(
+            RoleInput(role, uid, found.get(uid, ()) if uid else ()) for role, uid in job.roles
+        )
         return JobSpec(
             job_id=job.id,
             series_instance_uid=job.series_instance_uid,
@@ -73,12 +85,21 @@ class JobSpecs:
             threshold=model.threshold,
             config_files=tuple(model.config_files),
             prompts=None if model.prompts is None else tuple(model.prompts),
+            labels=None if model.labels is None else tuple(sorted(model.labels.items())),
             preview=job.preview,
             python=self.python(job.model),
             instance_paths=instance_paths,
             results_dir=self.spool.results_dir(job.id),
             device_serial_number=self.config.device_serial_number,
             min_free_bytes=self.config.node.min_free_bytes,
+            roles=roles,
+            reference_role=job.reference_role,
+            role_input=job.role_input,
+            result_key=(
+                None
+                if job.study_instance_uid is None
+                else f"study/{job.study_instance_uid}/{job.rule}"
+            ),
         )
 
 
@@ -155,11 +176,12 @@ class Scheduler:
         pool: Pool,
         rules: LiveRules,
         assembly: AssemblyPolicy,
-        make_spec: Callable[[JobRecord, tuple[Path, ...]], JobSpec],
+        make_spec: Callable[..., JobSpec],
         max_job_attempts: int,
         results_ready: Callable[[], None] = _nothing,
         wake: socket.socket | None = None,
         health: Health | None = None,
+        max_concurrent: Mapping[str, int] | None = None,
     ) -> None:
         self.index = index
         self.pool = pool
@@ -170,9 +192,12 @@ class Scheduler:
         self.results_ready = results_ready
         self.wake = wake
         self.health = health
+        self.max_concurrent = dict(max_concurrent or {})  # model id -> running jobs at most
         self.prefetcher = Prefetcher(index, pool, lambda uid, paths: self.plan(uid, paths)[0])
         self._pending: list[PendingSeries] = []
         self._pending_version: tuple[int, int] | None = None
+        self._studies_version: tuple[int, int] | None = None
+        self._next_deadline = math.inf  # of the studies waiting for roles
 
     def step(self, now: float, wait: float = 0.0) -> None:
         """One round at time ``now``; waits up to ``wait`` seconds for a job outcome."""
@@ -182,6 +207,7 @@ class Scheduler:
         for start in self.assembly.runnable(pending, now):
             self._start_run(start, now)
             routed.add(start.series.series_instance_uid)
+        self._decide_studies(now)
         self._dispatch_jobs()
         self.prefetcher.arriving([s for s in pending if s.series_instance_uid not in routed])
         for outcome in self.pool.poll(timeout=wait, wake=self.wake):
@@ -224,10 +250,22 @@ class Scheduler:
         note = "; ".join(notes) or "no rule matched"
         hold_until = start.hold_until if plans else None
         job_ids = self.index.start_run(uid, plans, note, hold_until, claimed=bool(notes))
-        if not job_ids:
+        studies = [p.rule for p in plans if p.study is not None]
+        if studies:
             log.info(
-                "series %s complete (%d instances): %s; kept, not processed", uid, len(paths), note
+                "series %s complete (%d instances): an input of study rule(s) %s",
+                uid,
+                len(paths),
+                ", ".join(studies),
             )
+        if not job_ids:
+            if not studies:
+                log.info(
+                    "series %s complete (%d instances): %s; kept, not processed",
+                    uid,
+                    len(paths),
+                    note,
+                )
             return
         log.info(
             "series %s complete (%d instances%s): jobs %s by %s",
@@ -238,11 +276,74 @@ class Scheduler:
             else ", its one association released: started early, results held "
             f"{max(0.0, hold_until - now):.1f} s for late instances",
             job_ids,
-            ", ".join(p.rule for p in plans),
+            ", ".join(p.rule for p in plans if p.study is None),
         )
 
+    def _decide_studies(self, now: float) -> None:
+        """Start, fail or note the studies whose members changed or whose deadline came
+        (routing/studies.py has the rule). Asked again only when the index changed or a
+        deadline is due."""
+        version = self.index.version()
+        if version == self._studies_version and now < self._next_deadline:
+            return
+        for study in self.index.studies_to_decide(now):
+            self._decide_study(study, now)
+        self._studies_version = self.index.version()
+        self._next_deadline = self.index.next_study_deadline()
+
+    def _decide_study(self, study: StudyWait, now: float) -> None:
+        rules = self.rules.by_called_ae().get(study.called_ae)
+        rule = None
+        if rules is not None:
+            rule = next((r for r in rules.rules if r.name == study.rule and r.study), None)
+        if rule is None or rule.study is None:
+            note = f"rule {study.rule} is no longer a study rule of {study.called_ae}"
+            self.index.settle_study(study, "dropped", note)
+            log.warning("study %s: %s; not run", study.study_instance_uid, note)
+            return
+        decision = decide(rule.study, study.members, study.deadline_at, now, study.last_run)
+        for line in decision.selection.notes:
+            log.info("study %s, rule %s: %s", study.study_instance_uid, study.rule, line)
+        if decision.action == "start":
+            roles = [
+                (role, None if member is None else member.series_instance_uid)
+                for role, member in decision.selection.chosen
+            ]
+            job_id = self.index.start_study_run(
+                study,
+                roles,
+                rule.study.reference_role,
+                rule.study.input,
+                decision.selection.key,
+                decision.note,
+                decision.hold_until,
+            )
+            log.info(
+                "study %s, rule %s: job %d (run %d): %s",
+                study.study_instance_uid,
+                study.rule,
+                job_id,
+                study.runs + 1,
+                decision.note,
+            )
+        elif decision.action == "fail":
+            job_id_failed = self.index.settle_study(study, "failed", decision.note)
+            log.error(
+                "study %s, rule %s: job %s failed: %s",
+                study.study_instance_uid,
+                study.rule,
+                job_id_failed,
+                decision.note,
+            )
+        elif decision.action == "wait":
+            state = "overdue" if now >= study.deadline_at else "waiting"
+            self.index.settle_study(study, state, decision.note)
+            log.info("study %s, rule %s: %s", study.study_instance_uid, study.rule, decision.note)
+        else:
+            self.index.settle_study(study, study.state, decision.note)
+
     def _dispatch_jobs(self) -> None:
-        for job in self.index.claim_pending_jobs(self.pool.idle()):
+        for job in self.index.claim_pending_jobs(self.pool.idle(), self.max_concurrent):
             self._dispatch(job)
 
     def _dispatch(self, job: JobRecord) -> None:
@@ -261,7 +362,13 @@ class Scheduler:
                 )
                 return
         paths = tuple(self.index.series_instance_paths(job.series_instance_uid))
-        self.pool.submit(self.make_spec(job, paths))
+        if not job.roles:
+            self.pool.submit(self.make_spec(job, paths))
+            return
+        role_paths = {
+            uid: tuple(self.index.series_instance_paths(uid)) for _, uid in job.roles if uid
+        }
+        self.pool.submit(self.make_spec(job, paths, role_paths))
 
     def _record(self, outcome: JobOutcome) -> None:
         job = self.index.job(outcome.job_id)

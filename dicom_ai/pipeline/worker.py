@@ -28,8 +28,8 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -51,14 +51,29 @@ if TYPE_CHECKING:
     from dicom_ai.inference.model import Model
     from dicom_ai.results import DeviceIdentity, ResultUIDs
 
-__all__ = ["JobOutcome", "JobSpec", "Prefetch", "WorkerPool", "run_job"]
+__all__ = ["JobOutcome", "JobSpec", "Prefetch", "RoleInput", "WorkerPool", "run_job"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class RoleInput:
+    """One role of a study job: the series chosen for it, or none (an optional role that
+    did not come; ``series_instance_uid`` None and no paths)."""
+
+    role: str
+    series_instance_uid: str | None
+    instance_paths: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobSpec:
-    """Everything a worker needs; plain data so it pickles into a spawned process."""
+    """Everything a worker needs; plain data so it pickles into a spawned process.
+
+    A study job (a rule with roles, see routing/rules.py) has ``roles`` in the rule's
+    order; ``series_instance_uid`` and ``instance_paths`` are then the reference role's,
+    and ``result_key`` is what its result UIDs derive from (the study, not a series).
+    """
 
     job_id: int
     series_instance_uid: str
@@ -78,6 +93,14 @@ class JobSpec:
     python: Path | None = None
     config_files: tuple[str, ...] = ()  # a bundle's configs to merge; () = its inference config
     prompts: tuple[int, ...] | None = None  # a promptable bundle's label prompts; None = all
+    # The model config's label names (value, name), over the bundle metadata's; None: its.
+    labels: tuple[tuple[int, str], ...] | None = None
+    roles: tuple[RoleInput, ...] = ()  # a study job's roles; (): a series job
+    reference_role: str | None = None  # the role whose grid the others are resampled onto
+    # "channels": the roles' images stacked as channels in role order; "keys": each role's
+    # image under its role name as a key of the bundle's input dict.
+    role_input: str = "channels"
+    result_key: str | None = None  # what result UIDs derive from; None: the series UID
 
 
 @dataclass(frozen=True)
@@ -104,11 +127,13 @@ class JobOutcome:
 
 
 class LoadedModels:
-    """The models one worker process has loaded, kept for its life: a job for the same
-    model and settings reuses it instead of loading the weights again."""
+    """The models one worker process has loaded: a job for the same model and settings
+    reuses it instead of loading the weights again. The ``keep`` most recently used stay
+    loaded (the pool mirrors this in `_Slot.models` to send jobs where their model is)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 2) -> None:
         self._models: dict[tuple[object, ...], Model] = {}
+        self._keep = keep
 
     def __call__(self, spec: JobSpec) -> Model:
         from dicom_ai.inference.model import load_model
@@ -121,6 +146,7 @@ class LoadedModels:
             spec.threshold,
             spec.config_files,
             spec.prompts,
+            spec.labels,
         )
         if key not in self._models:
             self._models[key] = load_model(
@@ -131,9 +157,22 @@ class LoadedModels:
                 threshold=spec.threshold,
                 config_files=spec.config_files,
                 prompts=spec.prompts,
+                labels=spec.labels,
             )
+            self._evict()
             _freeze_long_lived()
+        self._models[key] = self._models.pop(key)  # the most recently used last
         return self._models[key]
+
+    def _evict(self) -> None:
+        if len(self._models) <= self._keep:
+            return
+        while len(self._models) > self._keep:
+            del self._models[next(iter(self._models))]
+        # Frozen objects are out of the collector's reach: a model held in reference cycles
+        # would stay in memory.
+        gc.unfreeze()
+        gc.collect()
 
 
 # A worker's prefetch arena: three 300-slice 512x512 CT series as float32. Address space
@@ -177,7 +216,8 @@ def run_job(
     stages = {} if stages is None else stages
     if arena is None:
         return _run_job(spec, None, models, stages)
-    arena.keep_only(spec.instance_paths)  # other series' prefetch: not coming here
+    # Other series' prefetch: not coming here (a study job's are every role's).
+    arena.keep_only([*spec.instance_paths, *(p for r in spec.roles for p in r.instance_paths)])
     try:
         return _run_job(spec, arena, models, stages)
     finally:
@@ -188,9 +228,10 @@ def _run_job(
     spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels, stages: dict[str, float]
 ) -> tuple[Path, ...]:
     # Imported here so the node's main process never loads torch or MONAI.
-    from dicom_ai.errors import InputError
+    from dicom_ai.errors import InputError, ModelError
     from dicom_ai.inference.findings import SegmentationFindings, TaskKind
     from dicom_ai.inference.planar import load_planar_images
+    from dicom_ai.inference.study import StudyInput, load_study
     from dicom_ai.inference.volume import load_series
     from dicom_ai.results import DeviceIdentity, result_uids
     from dicom_ai.results.encoding import file_bytes
@@ -199,6 +240,12 @@ def _run_job(
     model_started = time.monotonic()
     model = models(spec)
     started = time.monotonic()
+    other_sources: list[Dataset] = []  # a study job's other series, for the SR's evidence
+    if spec.roles and (model.task is not TaskKind.SEGMENTATION or model.spatial_dims != 3):
+        raise ModelError(
+            f"{spec.model_id} gives {model.spatial_dims}-D {model.task.value}; study jobs "
+            "give 3-D segmentations only"
+        )
     if model.spatial_dims == 2:
         images = load_planar_images(spec.instance_paths, arena)
         loaded = time.monotonic()
@@ -206,7 +253,20 @@ def _run_job(
         headers = [image.header for image in images]
         frames = None
     else:
-        volume = load_series(spec.instance_paths, arena)
+        study: StudyInput | None = None
+        if spec.roles:
+            if spec.reference_role is None:
+                raise InputError("a study job without a reference role")
+            study = load_study(
+                [(role.role, role.instance_paths) for role in spec.roles],
+                spec.reference_role,
+                spec.role_input,
+                arena,
+            )
+            volume = study.reference
+            other_sources = study.other_headers
+        else:
+            volume = load_series(spec.instance_paths, arena)
         if model.task is TaskKind.SEGMENTATION and volume.frame_numbers is not None:
             instances = len(set(volume.sop_instance_uids))
             if instances > 1:
@@ -216,14 +276,20 @@ def _run_job(
                     "the frames of one only"
                 )
         loaded = time.monotonic()
-        findings = model(volume)
+        findings = model(volume if study is None else study)
         headers = list(volume.headers)
         frames = volume.frames
     inferred = time.monotonic()
-    uids = result_uids(spec.series_instance_uid, spec.model_id, findings.algorithm.version)
+    # A study job's results derive from the study and rule (result_key): a rerun with
+    # another series for a role supersedes them.
+    uids = result_uids(
+        spec.result_key or spec.series_instance_uid, spec.model_id, findings.algorithm.version
+    )
     device = DeviceIdentity.for_node(spec.device_serial_number)
     if isinstance(findings, SegmentationFindings):
-        results = _segmentation_results(headers, frames, findings, uids, device, spec.preview)
+        results = _segmentation_results(
+            headers, frames, findings, uids, device, spec.preview, other_sources
+        )
     else:
         results = [("sr.dcm", _report(headers, findings, uids, device))]
     spool = Spool(spec.results_dir.parent.parent, spec.min_free_bytes)
@@ -236,12 +302,13 @@ def _run_job(
         load=loaded - model_started, infer=inferred - loaded, encode=time.monotonic() - inferred
     )
     log.info(
-        "job %d: %s (%s) on series %s: %d result object(s), load %.2f s, infer %.2f s, "
+        "job %d: %s (%s) on series %s%s: %d result object(s), load %.2f s, infer %.2f s, "
         "encode and write %.2f s",
         spec.job_id,
         spec.model_id,
         model.task.value,
         spec.series_instance_uid,
+        f" and {len(other_sources)} instance(s) of other roles" if spec.roles else "",
         len(files),
         loaded - started,
         inferred - loaded,
@@ -257,13 +324,16 @@ def _segmentation_results(
     uids: ResultUIDs,
     device: DeviceIdentity,
     preview: bool,
+    other_sources: Sequence[Dataset] = (),
 ) -> list[tuple[str, Dataset]]:
+    """SEG, SR (and previews) on the source series ``headers``; ``other_sources``: a study
+    job's other series, which the SR names as evidence too."""
     from dicom_ai.errors import EncodingError
     from dicom_ai.results import build_seg, build_sr, link_related_series
     from dicom_ai.results.preview import build_preview
 
     seg = build_seg(headers, findings, uids, device)
-    sr = build_sr(headers, seg, findings, uids, device)
+    sr = build_sr(headers, seg, findings, uids, device, other_sources=other_sources)
     link_related_series(seg, sr)
     results: list[tuple[str, Dataset]] = [("seg.dcm", seg), ("sr.dcm", sr)]
     if preview and frames is not None:
@@ -308,7 +378,9 @@ def _report(
     return build_detection_sr(headers, findings, uids, device)
 
 
-def _worker_main(conn: Connection, log_level: int, parent_pid: int, warm_bytes: int) -> None:
+def _worker_main(
+    conn: Connection, log_level: int, parent_pid: int, warm_bytes: int, warm_models: int = 2
+) -> None:
     from dicom_ai.lifecycle import die_with_parent
 
     die_with_parent(parent_pid)
@@ -319,7 +391,7 @@ def _worker_main(conn: Connection, log_level: int, parent_pid: int, warm_bytes: 
     logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
     inbox: deque[JobSpec | Prefetch | None] = deque()
     arena: PrefetchArena | None = None  # made for the first message: see _new_arena
-    models = LoadedModels()  # kept for the worker's life
+    models = LoadedModels(warm_models)
     while True:
         try:
             spec = _next_message(conn, inbox, arena, warm_bytes)
@@ -456,6 +528,7 @@ class _Slot:
     deadline: float = 0.0
     prefetched_series: str | None = None  # what this worker has decoded ahead
     python: Path | None = None  # the interpreter it runs; None: the node's
+    models: list[str] = field(default_factory=list)  # loaded, least recently used first
 
 
 class _Keep(enum.Enum):
@@ -515,10 +588,17 @@ _STOP_GRACE_SECONDS = 0.5
 class WorkerPool:
     """``size`` spawned workers; jobs go to idle ones; ``poll`` reports finished jobs."""
 
-    def __init__(self, size: int, log_level: int = logging.INFO, warm_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        log_level: int = logging.INFO,
+        warm_bytes: int = 0,
+        warm_models: int = 2,
+    ) -> None:
         self._context = multiprocessing.get_context("spawn")
         self._log_level = log_level
         self._warm_bytes = warm_bytes
+        self._warm_models = warm_models
         self._paths: dict[Path, list[str]] = {}  # each other interpreter's sys.path
         self._slots = [self._new_slot() for _ in range(size)]
 
@@ -526,7 +606,7 @@ class WorkerPool:
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(child, self._log_level, os.getpid(), self._warm_bytes),
+            args=(child, self._log_level, os.getpid(), self._warm_bytes, self._warm_models),
             name="dicom-ai-worker",
             daemon=True,
         )
@@ -548,18 +628,24 @@ class WorkerPool:
     def idle(self) -> int:
         return sum(1 for slot in self._slots if slot.job is None)
 
-    def _idle_slot(self, series_uid: str, python: Path | None = None) -> _Slot | None:
-        """An idle worker: on ``python`` and with ``series_uid`` prefetched, else on
-        ``python``, else one that prefetched it, else any."""
+    def _idle_slot(
+        self, series_uid: str, python: Path | None = None, model_id: str | None = None
+    ) -> _Slot | None:
+        """An idle worker: on ``python``, then one with ``model_id`` loaded, then one with
+        ``series_uid`` prefetched; any if none is."""
         idle = [slot for slot in self._slots if slot.job is None]
         ranked = sorted(
             idle,
-            key=lambda s: (s.python != python, s.prefetched_series != series_uid),
+            key=lambda s: (
+                s.python != python,
+                model_id is not None and model_id not in s.models,
+                s.prefetched_series != series_uid,
+            ),
         )
         return ranked[0] if ranked else None
 
     def submit(self, spec: JobSpec) -> None:
-        slot = self._idle_slot(spec.series_instance_uid, spec.python)
+        slot = self._idle_slot(spec.series_instance_uid, spec.python, spec.model_id)
         if slot is None:
             raise RuntimeError("no idle worker")
         if slot.python != spec.python:
@@ -576,6 +662,9 @@ class WorkerPool:
             slot.conn.send(spec)
         slot.job = spec
         slot.deadline = time.monotonic() + spec.timeout_seconds
+        if spec.model_id in slot.models:
+            slot.models.remove(spec.model_id)
+        slot.models = [*slot.models, spec.model_id][-self._warm_models :]
 
     def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
         """Ask an idle worker to decode ``paths`` ahead of the series' job; False when none

@@ -3,6 +3,8 @@
 - Segmentation (:func:`build_sr`): one TID 1411 Volumetric ROI group per SEG segment:
   tracking identifier (same UID as the segment's Tracking UID), finding type (the segment's
   property type), finding site where the label implies one, and the segment's volume in ml.
+  A study job's report names every image of every series the model read (see
+  :func:`build_sr`); the SEG lies on the reference series alone.
 - Classification (:func:`build_classification_sr`): per classified image (or series) and
   class at or above the threshold, one TID 1501 group referencing the source images: the
   class as finding type, a qualitative evaluation "<class>: Present" and the probability
@@ -57,6 +59,7 @@ from highdicom.sr import (
     ReferencedSegment,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
+    SourceImageForSegmentation,
     SourceSeriesForSegmentation,
     TextContentItem,
     TrackingIdentifier,
@@ -140,6 +143,7 @@ def build_sr(
     uids: ResultUIDs,
     device: DeviceIdentity,
     *,
+    other_sources: Sequence[Dataset] = (),
     series_number: int | None = None,
     instance_number: int = 1,
 ) -> Comprehensive3DSR:
@@ -148,6 +152,11 @@ def build_sr(
     ``seg`` must be the SEG that :func:`~dicom_ai.results.seg.build_seg` made from the same
     ``findings`` (segments 1..n = labels with voxels in label-value order); the SR takes
     its patient and study from the source images and lists them and the SEG as evidence.
+
+    ``other_sources`` are the headers of every instance of the other series a study job's
+    model read besides ``source_images`` (the reference series, which the SEG lies on); they
+    must be of the same study. With them the evidence lists them too, and each group names
+    every image of every input series as a "Source image for segmentation".
     """
     ordered = order_like_findings(source_images, findings)
     counts = findings.voxel_counts
@@ -160,19 +169,18 @@ def build_sr(
         # without a volume measurement.
         voxel_ml = None
     source = ordered[0]
-    source_series = SourceSeriesForSegmentation(str(source.SeriesInstanceUID))
-    # highdicom capitalises this meaning; PS3.16 (and PixelMed's check) has it in lower case.
-    source_series.ConceptNameCodeSequence[0].CodeMeaning = "Source series for segmentation"
+    others = _other_inputs(source, ordered, other_sources)
     algorithm = _algorithm_item(findings.algorithm)
     codings = [segment_coding(label.name) for label in labels]
     with _refused_by_highdicom(findings.algorithm):
+        segmented_from = _segmentation_sources(ordered, others)
         groups = [
             _volumetric_group(
                 number,
                 label,
                 coding,
                 seg,
-                source_series,
+                segmented_from,
                 algorithm,
                 uids,
                 volume_ml=None if voxel_ml is None else int(counts[label.value]) * voxel_ml,
@@ -189,6 +197,7 @@ def build_sr(
             [label.name for label in labels],
             series_number,
             instance_number,
+            other_inputs=others,
         )
     logger.debug("SR %s: %d measurement group(s)", sr.SOPInstanceUID, len(groups))
     return sr
@@ -464,9 +473,12 @@ def _document(
     finding_names: Sequence[str],
     series_number: int | None,
     instance_number: int,
+    *,
+    other_inputs: Sequence[Dataset] = (),
 ) -> Comprehensive3DSR:
     """The TID 1500 document around ``groups`` (IHE AI Results header items included);
-    ``finding_names`` tell whether the local coding scheme must be declared."""
+    ``finding_names`` tell whether the local coding scheme must be declared; the evidence
+    lists ``source_images``, ``other_inputs`` (a study job's other series), ``derived``."""
     source = source_images[0]
     local = any(is_local_code(segment_coding(name).property_type) for name in finding_names)
     report = MeasurementReport(
@@ -483,7 +495,7 @@ def _document(
             )
         )
     # Each instance once (a multi-frame source repeats per frame).
-    unique = {str(ds.SOPInstanceUID): ds for ds in [*source_images, *derived]}
+    unique = {str(ds.SOPInstanceUID): ds for ds in [*source_images, *other_inputs, *derived]}
     return Comprehensive3DSR(
         # The source images first: highdicom takes patient, study and the acquisition
         # equipment from evidence[0], which must be the scanner's image, not our SEG.
@@ -736,6 +748,54 @@ def _concept(code: Code) -> CodedConcept:
     return CodedConcept(code.value, code.scheme_designator, code.meaning)
 
 
+def _other_inputs(
+    source: Dataset, ordered: Sequence[Dataset], other_sources: Sequence[Dataset]
+) -> list[Dataset]:
+    """A study job's other input instances, each once and none of the reference series'
+    frames again; all of the reference's study (the SR and its evidence stay in it)."""
+    seen = {str(ds.SOPInstanceUID) for ds in ordered}
+    others: list[Dataset] = []
+    study = str(source.StudyInstanceUID)
+    for ds in other_sources:
+        if str(ds.get("StudyInstanceUID")) != study:
+            raise EncodingError(
+                f"input series {ds.get('SeriesInstanceUID')} is of study "
+                f"{ds.get('StudyInstanceUID')}, the reference series {source.SeriesInstanceUID} "
+                f"of study {study}: a study job's inputs must all be of one study"
+            )
+        uid = str(ds.SOPInstanceUID)
+        if uid not in seen:
+            seen.add(uid)
+            others.append(ds)
+    return others
+
+
+def _segmentation_sources(
+    ordered: Sequence[Dataset], others: Sequence[Dataset]
+) -> SourceSeriesForSegmentation | list[SourceImageForSegmentation]:
+    """What each TID 1411 group says its segment was made from: the reference series, or,
+    for a study job, every image of every series the model read.
+
+    TID 1411 names a segment's source as one "Source series for segmentation" (row 12,
+    UIDREF, VM 1) or as "Source image for segmentation" items (row 11, IMAGE, 1-n), not
+    both: PixelMed's validator refuses both or two series, highdicom's reader likewise. So
+    only row 11 can name several series, through their images (their series UIDs are in
+    the evidence). TID 4019 (algorithm identification) has no row for inputs; an Image
+    Library (TID 1600) would list the images without saying the segments came from them.
+    """
+    if not others:
+        series = SourceSeriesForSegmentation(str(ordered[0].SeriesInstanceUID))
+        # highdicom capitalises this meaning; PS3.16 (and PixelMed's check) has it in lower case.
+        series.ConceptNameCodeSequence[0].CodeMeaning = "Source series for segmentation"
+        return series
+    images = []
+    for ds in {str(ds.SOPInstanceUID): ds for ds in [*ordered, *others]}.values():
+        image = SourceImageForSegmentation.from_source_image(ds)
+        image.ConceptNameCodeSequence[0].CodeMeaning = "Source image for segmentation"
+        images.append(image)
+    return images
+
+
 def _check_segments_match(seg: Segmentation, labels: Sequence[SegmentLabel]) -> None:
     segments = list(seg.SegmentSequence)
     seg_labels = [(int(item.SegmentNumber), str(item.SegmentLabel)) for item in segments]
@@ -777,7 +837,7 @@ def _volumetric_group(
     label: SegmentLabel,
     coding: SegmentCoding,
     seg: Segmentation,
-    source_series: SourceSeriesForSegmentation,
+    segmented_from: SourceSeriesForSegmentation | list[SourceImageForSegmentation],
     algorithm: AlgorithmIdentification,
     uids: ResultUIDs,
     *,
@@ -800,7 +860,10 @@ def _volumetric_group(
             sop_class_uid=str(seg.SOPClassUID),
             sop_instance_uid=str(seg.SOPInstanceUID),
             segment_number=number,
-            source_series=source_series,
+            source_series=(
+                segmented_from if isinstance(segmented_from, SourceSeriesForSegmentation) else None
+            ),
+            source_images=segmented_from if isinstance(segmented_from, list) else None,
         ),
         finding_type=coding.property_type,
         # Algorithm identification goes on the measurement (TID 1419): PixelMed's TID 1411

@@ -27,6 +27,7 @@ from dicom_ai.routing.rules import (
     Rule,
     RuleFile,
     Scalar,
+    Study,
     ValueOps,
 )
 from dicom_ai.yaml_model import load_validated, loads_validated
@@ -86,6 +87,11 @@ class RouteDecision:
     destinations: tuple[str, ...]
     reasons: tuple[str, ...]  # why it matched, e.g. "Modality 'CT' equals 'CT'"
     preview: bool = False  # also a Secondary Capture preview of a segmentation
+    urgent: bool = False  # its jobs run before every queued normal job
+    study: Study | None = None  # a study rule: the series is one of its inputs
+    roles: tuple[str, ...] = ()  # the study rule's roles this series can fill
+    # (role, text of the role's order_by element in this series' header)
+    order_values: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -480,10 +486,27 @@ class RuleSet:
                     taken_by if outcome.matched and not routed else None,
                 )
             )
+            if routed and rule.study is not None:
+                outcome, roles = _fill_roles(rule.study, outcome, header, sender)
+                routed = outcome.matched
+                trace[-1] = RuleTrace(
+                    rule.name, rule.priority, routed, routed, outcome.reasons, None
+                )
+            else:
+                roles = ()
             if routed:
+                urgent, why_urgent = _urgent(rule, header, sender)
                 decisions.append(
                     RouteDecision(
-                        rule.name, rule.model, rule.destinations, outcome.reasons, rule.preview
+                        rule.name,
+                        rule.model,
+                        rule.destinations,
+                        outcome.reasons + why_urgent,
+                        rule.preview,
+                        urgent,
+                        rule.study,
+                        roles,
+                        _order_values(rule.study, roles, header),
                     )
                 )
                 if not rule.continue_:
@@ -506,6 +529,49 @@ class RuleSet:
                 )
                 trace.append(RuleTrace(fallback.name, None, True, True, reasons))
         return Evaluation(tuple(decisions), tuple(trace))
+
+
+def _fill_roles(
+    study: Study, outcome: _Outcome, header: Dataset, sender: SenderContext
+) -> tuple[_Outcome, tuple[str, ...]]:
+    """The roles of a study rule the series can fill; none: the rule does not match."""
+    roles: list[str] = []
+    why: list[str] = []
+    for role in study.roles:
+        if role.match is None:
+            roles.append(role.name)
+            continue
+        fits = _holds(role.match, header, sender)
+        if fits.matched:
+            roles.append(role.name)
+        else:
+            why.append(f"{role.name}: {'; '.join(fits.reasons)}")
+    if not roles:
+        return _Outcome(False, (f"fills none of the study's roles ({' | '.join(why)})",)), ()
+    return _Outcome(True, (*outcome.reasons, f"can fill role(s) {', '.join(roles)}")), tuple(roles)
+
+
+def _urgent(rule: Rule, header: Dataset, sender: SenderContext) -> tuple[bool, tuple[str, ...]]:
+    if isinstance(rule.urgent, bool):
+        return rule.urgent, ("urgent",) if rule.urgent else ()
+    outcome = _holds(rule.urgent, header, sender)
+    if not outcome.matched:
+        return False, ()
+    return True, (f"urgent: {'; '.join(outcome.reasons)}",)
+
+
+def _order_values(
+    study: Study | None, roles: tuple[str, ...], header: Dataset
+) -> tuple[tuple[str, str], ...]:
+    if study is None:
+        return ()
+    values = []
+    for role in study.roles:
+        if role.name in roles and role.order_by is not None:
+            found = _element_values(header, role.order_by)
+            text = _text(found[0]) if found else None
+            values.append((role.name, text or ""))
+    return tuple(values)
 
 
 def load_rules(path: Path) -> RuleSet:

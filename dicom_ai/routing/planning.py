@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from dicom_ai.config import bind_sender
 from dicom_ai.routing.engine import RuleSet, SenderContext
-from dicom_ai.store.index import RunPlan, Sender
+from dicom_ai.store.index import RunPlan, Sender, StudyClaim
 
 __all__ = ["plan_runs"]
 
@@ -48,14 +48,48 @@ def plan_runs(
             if not decision.model:
                 continue
             destinations = tuple(bind_sender(name, calling) for name in decision.destinations)
+            if decision.study is not None:
+                if not any(p.study and p.rule == decision.rule for p in plans):
+                    claim = StudyClaim(
+                        called,
+                        decision.roles,
+                        decision.order_values,
+                        decision.study.deadline_seconds,
+                    )
+                    plans.append(
+                        RunPlan(
+                            decision.rule,
+                            decision.model,
+                            destinations,
+                            decision.preview,
+                            decision.urgent,
+                            claim,
+                        )
+                    )
+                continue
             same = [
                 n
                 for n, plan in enumerate(plans)
-                if (plan.model, plan.destinations) == (decision.model, destinations)
+                if plan.study is None
+                and (plan.model, plan.destinations) == (decision.model, destinations)
             ]
             if not same:
-                plans.append(RunPlan(decision.rule, decision.model, destinations, decision.preview))
-            elif decision.preview and not plans[same[0]].preview:
-                # One run serves both rules (same UIDs): it makes the preview too.
-                plans[same[0]] = replace(plans[same[0]], preview=True)
+                plans.append(
+                    RunPlan(
+                        decision.rule,
+                        decision.model,
+                        destinations,
+                        decision.preview,
+                        decision.urgent,
+                    )
+                )
+            else:
+                # One run serves both rules (same UIDs): it makes the preview too, and is
+                # urgent if either says so.
+                first = plans[same[0]]
+                plans[same[0]] = replace(
+                    first,
+                    preview=first.preview or decision.preview,
+                    urgent=first.urgent or decision.urgent,
+                )
     return plans, notes

@@ -62,6 +62,34 @@ only has ``exists``; other operators never match it. For ``source_ip``, ``equals
 takes an address and ``in`` takes addresses or networks in CIDR form
 (``10.20.0.0/16``); IPv6 addresses must be quoted.
 
+Urgent. ``urgent: true`` (or a condition, e.g. ``urgent: {calling_ae: {equals: ED_CT}}`` or
+``urgent: {RequestedProcedurePriority: {equals: STAT}}``) marks the rule's jobs urgent: an
+urgent job runs before every queued normal job and takes the next free worker.
+
+Studies. A rule with ``study:`` runs its model on several series of one study, each filling
+a role (routing/studies.py has the selection and the start rule)::
+
+    rules:
+      - name: brain-tumour
+        match: {Modality: {equals: MR}}     # tested on each series of the study
+        model: brats
+        destinations: [pacs]
+        study:
+          input: channels                   # or keys: role names are the bundle's input keys
+          reference: t1c                    # results lie on its grid; default: the first role
+          deadline_seconds: 600             # after the study's first instance
+          at_deadline: fail                 # or wait, when a required role is missing
+          roles:                            # in channel order
+            - {name: t1c, match: {SeriesDescription: {regex: "(?i)t1.*(gd|post|\\+c)"}}}
+            - {name: t1, match: {SeriesDescription: {regex: "(?i)^t1"}}}
+            - {name: t2, match: {SeriesDescription: {regex: "(?i)^t2"}}}
+            - {name: flair, match: {SeriesDescription: {regex: "(?i)flair"}}, required: false}
+
+A role's ``match`` is a condition as above; ``required`` (default true); ``choose: latest``
+(default) or ``most_slices`` when several series fit; ``order_by: AcquisitionTime`` with
+``position: N`` takes the N-th fitting series in that element's order (contrast phases). A
+series that fills none of the roles does not match the rule.
+
 YAML reads unquoted ``yes``, ``no``, ``on``, ``off``, ``true``, ``false`` as booleans:
 quote such values (``BurnedInAnnotation: {equals: "NO"}``); the loader refuses them
 unquoted rather than guess.
@@ -74,7 +102,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -98,9 +126,11 @@ __all__ = [
     "IpAddress",
     "IpNetwork",
     "IpOps",
+    "Role",
     "Rule",
     "RuleFile",
     "Scalar",
+    "Study",
     "ValueOps",
 ]
 
@@ -354,6 +384,82 @@ def _check_route(route: Rule | Fallback) -> None:
         seen.add(destination)
 
 
+def _not_empty_match(value: Any) -> Any:
+    # An empty "match:" is more likely a lost indent than a wish to match everything.
+    if value is None:
+        raise ValueError("match: is empty; leave it out to match every series")
+    return value
+
+
+class Role(StrictModel):
+    """One input of a study rule: which series of the study fills it."""
+
+    name: Name
+    match: Condition | None = None  # omitted: any series the rule's own match takes
+    required: _BoolT = True
+    # Several series fit: the one received last (latest) or the one with the most
+    # instances (most_slices, then latest).
+    choose: Literal["latest", "most_slices"] = "latest"
+    # Phases told apart by time: the position-th (1 = first) of the series fitting the
+    # role, in the order of this element's value (AcquisitionTime, SeriesNumber, ...).
+    order_by: DicomKeyword | None = None
+    position: int | None = Field(None, ge=1, strict=True)
+
+    _match_given = field_validator("match", mode="before")(_not_empty_match)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Role:
+        if (self.order_by is None) != (self.position is None):
+            raise located_error(
+                ("position" if self.position is None else "order_by",),
+                "order_by and position go together: the position-th series in that order",
+            )
+        return self
+
+
+class Study(StrictModel):
+    """A rule's inputs when its model reads several series of one study."""
+
+    roles: tuple[Role, ...] = Field(min_length=1)
+    # channels: the roles' images stacked as channels in role order (a missing optional
+    # role is zeros); keys: each role's image under its name as a key of the bundle's input.
+    input: Literal["channels", "keys"] = "channels"
+    reference: Name | None = None  # whose grid the others are resampled onto; default: first
+    deadline_seconds: float = Field(600.0, gt=0)
+    at_deadline: Literal["fail", "wait"] = "fail"
+
+    @model_validator(mode="after")
+    def _roles_fit(self) -> Study:
+        seen: dict[str, int] = {}
+        for index, role in enumerate(self.roles):
+            if role.name in seen:
+                raise located_error(
+                    ("roles", index, "name"),
+                    f"role {role.name!r} is already roles[{seen[role.name]}]",
+                )
+            seen[role.name] = index
+        if self.reference is not None:
+            if self.reference not in seen:
+                raise located_error(
+                    ("reference",), f"{self.reference!r} is not one of the roles {list(seen)}"
+                )
+            if not self.roles[seen[self.reference]].required:
+                raise located_error(
+                    ("reference",), f"the reference role {self.reference!r} must be required"
+                )
+        elif not self.roles[0].required:
+            raise located_error(
+                ("roles", 0, "required"),
+                "the first role is the reference (results lie on its grid): it must be "
+                "required, or name another required role as reference",
+            )
+        return self
+
+    @property
+    def reference_role(self) -> str:
+        return self.reference or self.roles[0].name
+
+
 class Rule(StrictModel):
     """One routing rule."""
 
@@ -366,18 +472,25 @@ class Rule(StrictModel):
     # Also send an RGB Secondary Capture series with the segment outlines burned in, for
     # viewers that cannot show SEG.
     preview: _BoolT = False
+    # Jobs of this rule run before every queued normal job: always, or when the condition
+    # holds for the series (its header or sender).
+    urgent: _BoolT | Condition = False
+    study: Study | None = None  # the model reads several series of one study, by role
 
-    @field_validator("match", mode="before")
+    @field_validator("urgent", mode="before")
     @classmethod
-    def _match_not_null(cls, value: Any) -> Any:
-        # An empty "match:" is more likely a lost indent than a wish to match everything.
+    def _urgent_given(cls, value: Any) -> Any:
         if value is None:
-            raise ValueError("match: is empty; leave it out to match every series")
+            raise ValueError("urgent: is empty; write true, false or a condition")
         return value
+
+    _match_given = field_validator("match", mode="before")(_not_empty_match)
 
     @model_validator(mode="after")
     def _route_fits(self) -> Rule:
         _check_route(self)
+        if self.study is not None and self.model is None:
+            raise located_error(("study",), "a study rule needs a model to run on its roles")
         return self
 
 

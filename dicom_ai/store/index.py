@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -58,6 +59,9 @@ __all__ = [
     "Sender",
     "StatusIndex",
     "StorageUsage",
+    "StudyClaim",
+    "StudyMember",
+    "StudyWait",
     "SweepIndex",
 ]
 
@@ -196,6 +200,40 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     # Which instances were purged: 8-byte digests of their SOP Instance UIDs, so a run
     # waits until exactly these came back (`_purged_shortfall`).
     (6, _add_column("series", "purged_sops", "BLOB")),
+    (
+        7,
+        _statements(
+            # Studies (routing/studies.py). A job's subject is what its runs are counted
+            # on and supersede each other by: its series, or "study/<study>/<rule>".
+            "ALTER TABLE jobs ADD COLUMN subject TEXT",
+            "UPDATE jobs SET subject = series_instance_uid",
+            "CREATE INDEX IF NOT EXISTS jobs_subject ON jobs(subject, model, run)",
+            "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN study_instance_uid TEXT",
+            # A study job's inputs: {"reference": role, "input": "channels"|"keys",
+            # "roles": [[role, series UID or null], ...], "series": [series UIDs]}.
+            "ALTER TABLE jobs ADD COLUMN inputs TEXT",
+            "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, id)",
+            "CREATE TABLE IF NOT EXISTS studies ("
+            " study_instance_uid TEXT NOT NULL, rule TEXT NOT NULL, called_ae TEXT NOT NULL,"
+            " model TEXT NOT NULL, destinations TEXT NOT NULL,"
+            " preview INTEGER NOT NULL DEFAULT 0,"
+            " first_received REAL NOT NULL, deadline_at REAL NOT NULL,"
+            # waiting | started | failed | overdue (past the deadline, still waiting)
+            " state TEXT NOT NULL, dirty INTEGER NOT NULL DEFAULT 1,"
+            " runs INTEGER NOT NULL DEFAULT 0, last_run TEXT, note TEXT,"
+            " updated_at REAL NOT NULL, PRIMARY KEY (study_instance_uid, rule))",
+            "CREATE INDEX IF NOT EXISTS studies_open ON studies(state, dirty, deadline_at)",
+            "CREATE TABLE IF NOT EXISTS study_members ("
+            " study_instance_uid TEXT NOT NULL, rule TEXT NOT NULL,"
+            " series_instance_uid TEXT NOT NULL, roles TEXT NOT NULL,"
+            " order_values TEXT NOT NULL, instances INTEGER NOT NULL,"
+            " series_run INTEGER NOT NULL, routed_at REAL NOT NULL, hold_until REAL,"
+            " urgent INTEGER NOT NULL DEFAULT 0,"
+            " PRIMARY KEY (study_instance_uid, rule, series_instance_uid))",
+            "CREATE INDEX IF NOT EXISTS study_members_series ON study_members(series_instance_uid)",
+        ),
+    ),
 )
 
 
@@ -235,19 +273,33 @@ class Sender(NamedTuple):
 
 
 @dataclass(frozen=True)
+class StudyClaim:
+    """A series is an input of a study rule: the roles it can fill (routing/studies.py
+    chooses among the study's series when the study job starts)."""
+
+    called_ae: str  # whose rules name the study rule
+    roles: tuple[str, ...]
+    order_values: tuple[tuple[str, str], ...]  # (role, its order_by element's text)
+    deadline_seconds: float  # after the study's first instance
+
+
+@dataclass(frozen=True)
 class RunPlan:
-    """One job to create for a series run (a matched rule)."""
+    """One job to create for a series run (a matched rule), or, with ``study``, the series'
+    place in a study rule's inputs (its job is the study's, made later)."""
 
     rule: str
     model: str
     destinations: tuple[str, ...]
     preview: bool = False  # also make a Secondary Capture preview of a segmentation
+    urgent: bool = False  # runs before every queued normal job
+    study: StudyClaim | None = None
 
 
 @dataclass(frozen=True)
 class JobRecord:
     id: int
-    series_instance_uid: str
+    series_instance_uid: str  # a study job: its reference role's series
     run: int
     rule: str
     model: str
@@ -256,6 +308,42 @@ class JobRecord:
     attempts: int
     error: str | None
     preview: bool = False
+    priority: int = 0  # 1: urgent
+    study_instance_uid: str | None = None  # a study job's study; None: a series job
+    roles: tuple[tuple[str, str | None], ...] = ()  # a study job's (role, series UID)
+    reference_role: str | None = None
+    role_input: str = "channels"
+
+
+@dataclass(frozen=True)
+class StudyMember:
+    """A series of a study that a study rule matched, as of its last run."""
+
+    series_instance_uid: str
+    roles: tuple[str, ...]  # the roles its header can fill
+    order_values: tuple[tuple[str, str], ...]  # (role, its order_by element's text)
+    instances: int
+    series_run: int
+    routed_at: float
+    hold_until: float | None = None  # its run started early: results held until then
+    urgent: bool = False
+    purged: bool = False  # its instances were purged
+
+
+@dataclass(frozen=True)
+class StudyWait:
+    """A study rule's study that needs a decision: new members, or its deadline passed."""
+
+    study_instance_uid: str
+    rule: str
+    called_ae: str
+    state: str  # waiting, started, failed, overdue
+    first_received: float
+    deadline_at: float
+    runs: int
+    last_run: str | None  # the selection key of its last run
+    note: str | None
+    members: tuple[StudyMember, ...]
 
 
 @dataclass(frozen=True)
@@ -363,7 +451,22 @@ class SchedulingIndex(Protocol):
         claimed: bool = True,
     ) -> list[int]: ...
     def purged_shortfall(self, series_uid: str) -> tuple[int, float | None]: ...
-    def claim_pending_jobs(self, limit: int) -> list[JobRecord]: ...
+    def studies_to_decide(self, now: float) -> list[StudyWait]: ...
+    def next_study_deadline(self) -> float: ...
+    def start_study_run(
+        self,
+        study: StudyWait,
+        roles: Sequence[tuple[str, str | None]],
+        reference_role: str,
+        role_input: str,
+        selection_key: str,
+        note: str,
+        hold_until: float | None = None,
+    ) -> int: ...
+    def settle_study(self, study: StudyWait, state: str, note: str) -> int | None: ...
+    def claim_pending_jobs(
+        self, limit: int, max_concurrent: Mapping[str, int] | None = None
+    ) -> list[JobRecord]: ...
     def job(self, job_id: int) -> JobRecord: ...
     def finish_job(
         self,
@@ -411,7 +514,7 @@ _State = TypeVar("_State", JobState, DeliveryState)
 
 _JOBS = (
     "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error, "
-    "preview FROM jobs"
+    "preview, priority, study_instance_uid, inputs FROM jobs"
 )
 _DELIVERIES = (
     "SELECT d.id, d.job_id, d.destination, d.files, d.state, d.attempts, d.last_error "
@@ -732,23 +835,17 @@ class Index:
             db.execute(
                 "DELETE FROM series_associations WHERE series_instance_uid = ?", (series_uid,)
             )
-            self._move(
-                db,
-                "deliveries",
-                "state = ? AND job_id IN (SELECT id FROM jobs "
-                "WHERE series_instance_uid = ? AND run < ? AND hold_until IS NOT NULL)",
-                (DeliveryState.PENDING.value, series_uid, run),
-                DeliveryState.SUPERSEDED,
-                ", last_error = ?",
-                (f"held, then superseded by run {run}",),
-            )
+            self._supersede_held(db, series_uid, run)
             state = check(None, JobState.PENDING)
             job_ids = []
             for plan in plans:
+                if plan.study is not None:
+                    _join_study(db, series_uid, run, plan, plan.study, hold_until, now)
+                    continue
                 cur = db.execute(
                     "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
-                    "created_at, updated_at, preview, hold_until) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_at, updated_at, preview, hold_until, subject, priority) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         series_uid,
                         run,
@@ -760,29 +857,271 @@ class Index:
                         now,
                         int(plan.preview),
                         hold_until,
+                        series_uid,
+                        int(plan.urgent),
                     ),
                 )
                 job_ids.append(int(cur.lastrowid or 0))
             return job_ids
 
+    def _supersede_held(self, db: sqlite3.Connection, subject: str, run: int) -> None:
+        """A new run supersedes the held, undelivered results of the subject's earlier runs."""
+        self._move(
+            db,
+            "deliveries",
+            "state = ? AND job_id IN (SELECT id FROM jobs "
+            "WHERE subject = ? AND run < ? AND hold_until IS NOT NULL)",
+            (DeliveryState.PENDING.value, subject, run),
+            DeliveryState.SUPERSEDED,
+            ", last_error = ?",
+            (f"held, then superseded by run {run}",),
+        )
+
+    # -- studies (routing/studies.py decides; these store) -----------------------------------
+
+    def studies_to_decide(self, now: float) -> list[StudyWait]:
+        """Studies with members that changed since the last decision, and waiting ones
+        whose deadline passed."""
+        rows = self._query(
+            "SELECT * FROM studies WHERE dirty = 1 OR (state = 'waiting' AND deadline_at <= ?) "
+            "ORDER BY first_received",
+            (now,),
+        )
+        return [self._study_wait(row) for row in rows]
+
+    def next_study_deadline(self) -> float:
+        """The earliest deadline of the studies waiting for roles (inf: none waits)."""
+        (deadline,) = self._query("SELECT MIN(deadline_at) FROM studies WHERE state = 'waiting'")[0]
+        return math.inf if deadline is None else float(deadline)
+
+    def studies(
+        self, states: Sequence[str] = ("waiting", "overdue", "failed", "started"), limit: int = 50
+    ) -> list[StudyWait]:
+        """Studies of study rules, newest first, in ``states``."""
+        rows = self._query(
+            "SELECT * FROM studies WHERE state IN (SELECT value FROM json_each(?)) "
+            "ORDER BY first_received DESC LIMIT ?",
+            (json.dumps(list(states)), limit),
+        )
+        return [self._study_wait(row) for row in rows]
+
+    def _study_wait(self, row: sqlite3.Row) -> StudyWait:
+        members = self._query(
+            "SELECT m.*, COALESCE(s.sources_purged_at IS NOT NULL AND s.has_sources = 0, 0) "
+            "AS purged FROM study_members m LEFT JOIN series s "
+            "ON s.series_instance_uid = m.series_instance_uid "
+            "WHERE m.study_instance_uid = ? AND m.rule = ? ORDER BY m.routed_at",
+            (row["study_instance_uid"], row["rule"]),
+        )
+        return StudyWait(
+            study_instance_uid=str(row["study_instance_uid"]),
+            rule=str(row["rule"]),
+            called_ae=str(row["called_ae"]),
+            state=str(row["state"]),
+            first_received=float(row["first_received"]),
+            deadline_at=float(row["deadline_at"]),
+            runs=int(row["runs"]),
+            last_run=row["last_run"],
+            note=row["note"],
+            members=tuple(
+                StudyMember(
+                    series_instance_uid=str(m["series_instance_uid"]),
+                    roles=tuple(json.loads(str(m["roles"]))),
+                    order_values=tuple(
+                        (str(k), str(v)) for k, v in json.loads(str(m["order_values"]))
+                    ),
+                    instances=int(m["instances"]),
+                    series_run=int(m["series_run"]),
+                    routed_at=float(m["routed_at"]),
+                    hold_until=None if m["hold_until"] is None else float(m["hold_until"]),
+                    urgent=bool(m["urgent"]),
+                    purged=bool(m["purged"]),
+                )
+                for m in members
+            ),
+        )
+
+    def start_study_run(
+        self,
+        study: StudyWait,
+        roles: Sequence[tuple[str, str | None]],
+        reference_role: str,
+        role_input: str,
+        selection_key: str,
+        note: str,
+        hold_until: float | None = None,
+    ) -> int:
+        """A run of the study on these roles' series (role order; None: a missing optional
+        role): one job, on the reference role's series. Supersedes the held results of the
+        study's earlier runs. The job's id."""
+        now = time.time()
+        reference = dict(roles)[reference_role]
+        if reference is None:
+            raise ValueError(f"study {study.study_instance_uid}: no series for {reference_role}")
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM studies WHERE study_instance_uid = ? AND rule = ?",
+                (study.study_instance_uid, study.rule),
+            ).fetchone()
+            run = int(row["runs"]) + 1
+            subject = _study_subject(study.study_instance_uid, study.rule)
+            urgent = any(m.urgent for m in study.members)
+            db.execute(
+                "UPDATE studies SET runs = ?, state = 'started', last_run = ?, note = ?, "
+                "dirty = 0, updated_at = ? WHERE study_instance_uid = ? AND rule = ?",
+                (run, selection_key, note, now, study.study_instance_uid, study.rule),
+            )
+            self._supersede_held(db, subject, run)
+            return self._insert_study_job(
+                db,
+                row,
+                run,
+                roles,
+                reference,
+                reference_role,
+                role_input,
+                JobState.PENDING,
+                None,
+                hold_until,
+                urgent,
+                now,
+            )
+
+    def settle_study(self, study: StudyWait, state: str, note: str) -> int | None:
+        """Record a decision that starts nothing: ``waiting`` or ``overdue`` with why, or
+        ``failed``: a failed job (its error the note) says so where failed jobs are seen.
+        The failed job's id, if one was made."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM studies WHERE study_instance_uid = ? AND rule = ?",
+                (study.study_instance_uid, study.rule),
+            ).fetchone()
+            run = int(row["runs"]) + (state == "failed")
+            db.execute(
+                "UPDATE studies SET state = ?, note = ?, dirty = 0, runs = ?, updated_at = ? "
+                "WHERE study_instance_uid = ? AND rule = ?",
+                (state, note, run, now, study.study_instance_uid, study.rule),
+            )
+            if state != "failed" or not study.members:
+                return None
+            reference = study.members[-1].series_instance_uid
+            job_id = self._insert_study_job(
+                db,
+                row,
+                run,
+                (),
+                reference,
+                None,
+                "channels",
+                JobState.FAILED,
+                note,
+                None,
+                False,
+                now,
+            )
+            _count(db, metrics.JOBS, {"model": str(row["model"]), "state": "failed"})
+            _event(db, "job.failed", job_id)
+            return job_id
+
+    @staticmethod
+    def _insert_study_job(
+        db: sqlite3.Connection,
+        study: sqlite3.Row,
+        run: int,
+        roles: Sequence[tuple[str, str | None]],
+        reference: str,
+        reference_role: str | None,
+        role_input: str,
+        state: JobState,
+        error: str | None,
+        hold_until: float | None,
+        urgent: bool,
+        now: float,
+    ) -> int:
+        check(None, state)
+        inputs = {
+            "reference": reference_role,
+            "input": role_input,
+            "roles": [list(pair) for pair in roles],
+            "series": [uid for _, uid in roles if uid is not None],
+        }
+        cur = db.execute(
+            "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
+            "error, created_at, updated_at, finished_at, preview, hold_until, subject, "
+            "priority, study_instance_uid, inputs) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                reference,
+                run,
+                study["rule"],
+                study["model"],
+                study["destinations"],
+                state.value,
+                error,
+                now,
+                now,
+                now if state is JobState.FAILED else None,
+                study["preview"],
+                hold_until,
+                _study_subject(str(study["study_instance_uid"]), str(study["rule"])),
+                int(urgent),
+                study["study_instance_uid"],
+                json.dumps(inputs),
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
     # -- jobs --------------------------------------------------------------------------------
 
-    def claim_pending_jobs(self, limit: int) -> list[JobRecord]:
-        """Move up to ``limit`` pending jobs (oldest first) to running and return them."""
+    def claim_pending_jobs(
+        self, limit: int, max_concurrent: Mapping[str, int] | None = None
+    ) -> list[JobRecord]:
+        """Move up to ``limit`` pending jobs to running and return them: urgent ones first,
+        then oldest first; a model at its ``max_concurrent`` running jobs is passed over."""
         if limit <= 0:
             return []
         now = time.time()
+        caps = dict(max_concurrent or {})
         with self._tx() as db:
+            if caps:
+                running: dict[str, int] = {
+                    str(r[0]): int(r[1])
+                    for r in db.execute(
+                        "SELECT model, COUNT(*) FROM jobs WHERE state = ? GROUP BY model",
+                        (JobState.RUNNING.value,),
+                    )
+                }
+                chosen: list[int] = []
+                for row in db.execute(
+                    "SELECT id, model FROM jobs WHERE state = ? ORDER BY priority DESC, id",
+                    (JobState.PENDING.value,),
+                ):
+                    model = str(row["model"])
+                    if model in caps and running.get(model, 0) >= caps[model]:
+                        continue
+                    running[model] = running.get(model, 0) + 1
+                    chosen.append(int(row["id"]))
+                    if len(chosen) == limit:
+                        break
+                where, args = "id IN (SELECT value FROM json_each(?))", (json.dumps(chosen),)
+            else:
+                where = (
+                    "id IN (SELECT id FROM jobs WHERE state = ? ORDER BY priority DESC, id LIMIT ?)"
+                )
+                args = (JobState.PENDING.value, limit)  # type: ignore[assignment]
             ids = self._move(
                 db,
                 "jobs",
-                "id IN (SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT ?)",
-                (JobState.PENDING.value, limit),
+                where,
+                args,
                 JobState.RUNNING,
                 ", attempts = attempts + 1, updated_at = ?, started_at = ?",
                 (now, now),
             )
-            return [_job(db.execute(_JOBS + " WHERE id = ?", (i,)).fetchone()) for i in ids]
+            jobs = {i: _job(db.execute(_JOBS + " WHERE id = ?", (i,)).fetchone()) for i in ids}
+            # Handed out in queue order: the first idle worker gets the most urgent.
+            return sorted(jobs.values(), key=lambda j: (-j.priority, j.id))
 
     def job(self, job_id: int) -> JobRecord:
         (row,) = self._query(_JOBS + " WHERE id = ?", (job_id,))
@@ -835,16 +1174,15 @@ class Index:
                 )
             _event(db, "job.done", job_id)
             job = db.execute(
-                "SELECT series_instance_uid, model, run, hold_until IS NOT NULL AS held "
-                "FROM jobs WHERE id = ?",
+                "SELECT subject, model, run, hold_until IS NOT NULL AS held FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
-            series_uid, model, run = job["series_instance_uid"], job["model"], job["run"]
+            subject, model, run = job["subject"], job["model"], job["run"]
             later = db.execute(
-                "SELECT MAX(run) AS run FROM jobs WHERE series_instance_uid = ? AND model = ? "
+                "SELECT MAX(run) AS run FROM jobs WHERE subject = ? AND model = ? "
                 "AND run > ? AND (state = ? OR ?)",
                 # Held results of a run that a later run has replaced never go out.
-                (series_uid, model, run, JobState.DONE.value, bool(job["held"])),
+                (subject, model, run, JobState.DONE.value, bool(job["held"])),
             ).fetchone()["run"]
             state = check(
                 None, DeliveryState.PENDING if later is None else DeliveryState.SUPERSEDED
@@ -867,13 +1205,13 @@ class Index:
                         db,
                         "deliveries",
                         "destination = ? AND state IN (?, ?) AND job_id IN "
-                        "(SELECT id FROM jobs WHERE series_instance_uid = ? AND model = ? "
+                        "(SELECT id FROM jobs WHERE subject = ? AND model = ? "
                         "AND run < ?)",
                         (
                             destination,
                             DeliveryState.PENDING.value,
                             DeliveryState.DEAD.value,
-                            series_uid,
+                            subject,
                             model,
                             run,
                         ),
@@ -905,15 +1243,22 @@ class Index:
 
     def rerun_job(self, job_id: int) -> bool:
         """An operator runs a failed job again, with a fresh attempt budget; False when it
-        has not failed, or when its series' instances were purged (a run on what is left
-        would replace results made from all of it)."""
+        has not failed, when its series' instances were purged (a run on what is left
+        would replace results made from all of it), or when it is a study job that failed
+        for a missing role (the study runs again when the role's series comes)."""
         with self._tx() as db:
             moved = self._move(
                 db,
                 "jobs",
                 "id = ? AND state = ? AND NOT EXISTS (SELECT 1 FROM series s "
                 "WHERE s.series_instance_uid = jobs.series_instance_uid "
-                "AND s.sources_purged_at IS NOT NULL)",
+                "AND s.sources_purged_at IS NOT NULL) "
+                # A study job: none of its inputs purged, and it had inputs (one that
+                # failed at its deadline for a missing role has none to run on).
+                "AND (jobs.inputs IS NULL OR (json_array_length(jobs.inputs, '$.roles') > 0 "
+                "AND NOT EXISTS (SELECT 1 FROM json_each(jobs.inputs, '$.series') je "
+                "JOIN series s ON s.series_instance_uid = je.value "
+                "WHERE s.sources_purged_at IS NOT NULL)))",
                 (job_id, JobState.FAILED.value),
                 JobState.PENDING,
                 ", attempts = 0, error = NULL, updated_at = ?, started_at = NULL, "
@@ -943,9 +1288,16 @@ class Index:
             _DELIVERIES + " JOIN jobs j ON j.id = d.job_id "
             "JOIN series s ON s.series_instance_uid = j.series_instance_uid "
             "WHERE d.state = ? AND d.next_attempt_at <= ? AND (j.hold_until IS NULL "
-            "  OR (j.hold_until <= ? AND s.dirty = 0 AND s.runs = j.run)) "
+            "  OR (j.hold_until <= ? AND j.inputs IS NULL AND s.dirty = 0 AND s.runs = j.run) "
+            # A study job's: its study has no newer run or members, and no input series
+            # has instances newer than its run.
+            "  OR (j.hold_until <= ? AND j.inputs IS NOT NULL AND EXISTS (SELECT 1 FROM "
+            "    studies st WHERE st.study_instance_uid = j.study_instance_uid "
+            "    AND st.rule = j.rule AND st.runs = j.run AND st.dirty = 0) "
+            "    AND NOT EXISTS (SELECT 1 FROM json_each(j.inputs, '$.series') je "
+            "    JOIN series s2 ON s2.series_instance_uid = je.value WHERE s2.dirty = 1))) "
             "ORDER BY d.next_attempt_at",
-            (DeliveryState.PENDING.value, now, now),
+            (DeliveryState.PENDING.value, now, now, now),
         )
         return [_delivery(r) for r in rows]
 
@@ -1283,9 +1635,16 @@ class Index:
                 "series_associations",
                 "DELETE FROM series_associations WHERE series_instance_uid = ?",
             ),
+            ("study_members", "DELETE FROM study_members WHERE series_instance_uid = ?"),
             ("series", "DELETE FROM series WHERE series_instance_uid = ?"),
         ):
             deleted[table] = sum(db.execute(sql, (uid,)).rowcount for uid in uids)
+        deleted["studies"] = db.execute(
+            "DELETE FROM studies WHERE updated_at < ? AND NOT EXISTS (SELECT 1 FROM "
+            "study_members m WHERE m.study_instance_uid = studies.study_instance_uid "
+            "AND m.rule = studies.rule)",
+            (cutoff,),
+        ).rowcount
         deleted["associations"] = db.execute(
             "DELETE FROM associations WHERE id IN (SELECT a.id FROM associations a "
             "WHERE a.closed_at < ? AND a.id < (SELECT MAX(id) FROM associations) "
@@ -1451,7 +1810,15 @@ _SOURCES_FREE = (
     "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid "
     "AND j.state IN ('pending', 'running')) "
     "AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id "
-    "WHERE j.series_instance_uid = s.series_instance_uid AND d.state IN ('pending', 'dead'))"
+    "WHERE j.series_instance_uid = s.series_instance_uid AND d.state IN ('pending', 'dead')) "
+    # An input of a study job still to run, or of a study still waiting for its roles.
+    "AND NOT EXISTS (SELECT 1 FROM jobs j, json_each(j.inputs, '$.series') je "
+    "WHERE j.state IN ('pending', 'running') AND j.inputs IS NOT NULL "
+    "AND je.value = s.series_instance_uid) "
+    "AND NOT EXISTS (SELECT 1 FROM study_members m JOIN studies st "
+    "ON st.study_instance_uid = m.study_instance_uid AND st.rule = m.rule "
+    "WHERE m.series_instance_uid = s.series_instance_uid "
+    "AND (st.dirty = 1 OR st.state IN ('waiting', 'overdue')))"
 )
 # The job's results are no longer needed: it will not run again by itself, and every
 # delivery went out, was superseded or was discarded.
@@ -1459,6 +1826,67 @@ _RESULTS_FREE = (
     "j.state IN ('done', 'failed') AND NOT EXISTS (SELECT 1 FROM deliveries d "
     "WHERE d.job_id = j.id AND d.state IN ('pending', 'dead'))"
 )
+
+
+def _join_study(
+    db: sqlite3.Connection,
+    series_uid: str,
+    run: int,
+    plan: RunPlan,
+    claim: StudyClaim,
+    hold_until: float | None,
+    now: float,
+) -> None:
+    """The series (this run of it) becomes a member of the plan's study rule: the study
+    is looked at again (`Index.studies_to_decide`)."""
+    series = db.execute(
+        "SELECT study_instance_uid FROM series WHERE series_instance_uid = ?", (series_uid,)
+    ).fetchone()
+    study_uid = str(series["study_instance_uid"])
+    (first,) = db.execute(
+        "SELECT MIN(first_received) FROM series WHERE study_instance_uid = ?", (study_uid,)
+    ).fetchone()
+    db.execute(
+        "INSERT INTO studies (study_instance_uid, rule, called_ae, model, destinations, "
+        "preview, first_received, deadline_at, state, dirty, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'waiting', 1, ?) "
+        "ON CONFLICT(study_instance_uid, rule) DO UPDATE SET dirty = 1, "
+        "called_ae = excluded.called_ae, model = excluded.model, "
+        "destinations = excluded.destinations, preview = excluded.preview, "
+        "deadline_at = excluded.deadline_at, updated_at = excluded.updated_at",
+        (
+            study_uid,
+            plan.rule,
+            claim.called_ae,
+            plan.model,
+            json.dumps(plan.destinations),
+            int(plan.preview),
+            float(first),
+            float(first) + claim.deadline_seconds,
+            now,
+        ),
+    )
+    (instances,) = db.execute(
+        "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ? AND purged = 0",
+        (series_uid,),
+    ).fetchone()
+    db.execute(
+        "INSERT OR REPLACE INTO study_members (study_instance_uid, rule, series_instance_uid, "
+        "roles, order_values, instances, series_run, routed_at, hold_until, urgent) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            study_uid,
+            plan.rule,
+            series_uid,
+            json.dumps(claim.roles),
+            json.dumps([list(pair) for pair in claim.order_values]),
+            int(instances),
+            run,
+            now,
+            hold_until,
+            int(plan.urgent),
+        ),
+    )
 
 
 class _RolledBack(Exception):
@@ -1567,7 +1995,8 @@ def _event(
         }
     j = db.execute(
         "SELECT j.id, j.series_instance_uid, s.study_instance_uid, j.run, j.rule, j.model, "
-        "j.state, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.stages "
+        "j.state, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.stages, "
+        "j.inputs, j.priority "
         "FROM jobs j JOIN series s ON s.series_instance_uid = j.series_instance_uid "
         "WHERE j.id = ?",
         (job_id,),
@@ -1588,9 +2017,13 @@ def _event(
             "started_at": j["started_at"],
             "finished_at": j["finished_at"],
             "stages": json.loads(j["stages"]) if j["stages"] else {},
+            "urgent": bool(j["priority"]),
         },
         created_at=now,
     )
+    if j["inputs"]:  # a study job: the series it read, by role
+        inputs = json.loads(j["inputs"])
+        body["job"]["roles"] = dict(inputs["roles"])  # type: ignore[index]
     db.execute(
         "INSERT INTO events (kind, body, created_at) VALUES (?, ?, ?)",
         (kind, json.dumps(body), now),
@@ -1607,6 +2040,7 @@ def _series_state(db: sqlite3.Connection, series_uid: str) -> SeriesState | None
 
 
 def _job(row: sqlite3.Row) -> JobRecord:
+    inputs = json.loads(str(row["inputs"])) if row["inputs"] else {}
     return JobRecord(
         id=int(row["id"]),
         series_instance_uid=str(row["series_instance_uid"]),
@@ -1618,7 +2052,16 @@ def _job(row: sqlite3.Row) -> JobRecord:
         attempts=int(row["attempts"]),
         error=None if row["error"] is None else str(row["error"]),
         preview=bool(row["preview"]),
+        priority=int(row["priority"]),
+        study_instance_uid=row["study_instance_uid"],
+        roles=tuple((str(role), uid) for role, uid in inputs.get("roles", ())),
+        reference_role=inputs.get("reference"),
+        role_input=str(inputs.get("input", "channels")),
     )
+
+
+def _study_subject(study_uid: str, rule: str) -> str:
+    return f"study/{study_uid}/{rule}"
 
 
 def _delivery(row: sqlite3.Row) -> DeliveryRecord:

@@ -79,7 +79,8 @@ SERIES_MOVES: Mapping[SeriesState | None, frozenset[SeriesState]] = {
     SeriesState.ROUTED: frozenset({SeriesState.PENDING}),
 }
 JOB_MOVES: Mapping[JobState | None, frozenset[JobState]] = {
-    None: frozenset({JobState.PENDING}),
+    # (new) -> failed: a study job whose required role never came (routing/studies.py).
+    None: frozenset({JobState.PENDING, JobState.FAILED}),
     JobState.PENDING: frozenset({JobState.RUNNING}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.PENDING}),
     JobState.DONE: frozenset(),

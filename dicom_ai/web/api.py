@@ -10,9 +10,11 @@ from pydantic import BaseModel, Field
 
 from dicom_ai.errors import BadRequest
 from dicom_ai.web.app import actor, console_of
-from dicom_ai.web.console import MAX_UPLOAD, Actor, Console
+from dicom_ai.web.console import MAX_UPLOAD, Actor, Console, page_args
+from dicom_ai.web.views import Page as ViewPage
+from dicom_ai.web.views import study_state
 
-__all__ = ["router"]
+__all__ = ["router", "studies_of"]
 
 router = APIRouter(prefix="/api/v1")
 
@@ -66,6 +68,30 @@ def list_jobs(
     who: Who, svc: Svc, state: str | None = None, page: Page = 1, per_page: PerPage = 50
 ) -> dict[str, Any]:
     return svc.jobs_page(who, state, page, per_page).as_json()
+
+
+@router.get("/studies")
+def list_studies(
+    who: Who,
+    svc: Svc,
+    state: Annotated[
+        str | None, Query(description="waiting, overdue, started, failed or dropped")
+    ] = None,
+    page: Page = 1,
+    per_page: PerPage = 50,
+) -> dict[str, Any]:
+    """Studies of study rules, newest first: roles found and missing, the deadline, the
+    study's series and jobs."""
+    return studies_of(svc, who, state, page, per_page).as_json()
+
+
+def studies_of(svc: Console, who: Actor, state: str | None, page: int, per_page: int) -> ViewPage:
+    """`ConsoleView.studies_page` under the running rules files (the roles each study rule
+    asks for), for a role that may read; the pages call it too."""
+    who.require("read")
+    parsed = study_state(state)
+    files = {title: called.rules for title, called in svc.config.called_ae_table().items()}
+    return svc.view.studies_page(parsed, *page_args(page, per_page), rule_files=files)
 
 
 @router.post("/jobs/{job_id}/rerun")

@@ -260,6 +260,15 @@ class Console:
         if job is None:
             raise NotFound(f"no job {job_id}")
         if not self.index.rerun_job(job_id):
+            if (
+                job["state"] == JobState.FAILED.value
+                and job.get("study_instance_uid")
+                and not (job.get("roles"))
+            ):
+                raise Conflict(
+                    f"job {job_id}: the study's deadline passed with a required role missing; "
+                    "it runs again by itself when that role's series comes"
+                )
             if job["state"] == JobState.FAILED.value:
                 raise Conflict(
                     f"job {job_id}: the instances of its series were purged "

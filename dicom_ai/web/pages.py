@@ -37,8 +37,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from dicom_ai import __version__
 from dicom_ai.errors import BadRequest, RequestError, TooManyRequests
 from dicom_ai.web.accounts import Role, may
+from dicom_ai.web.api import studies_of
 from dicom_ai.web.app import SESSION_COOKIE, actor, console_of, session_of
 from dicom_ai.web.console import MAX_UPLOAD, Actor, Console
+from dicom_ai.web.views import STUDY_STATES
 
 __all__ = ["install"]
 
@@ -52,6 +54,7 @@ INSTANCES_SHOWN = 200
 NAV = (
     ("/", "Dashboard", "read"),
     ("/series", "Series", "read"),
+    ("/studies", "Studies", "read"),
     ("/failures", "Failures", "read"),
     ("/rules", "Rules", "read"),
     ("/models", "Models", "read"),
@@ -95,6 +98,24 @@ def _seconds(value: float | None) -> str:
     return f"{value / 60:.1f} min"
 
 
+def _until(seconds: float) -> str:
+    """A deadline ``seconds`` away: "in 42 s", "in 9 min", or "passed"."""
+    if seconds <= 0:
+        return "passed"
+    if seconds < 120:
+        return f"in {seconds:.0f} s"
+    return f"in {seconds / 60:.0f} min"
+
+
+_NOTE_DEADLINE = re.compile(r"; deadline in -?[0-9]+ s$")
+
+
+def _study_note(note: str) -> str:
+    """A study's note without the seconds to its deadline as they were when it was
+    written (the deadline column counts them now)."""
+    return _NOTE_DEADLINE.sub("", note)
+
+
 def _size(value: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if value < 1000 or unit == "TB":
@@ -122,7 +143,15 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(when=_when, hour=_hour, seconds=_seconds, size=_size, uid_name=_uid_name)
+    env.filters.update(
+        when=_when,
+        hour=_hour,
+        seconds=_seconds,
+        until=_until,
+        study_note=_study_note,
+        size=_size,
+        uid_name=_uid_name,
+    )
     env.globals.update(version=__version__, live_ms=LIVE_SECONDS * 1000)
     return env
 
@@ -397,6 +426,40 @@ def series_detail(series_uid: str, request: Request, who: Who, svc: Svc) -> Resp
 def series_fragment(series_uid: str, request: Request, who: Who, svc: Svc) -> Response:
     found = svc.series(who, series_uid, patient=False)
     return _fragment(request, who, "_series.html", s=found)
+
+
+# -- studies: study rules' studies -----------------------------------------------------------
+
+
+def _studies(svc: Console, who: Actor, state: str | None, page: int) -> dict[str, Any]:
+    found = studies_of(svc, who, state, page, PER_PAGE).as_json()
+    filters = {"state": state} if state else {}
+
+    def link(n: int) -> str:
+        return "/studies?" + urlencode({**filters, "page": n})
+
+    return {
+        "found": found,
+        "states": STUDY_STATES,
+        "filters": {"state": state or ""},
+        "previous": link(page - 1) if page > 1 else None,
+        "next": link(page + 1) if page < found["pages"] else None,
+        "live": "/fragments/studies?" + urlencode({**filters, "page": page}),
+    }
+
+
+@router.get("/studies")
+def studies(
+    request: Request, who: Who, svc: Svc, state: str | None = None, page: int = 1
+) -> Response:
+    return _page(request, who, "studies.html", **_studies(svc, who, state, page))
+
+
+@router.get("/fragments/studies")
+def studies_fragment(
+    request: Request, who: Who, svc: Svc, state: str | None = None, page: int = 1
+) -> Response:
+    return _fragment(request, who, "_studies.html", **_studies(svc, who, state, page))
 
 
 # -- failures: failed jobs and dead letters --------------------------------------------------

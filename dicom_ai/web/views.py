@@ -12,14 +12,31 @@ import sqlite3
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_ai.errors import BadRequest, ConfigError
+from dicom_ai.routing import RuleSet, load_rules
+from dicom_ai.routing.rules import Study
+from dicom_ai.routing.studies import select_roles
+from dicom_ai.store.index import StudyMember
 from dicom_ai.store.states import DeliveryState, JobState, SeriesState
 
-__all__ = ["ConsoleView", "Page", "SeriesFilter"]
+__all__ = ["STUDY_STATES", "ConsoleView", "Page", "SeriesFilter", "study_state"]
+
+# A study rule's study (index.py's ``studies.state``).
+STUDY_STATES = ("waiting", "overdue", "started", "failed", "dropped")
+
+
+def study_state(value: str | None) -> str | None:
+    """A study state to filter by (None: any); `BadRequest` naming the states otherwise."""
+    if value is None or value == "":
+        return None
+    if value not in STUDY_STATES:
+        raise BadRequest(f"state {value[:30]!r}: one of {', '.join(sorted(STUDY_STATES))}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,7 @@ class Page:
 
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:
+    inputs = json.loads(row["inputs"]) if row["inputs"] else {}
     return {
         "id": row["id"],
         "series_instance_uid": row["series_instance_uid"],
@@ -62,6 +80,16 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
         "finished_at": row["finished_at"],
         "stages": json.loads(row["stages"]) if row["stages"] else {},
         "results_purged_at": row["results_purged_at"],
+        "priority": row["priority"],
+        "urgent": row["priority"] == 1,
+        # A study job: its study, and each role's series (None: an optional role that
+        # did not come) in the rule's order; its series_instance_uid is the reference's.
+        "study_instance_uid": row["study_instance_uid"],
+        "reference_role": inputs.get("reference"),
+        "role_input": inputs.get("input"),
+        "roles": [
+            {"role": role, "series_instance_uid": uid} for role, uid in inputs.get("roles", ())
+        ],
     }
 
 
@@ -87,8 +115,10 @@ _SERIES = (
     " s.purged_instances,"
     " (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid = s.series_instance_uid)"
     "  AS instances,"
+    # The series' own jobs: a study job's run is the study's (studies_page shows those).
     " (SELECT GROUP_CONCAT(j.state) FROM jobs j"
-    "  WHERE j.series_instance_uid = s.series_instance_uid AND j.run = s.runs) AS job_states"
+    "  WHERE j.series_instance_uid = s.series_instance_uid AND j.run = s.runs"
+    "  AND j.study_instance_uid IS NULL) AS job_states"
     " FROM series s"
 )
 
@@ -111,6 +141,70 @@ def _series(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
+def _member(row: sqlite3.Row) -> StudyMember:
+    return StudyMember(
+        series_instance_uid=str(row["series_instance_uid"]),
+        roles=tuple(json.loads(str(row["roles"]))),
+        order_values=tuple((str(k), str(v)) for k, v in json.loads(str(row["order_values"]))),
+        instances=int(row["instances"]),
+        series_run=int(row["series_run"]),
+        routed_at=float(row["routed_at"]),
+        hold_until=None if row["hold_until"] is None else float(row["hold_until"]),
+        urgent=bool(row["urgent"]),
+        purged=bool(row["purged"]),
+    )
+
+
+Roles = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]
+
+
+def _roles(
+    state: str, rule: Study | None, members: Sequence[StudyMember], last_job: dict[str, Any] | None
+) -> Roles:
+    """(roles found, roles missing or None when unknown, where they come from)."""
+    required = {role.name: role.required for role in rule.roles} if rule is not None else {}
+    if state == "started" and last_job is not None and last_job["roles"]:
+        # What the running (or last) job was given; a started job lacks only optional roles.
+        pairs = last_job["roles"]
+        return (
+            [p for p in pairs if p["series_instance_uid"] is not None],
+            [
+                {"role": p["role"], "required": required.get(p["role"], False)}
+                for p in pairs
+                if p["series_instance_uid"] is None
+            ],
+            "last job",
+        )
+    if rule is not None:
+        # The scheduler's own selection (routing/studies.py) under the running rules.
+        selection = select_roles(rule, members)
+        return (
+            [
+                {"role": role, "series_instance_uid": member.series_instance_uid}
+                for role, member in selection.chosen
+                if member is not None
+            ],
+            [
+                {"role": role, "required": role in selection.missing_required}
+                for role, member in selection.chosen
+                if member is None
+            ],
+            "rule",
+        )
+    # The rule is gone or its file does not load: the roles the members can fill (the
+    # latest member for each); what is missing only the note says.
+    latest: dict[str, str] = {}
+    for member in sorted(members, key=lambda m: m.routed_at):
+        for role in member.roles:
+            if not member.purged:
+                latest[role] = member.series_instance_uid
+    return (
+        [{"role": role, "series_instance_uid": uid} for role, uid in latest.items()],
+        None,
+        "members",
+    )
+
+
 class ConsoleView:
     """Read-only queries on the index at ``path`` for the console's pages and API."""
 
@@ -118,6 +212,8 @@ class ConsoleView:
         self._path = path
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        # rules file -> ((mtime, size), its rules or None when they do not load)
+        self._rule_files: dict[Path, tuple[tuple[int, int], RuleSet | None]] = {}
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -181,16 +277,23 @@ class ConsoleView:
                 (uid,),
             )
         ]
+        # Its own jobs and the jobs of the studies it is a member of (through the
+        # jobs_subject index: a study job's subject is "study/<study UID>/<rule>").
         jobs = [
             _job(r)
             for r in self._query(
-                "SELECT * FROM jobs WHERE series_instance_uid = ? ORDER BY id", (uid,)
+                "SELECT * FROM jobs WHERE series_instance_uid = ? UNION"
+                " SELECT j.* FROM study_members m JOIN jobs j"
+                " ON j.subject = 'study/' || m.study_instance_uid || '/' || m.rule"
+                " WHERE m.series_instance_uid = ? ORDER BY id",
+                (uid, uid),
             )
         ]
+        job_ids = [int(job["id"]) for job in jobs]
         deliveries = self._query(
-            "SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id"
-            " WHERE j.series_instance_uid = ? ORDER BY d.id",
-            (uid,),
+            "SELECT d.* FROM deliveries d WHERE d.job_id IN (SELECT value FROM json_each(?))"
+            " ORDER BY d.id",
+            (json.dumps(job_ids),),
         )
         by_job: dict[int, list[dict[str, Any]]] = {}
         for row in deliveries:
@@ -268,6 +371,119 @@ class ConsoleView:
         rows = self._query("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
         return _delivery(rows[0]) if rows else None
 
+    # -- studies -----------------------------------------------------------------------------
+
+    def studies_page(
+        self,
+        state: str | None,
+        page: int,
+        per_page: int,
+        rule_files: Mapping[str, Path] | None = None,
+        now: float | None = None,
+    ) -> Page:
+        """Study rules' studies, newest first (by first instance received): state, runs,
+        the deadline, roles found and missing, members and jobs. ``rule_files`` (called
+        AE -> rules file) tell which roles each rule asks for; a study whose rule is not
+        there shows the roles of its last job or its members, and its note."""
+        condition, args = ("WHERE state = ?", [state]) if state else ("", [])
+        (total,) = self._query(f"SELECT COUNT(*) FROM studies {condition}", args)[0]
+        rows = self._query(
+            f"SELECT * FROM studies {condition}"
+            " ORDER BY first_received DESC, study_instance_uid, rule LIMIT ? OFFSET ?",
+            [*args, per_page, (page - 1) * per_page],
+        )
+        rules = self._study_rules(rule_files or {})
+        at = time.time() if now is None else now
+        return Page([self._study(r, rules, at) for r in rows], page, per_page, int(total))
+
+    def _study(
+        self, row: sqlite3.Row, rules: Mapping[tuple[str, str], Study], now: float
+    ) -> dict[str, Any]:
+        study_uid, rule = str(row["study_instance_uid"]), str(row["rule"])
+        members = [
+            _member(m)
+            for m in self._query(
+                "SELECT m.*, COALESCE(s.sources_purged_at IS NOT NULL AND s.has_sources = 0, 0)"
+                " AS purged FROM study_members m LEFT JOIN series s"
+                " ON s.series_instance_uid = m.series_instance_uid"
+                " WHERE m.study_instance_uid = ? AND m.rule = ? ORDER BY m.routed_at",
+                (study_uid, rule),
+            )
+        ]
+        # index.py's subject of a study's jobs (its runs count and supersede on it).
+        jobs = [
+            _job(j)
+            for j in self._query(
+                "SELECT * FROM jobs WHERE subject = ? ORDER BY id DESC LIMIT 20",
+                (f"study/{study_uid}/{rule}",),
+            )
+        ]
+        state = str(row["state"])
+        found, missing, source = _roles(
+            state, rules.get((str(row["called_ae"]), rule)), members, jobs[0] if jobs else None
+        )
+        deadline_at = float(row["deadline_at"])
+        return {
+            "study_instance_uid": study_uid,
+            "rule": rule,
+            "called_ae": row["called_ae"],
+            "model": row["model"],
+            "destinations": json.loads(row["destinations"]),
+            "state": state,
+            "runs": row["runs"],
+            "urgent": any(m.urgent for m in members),
+            "first_received": row["first_received"],
+            "deadline_at": deadline_at,
+            "deadline_in_seconds": round(deadline_at - now, 1),
+            "deadline_passed": now >= deadline_at,
+            "note": row["note"],
+            "updated_at": row["updated_at"],
+            "roles_found": found,
+            "roles_missing": missing,
+            "roles_from": source,
+            "members": [
+                {
+                    "series_instance_uid": m.series_instance_uid,
+                    "roles": list(m.roles),
+                    "instances": m.instances,
+                    "series_run": m.series_run,
+                    "routed_at": m.routed_at,
+                    "hold_until": m.hold_until,
+                    "urgent": m.urgent,
+                    "purged": m.purged,
+                }
+                for m in members
+            ],
+            "jobs": jobs,
+        }
+
+    def _study_rules(self, files: Mapping[str, Path]) -> dict[tuple[str, str], Study]:
+        """(called AE, rule name) -> the rule's study block, for each study rule."""
+        found: dict[tuple[str, str], Study] = {}
+        for called_ae, path in files.items():
+            rules = self._rules(path)
+            for rule in rules.rules if rules is not None else ():
+                if rule.study is not None:
+                    found[(called_ae, rule.name)] = rule.study
+        return found
+
+    def _rules(self, path: Path) -> RuleSet | None:
+        """The rules file at ``path``, parsed again only when it changed (pages poll)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (stat.st_mtime_ns, stat.st_size)
+        cached = self._rule_files.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            rules: RuleSet | None = load_rules(path)
+        except (ConfigError, OSError):
+            rules = None
+        self._rule_files[path] = (key, rules)
+        return rules
+
     # -- models and the dashboard ------------------------------------------------------------
 
     def model_checks(self) -> dict[str, dict[str, Any]]:
@@ -297,6 +513,10 @@ class ConsoleView:
             str(r[0]): int(r[1])
             for r in self._query("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
         }
+        studies = {
+            str(r[0]): int(r[1])
+            for r in self._query("SELECT state, COUNT(*) FROM studies GROUP BY state")
+        }
         latencies: dict[str, list[float]] = {}
         for row in self._query(
             "SELECT j.model, d.delivered_at - s.last_received FROM deliveries d"
@@ -314,6 +534,7 @@ class ConsoleView:
             "jobs": jobs,
             "queue": {"pending": jobs.get("pending", 0), "running": jobs.get("running", 0)},
             "failed_jobs": jobs.get("failed", 0),
+            "studies": {state: studies.get(state, 0) for state in STUDY_STATES},
             "dead_letters": deliveries.get(DeliveryState.DEAD.value, 0),
             "deliveries": {
                 ("dead_letter" if k == DeliveryState.DEAD.value else k): v

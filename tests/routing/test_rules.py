@@ -438,7 +438,7 @@ def test_typo_in_rule_field_is_refused_with_line() -> None:
     message = config_error(rules_yaml(extra="    priorty: 5\n"))
     assert message == (
         "test.yaml:5: rules[0].priorty: unknown field 'priorty'; did you mean 'priority'? "
-        "expected: name, priority, match, model, destinations, continue, preview"
+        "expected: name, priority, match, model, destinations, continue, preview, urgent, study"
     )
 
 
