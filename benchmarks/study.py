@@ -1,7 +1,7 @@
 """Study latency: last acknowledgement of the last required series of a 4-series MR study ->
 SEG and SR stored at the PACS, minus inference.
 
-    .venv/bin/python -m benchmarks.study [--runs 3] [--grace 1.0]
+    .venv/bin/python -m benchmarks.study [--runs 3] [--grace 1.0] [--full-size]
 
 The node runs the model zoo's ``brats_mri_segmentation`` config unchanged (weights seeded
 by tests/zoo.py) through a study rule: four MR series (T1c 3-D sagittal, T1 and T2 axial,
@@ -61,8 +61,23 @@ _RULES = {
 BRATS_LABELS = {1: "Tumor core", 2: "Whole tumor", 4: "Enhancing tumor"}
 
 
-def study_series() -> list[SeriesSpec]:
-    """The benchmark's four sequences: grids that differ as a brain protocol's do."""
+def study_series(full_size: bool = False) -> list[SeriesSpec]:
+    """The benchmark's four sequences: grids that differ as a brain protocol's do; with
+    ``full_size`` the sizes of a clinical protocol (3-D T1c 240x240x160 at 1 mm, 2-D T1, T2,
+    FLAIR 256x256x24 at 0.9 x 0.9 x 5 mm)."""
+    if full_size:
+        return [
+            SeriesSpec("t1c", "T1C", rows=240, columns=240, slices=160,
+                       pixel_spacing=(1.0, 1.0), slice_spacing=1.0, orientation=SAGITTAL,
+                       mr_acquisition_type="3D", semi_axes_mm=(70.0, 90.0, 65.0)),
+            SeriesSpec("t1", "T1", rows=256, columns=256, slices=24, pixel_spacing=(0.9, 0.9),
+                       slice_spacing=5.0, semi_axes_mm=(70.0, 90.0, 65.0)),
+            SeriesSpec("t2", "T2", rows=256, columns=256, slices=24, pixel_spacing=(0.9, 0.9),
+                       slice_spacing=5.0, semi_axes_mm=(70.0, 90.0, 65.0)),
+            SeriesSpec("flair", "FLAIR", rows=256, columns=256, slices=24,
+                       pixel_spacing=(0.9, 0.9), slice_spacing=5.0,
+                       semi_axes_mm=(70.0, 90.0, 65.0)),
+        ]  # fmt: skip
     return [
         SeriesSpec("t1c", "T1C", rows=48, columns=48, slices=40, pixel_spacing=(1.2, 1.2),
                    slice_spacing=1.2, orientation=SAGITTAL, mr_acquisition_type="3D"),
@@ -93,7 +108,7 @@ def _send_study(port: int, series: dict[str, list[Path]], rng: random.Random) ->
     return time.time()
 
 
-def _run(root: Path, bundle: Path, seed: int, grace: float) -> dict[str, float]:
+def _run(root: Path, bundle: Path, seed: int, grace: float, full_size: bool) -> dict[str, float]:
     pacs = StoreSCP(root / "pacs").start()
     rules = root / "rules.yaml"
     rules.write_text(yaml.safe_dump(_RULES, sort_keys=False))
@@ -107,10 +122,10 @@ def _run(root: Path, bundle: Path, seed: int, grace: float) -> dict[str, float]:
     node = NodeProcess(root / "node", config).start()
     rng = random.Random(seed)
     try:
-        warmup = write_study(root / "warmup", study_series(), seed=seed * 2)
+        warmup = write_study(root / "warmup", study_series(full_size), seed=seed * 2)
         _send_study(node.port, warmup, rng)
         wait_until(lambda: len(pacs.files()) >= 2, 600, "warm-up results", 0.2)
-        timed = write_study(root / "timed", study_series(), seed=seed * 2 + 1)
+        timed = write_study(root / "timed", study_series(full_size), seed=seed * 2 + 1)
         acked = _send_study(node.port, timed, rng)
         wait_until(lambda: len(pacs.files()) >= 4, 600, "results", 0.01)
         stored = time.time()
@@ -147,13 +162,15 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--grace", type=float, default=1.0, help="release_grace_seconds")
+    parser.add_argument("--full-size", action="store_true", help="a clinical protocol's sizes")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-study-"))
     try:
         bundle = make_zoo_bundle("brats_mri_segmentation", root / "bundles")
         print(settle(root / "probe"))
         print(
-            "4-series MR study (T1c sagittal 3-D, T1, T2, FLAIR axial), brats_mri_segmentation "
+            f"4-series MR study ({'full size' if args.full_size else 'small grids'}: T1c "
+            "sagittal 3-D, T1, T2, FLAIR axial), brats_mri_segmentation "
             f"(config unchanged, seeded weights, CPU), release grace {args.grace:g} s, early "
             "start on; seconds after the last acknowledgement of the last series"
         )
@@ -162,7 +179,7 @@ def main() -> None:
         print(header)
         rows = []
         for i in range(args.runs):
-            row = _run(root / f"run{i}", bundle, i + 1, args.grace)
+            row = _run(root / f"run{i}", bundle, i + 1, args.grace, args.full_size)
             rows.append(row)
             print(
                 f"{i + 1:<4} {row['total']:>7.2f} {row['infer']:>6.2f} "
