@@ -170,9 +170,8 @@ class LoadedModels:
         while len(self._models) > self._keep:
             del self._models[next(iter(self._models))]
         # Frozen objects are out of the collector's reach: a model held in reference cycles
-        # would stay in memory.
+        # would stay in memory. The collection after the load (_freeze_long_lived) frees it.
         gc.unfreeze()
-        gc.collect()
 
 
 # A worker's prefetch arena: three 300-slice 512x512 CT series as float32. Address space
