@@ -151,7 +151,11 @@ def _evaluate(expression: str, n: int) -> int:
             return _OPERATORS[type(node.op)](value(node.left), value(node.right))
         raise ValueError(f"spatial_shape entry {expression!r} is not arithmetic of n")
 
-    return value(ast.parse(expression.strip(), mode="eval"))
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"spatial_shape entry {expression!r} is not arithmetic of n") from exc
+    return value(tree)
 
 
 def input_shape(metadata: Mapping[str, Any]) -> tuple[int, ...]:

@@ -125,6 +125,8 @@ def test_input_shape_takes_the_smallest_n() -> None:
     assert input_shape(meta(["n-2", 8])) == (1, 1, 8)  # n = 3: the smallest that fits
     with pytest.raises(ValueError, match="not arithmetic"):
         input_shape(meta(["__import__('os')"]))
+    with pytest.raises(ValueError, match="not arithmetic"):
+        input_shape(meta(["*", 8]))  # not even Python
 
 
 def test_a_missing_module_is_named_as_missing() -> None:
