@@ -137,7 +137,7 @@ def _run(root: Path, bundle: Path, seed: int, grace: float, full_size: bool) -> 
     jobs = re.findall(r"study (\S+), rule brain-tumour: job (\d+) \(run \d+\)", log)
     study_uid, job_id = jobs[-1]
     job = re.search(
-        rf"job {job_id}: brats \(segmentation\) on series \S+: .*?"
+        rf"job {job_id}: brats \(segmentation\) on series \S+[^:\n]*: .*?"
         r"load ([\d.]+) s, infer ([\d.]+) s, encode and write ([\d.]+) s",
         log,
     )
