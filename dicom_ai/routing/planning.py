@@ -5,7 +5,9 @@ by its own rules only, with the sender context of the association that delivered
 Decisions that name the same model and the same destinations become one run (their results
 would carry the same UIDs); if either asked for a preview, that run makes it. ``sender``
 destinations are bound to the calling AE title that delivered the batch to the title whose
-rule named it.
+rule named it. A study rule's decision becomes a plan with a `StudyClaim` (the roles the
+series can fill): the series joins the study's inputs, and routing/studies.py decides when
+the study job runs.
 
 `plan_runs` is pure: the header, the senders and the rules in; runs and notes out.
 """
@@ -48,7 +50,11 @@ def plan_runs(
             if not decision.model:
                 continue
             destinations = tuple(bind_sender(name, calling) for name in decision.destinations)
+            plan = RunPlan(
+                decision.rule, decision.model, destinations, decision.preview, decision.urgent
+            )
             if decision.study is not None:
+                # A study rule's claim: once per rule, whichever title's rules named it first.
                 if not any(p.study and p.rule == decision.rule for p in plans):
                     claim = StudyClaim(
                         called,
@@ -56,40 +62,21 @@ def plan_runs(
                         decision.order_values,
                         decision.study.deadline_seconds,
                     )
-                    plans.append(
-                        RunPlan(
-                            decision.rule,
-                            decision.model,
-                            destinations,
-                            decision.preview,
-                            decision.urgent,
-                            claim,
-                        )
-                    )
+                    plans.append(replace(plan, study=claim))
                 continue
             same = [
                 n
-                for n, plan in enumerate(plans)
-                if plan.study is None
-                and (plan.model, plan.destinations) == (decision.model, destinations)
+                for n, other in enumerate(plans)
+                if other.study is None
+                and (other.model, other.destinations) == (plan.model, plan.destinations)
             ]
             if not same:
-                plans.append(
-                    RunPlan(
-                        decision.rule,
-                        decision.model,
-                        destinations,
-                        decision.preview,
-                        decision.urgent,
-                    )
-                )
+                plans.append(plan)
             else:
                 # One run serves both rules (same UIDs): it makes the preview too, and is
                 # urgent if either says so.
                 first = plans[same[0]]
                 plans[same[0]] = replace(
-                    first,
-                    preview=first.preview or decision.preview,
-                    urgent=first.urgent or decision.urgent,
+                    first, preview=first.preview or plan.preview, urgent=first.urgent or plan.urgent
                 )
     return plans, notes
