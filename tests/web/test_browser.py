@@ -194,7 +194,7 @@ def test_login(site: Site, browser: Browser) -> None:
     assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     # The nav shows what an operator may use, and no more.
     nav = [a.text for a in browser.find_all("header nav a")]
-    assert nav == ["Dashboard", "Series", "Failures", "Rules", "Models", "Destinations"]
+    assert nav == ["Dashboard", "Series", "Studies", "Failures", "Rules", "Models", "Destinations"]
     browser.submit("#logout")
     assert browser.path == "/login"  # ?done=logout, said once, then dropped from the URL
     assert browser.text("#flash") == "You are logged out."
