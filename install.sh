@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 apt_packages=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python libpixelmed-java pixelmed-apps
+  tesseract-ocr fonts-dejavu-core
   insighttoolkit5-examples chromium chromium-driver)
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -40,4 +41,29 @@ if [ ! -f "$wheel_stamp" ] || [ "$(cat "$wheel_stamp")" != "${wheels[*]}" ]; the
     PIP_CONSTRAINT= .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d .venv/wheelhouse "$w"
   done
   echo "${wheels[*]}" > "$wheel_stamp"
+fi
+
+# OHIF Viewer for tests/viewers: the prebuilt app of @ohif/app (its own `npm install` needs
+# packages the registry lacks; the packed tarball's dist/ needs none of them), and
+# puppeteer-core from tests/viewers/package-lock.json to drive Debian's chromium with it
+# (puppeteer-core downloads no browser).
+ohif_version=3.13.2
+ohif_stamp=.venv/ohif/.installed
+viewers_stamp=tests/viewers/node_modules/.installed
+if ! command -v npm >/dev/null 2>&1; then
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q --no-install-recommends nodejs npm
+fi
+if [ ! -f "$ohif_stamp" ] || [ "$(cat "$ohif_stamp")" != "$ohif_version" ]; then
+  ohif_tmp=$(mktemp -d)
+  ohif_tgz=$(cd "$ohif_tmp" && npm pack --silent "@ohif/app@$ohif_version" | tail -n 1)
+  rm -rf .venv/ohif && mkdir -p .venv/ohif
+  tar -xzf "$ohif_tmp/$ohif_tgz" -C .venv/ohif --strip-components=1 package/dist
+  rm -rf "$ohif_tmp"
+  echo "$ohif_version" > "$ohif_stamp"
+fi
+if [ ! -f "$viewers_stamp" ] || [ tests/viewers/package-lock.json -nt "$viewers_stamp" ]; then
+  (cd tests/viewers && npm ci --silent --no-audit --no-fund --ignore-scripts)
+  touch "$viewers_stamp"
 fi

@@ -39,6 +39,7 @@ __all__ = [
     "ModelConfig",
     "NodeConfig",
     "PipelineConfig",
+    "ResultsConfig",
     "ServerTLSConfig",
     "StorageConfig",
     "WebConfig",
@@ -206,6 +207,13 @@ class ModelConfig(_Strict):
     labels: dict[int, str] | None = None
     # Jobs of this model running at once, at most (a GPU's memory); None: as many as workers.
     max_concurrent: int | None = Field(default=None, ge=1)
+    # Classification and detection: also an attribution map of what the model looked at
+    # (a Parametric Map and a colour overlay preview); off: none. It costs a backward pass
+    # (gradcam, gradcampp) or many forward passes (occlusion).
+    explain: Literal["off", "gradcam", "gradcampp", "occlusion"] = "off"
+    # The network layer GradCAM reads (a dotted module name, e.g. "features.denseblock4");
+    # None: the last convolution of the network.
+    explain_layer: str | None = None
 
 
 class PipelineConfig(_Strict):
@@ -224,6 +232,21 @@ class PipelineConfig(_Strict):
     # Models each worker keeps loaded, the most recently used; a job goes to an idle worker
     # that has its model loaded, so an urgent job seldom waits for a model load.
     warm_models: int = Field(default=2, ge=1)
+
+
+class ResultsConfig(_Strict):
+    """What the result objects say besides the findings."""
+
+    # Printed at the foot of every result card (rules' ``card: true``).
+    card_disclaimer: str = Field(
+        default=(
+            "Produced by an AI model. Not a diagnosis: to be reviewed by a qualified "
+            "physician."
+        ),
+        max_length=300,
+    )
+    # Also send the card as an Encapsulated PDF.
+    card_pdf: bool = False
 
 
 class DeliveryConfig(_Strict):
@@ -314,6 +337,7 @@ class Config(_Strict):
     called_aes: dict[AETitle, CalledAEConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = PipelineConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    results: ResultsConfig = ResultsConfig()
     storage: StorageConfig = StorageConfig()
     web: WebConfig = WebConfig()
     webhooks: list[WebhookConfig] = Field(default_factory=list)

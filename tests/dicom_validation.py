@@ -75,3 +75,19 @@ def assert_sr_template_valid(path: str | Path) -> str:
     assert not errors, f"PixelMed found {len(errors)} error(s) in {path}:\n{output}"
     assert "Root Template Validation Complete" in output, output
     return output
+
+
+# The coordinates our planar groups repeat under their first measurement for OHIF
+# (dicom_ai/results/sr.py): TID 300 has them, PixelMed's (2022) TID 1419 does not.
+_OHIF_COORDINATES = '/SCOORD (121112,DCM,"Source of Measurement")'
+
+
+def not_in_template(output: str) -> list[str]:
+    """PixelMed's "not in template" warnings, less those of the coordinates repeated for
+    OHIF under a measurement (and their image)."""
+    return [
+        line
+        for line in output.splitlines()
+        if "not in template" in line and _OHIF_COORDINATES not in line
+    ]
+

@@ -68,19 +68,28 @@ class SegmentationFindings:
             raise ValueError("source_frame_numbers must parallel source_sop_instance_uids")
 
     @functools.cached_property
-    def voxel_counts(self) -> npt.NDArray[np.int64]:
-        """``voxel_counts[v]``: the number of voxels with label value ``v``. Counted once
-        (a pass over the whole label map): SEG, SR and preview each need it.
+    def frame_voxel_counts(self) -> npt.NDArray[np.int64]:
+        """``frame_voxel_counts[k, v]``: the number of voxels with label value ``v`` in
+        frame ``k``. Counted once (a pass over the whole label map); :attr:`voxel_counts`
+        sums it, the SR takes each segment's largest cross-section from it.
 
         One ``bincount`` per frame: a whole-volume ``bincount`` would first copy the volume
         to intp (8 bytes a voxel), and ``np.unique`` sorts it; both are far slower.
         """
+        frames = self.label_map.shape[0]
         if self.label_map.size == 0:
-            return np.zeros(1, dtype=np.int64)
+            return np.zeros((frames, 1), dtype=np.int64)
         length = int(self.label_map.max()) + 1
-        counts = np.zeros(length, dtype=np.int64)
-        for plane in self.label_map:
-            counts += np.bincount(plane.ravel(), minlength=length)
+        counts = np.empty((frames, length), dtype=np.int64)
+        for k, plane in enumerate(self.label_map):
+            counts[k] = np.bincount(plane.ravel(), minlength=length)
+        return counts
+
+    @functools.cached_property
+    def voxel_counts(self) -> npt.NDArray[np.int64]:
+        """``voxel_counts[v]``: the number of voxels with label value ``v``; SEG, SR and
+        preview each need it (from :attr:`frame_voxel_counts`: one pass for both)."""
+        counts: npt.NDArray[np.int64] = self.frame_voxel_counts.sum(axis=0, dtype=np.int64)
         return counts
 
     def present_labels(self) -> tuple[SegmentLabel, ...]:
@@ -124,12 +133,50 @@ class ImageClassification:
 
 
 @dataclass(frozen=True)
+class AttributionMap:
+    """Where a classifier or detector looked for one class: an attribution map laid out like
+    the source frames, ``values[k]`` on the k-th source instance (frame
+    ``source_frame_numbers[k]`` of a multi-frame one), 0 (no evidence) .. 1 (the most).
+
+    ``method`` is how it was computed (``gradcam``, ``gradcampp``, ``occlusion``), ``target``
+    the class it explains (a detector's: the class of its highest-scoring box).
+    """
+
+    values: npt.NDArray[np.float32]
+    source_sop_instance_uids: tuple[str, ...]
+    method: str
+    target: str
+    source_frame_numbers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 3 or self.values.dtype != np.float32:
+            raise ValueError(
+                f"values must be float32 (frames, rows, columns), got {self.values.dtype} "
+                f"{self.values.shape}"
+            )
+        if self.values.shape[0] != len(self.source_sop_instance_uids):
+            raise ValueError(
+                f"values have {self.values.shape[0]} frames for "
+                f"{len(self.source_sop_instance_uids)} source instances"
+            )
+        if self.source_frame_numbers is not None and len(self.source_frame_numbers) != len(
+            self.source_sop_instance_uids
+        ):
+            raise ValueError("source_frame_numbers must parallel source_sop_instance_uids")
+
+
+@dataclass(frozen=True)
 class ClassificationFindings:
-    """Class probabilities; a class counts as found at or above ``threshold``."""
+    """Class probabilities; a class counts as found at or above ``threshold``.
+
+    ``attributions``: with the model's ``explain`` on, one map per result it was made for
+    (a 2-D model's: each image; a 3-D model's: the series), in result order.
+    """
 
     results: tuple[ImageClassification, ...]
     algorithm: AlgorithmIdentification
     threshold: float = 0.5
+    attributions: tuple[AttributionMap, ...] = ()
 
     def found(self, result: ImageClassification) -> tuple[ClassScore, ...]:
         """The classes of ``result`` at or above the threshold, most probable first."""
@@ -172,6 +219,8 @@ class DetectionFindings:
     source_sop_instance_uids: tuple[str, ...]
     frame_of_reference_uid: str
     source_frame_numbers: tuple[int, ...] | None = None
+    # With the model's ``explain`` on: the map of its highest-scoring box, if it found any.
+    attributions: tuple[AttributionMap, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,13 @@ if TYPE_CHECKING:
     from dicom_ai.inference.findings import (
         ClassificationFindings,
         DetectionFindings,
+        Findings,
         ImageDetectionFindings,
         LandmarkFindings,
         SegmentationFindings,
     )
     from dicom_ai.inference.model import Model
+    from dicom_ai.inference.planar import PlanarImage
     from dicom_ai.results import DeviceIdentity, ResultUIDs
 
 __all__ = ["JobOutcome", "JobSpec", "Prefetch", "RoleInput", "WorkerPool", "run_job"]
@@ -101,6 +103,12 @@ class JobSpec:
     # image under its role name as a key of the bundle's input dict.
     role_input: str = "channels"
     result_key: str | None = None  # what result UIDs derive from; None: the series UID
+    card: bool = False  # a result card too (results/card.py)
+    card_pdf: bool = False  # and the same card as an Encapsulated PDF
+    card_disclaimer: str = ""
+    # Classification and detection: an attribution map (ModelConfig.explain); "off": none.
+    explain: str = "off"
+    explain_layer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,8 @@ def _run_job(
     spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels, stages: dict[str, float]
 ) -> tuple[Path, ...]:
     # Imported here so the node's main process never loads torch or MONAI.
+    import pydicom
+
     from dicom_ai.errors import InputError, ModelError
     from dicom_ai.inference.findings import SegmentationFindings, TaskKind
     from dicom_ai.inference.planar import load_planar_images
@@ -245,6 +255,7 @@ def _run_job(
             f"{spec.model_id} gives {model.spatial_dims}-D {model.task.value}; study jobs "
             "give 3-D segmentations only"
         )
+    images: tuple[PlanarImage, ...] = ()
     if model.spatial_dims == 2:
         images = load_planar_images(spec.instance_paths, arena)
         loaded = time.monotonic()
@@ -291,6 +302,12 @@ def _run_job(
         )
     else:
         results = [("sr.dcm", _report(headers, findings, uids, device))]
+    if spec.card:
+        if frames is None:
+            # 2-D images were loaded without their pixels in the header: the card reads
+            # its key image from the file.
+            headers = [pydicom.dcmread(image.path) for image in images]
+        results += _card(headers, frames, findings, uids, device, spec)
     spool = Spool(spec.results_dir.parent.parent, spec.min_free_bytes)
     files = []
     for name, dataset in results:
@@ -345,6 +362,32 @@ def _segmentation_results(
             return results
         results += [(f"preview-{k:04d}.dcm", image) for k, image in enumerate(images, start=1)]
     return results
+
+
+def _card(
+    headers: list[Dataset],
+    frames: npt.NDArray[np.float32] | None,
+    findings: Findings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+    spec: JobSpec,
+) -> list[tuple[str, Dataset]]:
+    """The result card (and its PDF); none, with a warning, when it cannot be drawn: it is
+    a summary of the results, not a result, and SEG and SR still go."""
+    from dicom_ai.errors import EncodingError
+    from dicom_ai.results.card import build_card, build_card_pdf
+
+    try:
+        card = build_card(
+            headers, frames, findings, uids, device, disclaimer=spec.card_disclaimer
+        )
+        cards: list[tuple[str, Dataset]] = [("card.dcm", card)]
+        if spec.card_pdf:
+            cards.append(("card-pdf.dcm", build_card_pdf(card)))
+    except EncodingError as exc:
+        log.warning("job %d: result card not made: %s", spec.job_id, exc)
+        return []
+    return cards
 
 
 def _report(

@@ -3,9 +3,9 @@
 Sources, in order:
 
 1. the TotalSegmentator -> SNOMED mapping shipped in ``data/`` (wholeBody bundle labels),
-2. the built-in CT model's labels (``body``, ``lung``/``lungs``, ``bone``) and a few more
-   organs other MONAI zoo bundles name (rectum, uterus, artery, ...), codes from pydicom's
-   SNOMED CT dictionary,
+2. the built-in CT model's labels (``soft tissue``, ``lung``/``lungs``, ``bone``), ``body``,
+   and a few more organs other MONAI zoo bundles name (rectum, uterus, artery, ...), codes
+   from pydicom's SNOMED CT dictionary,
 3. the same names spelt otherwise: synonyms (``IVC``, ``bladder``, ``hepatic vessel``), the
    side first (``left kidney`` = ``kidney_left``, ``left rib 3`` = ``rib_left_3``), a side
    on an organ known only without one (``left lung``: Lung, modifier Left), and a lesion
@@ -341,6 +341,9 @@ def _builtin() -> dict[str, SegmentCoding]:
     lung = coding("lung", anatomical, codes.SCT.Lung, (197, 165, 145))
     return {
         "body": coding("body", anatomical, codes.SCT.EntireBody, (177, 122, 101)),
+        # ct-body's label 1: inside the patient, neither lung nor bone. Slicer's tissue green,
+        # far from the lung's and bone's tans.
+        "soft_tissue": coding("soft tissue", tissue, codes.SCT.SoftTissue, (128, 174, 128)),
         "lung": lung,
         "lungs": lung,
         # A threshold model finds bone tissue, not named bones: CID 7151's "Bone" (3138006).

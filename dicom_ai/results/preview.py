@@ -25,11 +25,11 @@ from pydicom.sr.codedict import codes
 
 from dicom_ai.enhanced import frame_macro
 from dicom_ai.errors import EncodingError
-from dicom_ai.inference.findings import SegmentationFindings, SegmentLabel
-from dicom_ai.results.codes import segment_coding
+from dicom_ai.inference.findings import SegmentationFindings
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.sources import (
     default_series_number,
+    display_colours,
     order_like_findings,
     present_labels,
 )
@@ -123,7 +123,7 @@ def build_preview(
     labels = present_labels(findings)
     if not labels:
         raise EncodingError("the label map has no labelled voxel: no preview to draw")
-    colours = _colour_table(labels)
+    colours = _colour_table(findings)
     source = ordered[0]
     number = (
         series_number
@@ -223,11 +223,12 @@ def segment_outlines(label_plane: npt.NDArray[np.integer[Any]]) -> npt.NDArray[n
     return outline
 
 
-def _colour_table(labels: Sequence[SegmentLabel]) -> npt.NDArray[np.uint8]:
+def _colour_table(findings: SegmentationFindings) -> npt.NDArray[np.uint8]:
     """``table[label value]`` = the segment's display RGB, as in the SEG."""
-    table = np.zeros((max(label.value for label in labels) + 1, 3), dtype=np.uint8)
-    for label in labels:
-        table[label.value] = segment_coding(label.name).display_rgb
+    colours = display_colours(findings)
+    table = np.zeros((max(colours) + 1, 3), dtype=np.uint8)
+    for value, rgb in colours.items():
+        table[value] = rgb
     return table
 
 

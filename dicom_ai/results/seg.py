@@ -46,6 +46,7 @@ from dicom_ai.results.codes import local_coding_scheme, segment_coding
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.sources import (
     default_series_number,
+    display_colours,
     order_like_findings,
     present_labels,
 )
@@ -115,8 +116,9 @@ def build_seg(
         sources, pixel_array = _multiframe_source(ordered, findings, pixel_array)
     else:
         sources = ordered
+    colours = display_colours(findings)
     descriptions = [
-        _segment_description(number, label, findings.algorithm, uids)
+        _segment_description(number, label, findings.algorithm, uids, colours[label.value])
         for number, label in enumerate(labels, start=1)
     ]
     local = any(segment_coding(label.name).is_local for label in labels)
@@ -292,6 +294,7 @@ def _segment_description(
     label: SegmentLabel,
     algorithm: AlgorithmIdentification,
     uids: ResultUIDs,
+    rgb: tuple[int, int, int],
 ) -> SegmentDescription:
     coding = segment_coding(label.name)
     description = SegmentDescription(
@@ -304,7 +307,7 @@ def _segment_description(
         tracking_uid=uids.tracking_uid(label.value, label.name),
         tracking_id=label.name[:64],
         anatomic_regions=[coding.anatomic_region] if coding.anatomic_region else None,
-        display_color=CIELabColor.from_rgb(*coding.display_rgb),
+        display_color=CIELabColor.from_rgb(*rgb),
     )
     # highdicom has no parameters for the modifiers; both nest in their concept's item.
     if coding.property_type_modifier is not None:

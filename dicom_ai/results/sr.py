@@ -2,16 +2,20 @@
 
 - Segmentation (:func:`build_sr`): one TID 1411 Volumetric ROI group per SEG segment:
   tracking identifier (same UID as the segment's Tracking UID), finding type (the segment's
-  property type), finding site where the label implies one, and the segment's volume in ml.
-  A study job's report names every image of every series the model read (see
-  :func:`build_sr`); the SEG lies on the reference series alone.
+  property type), finding site where the label implies one, and the segment's volume in ml;
+  before it a TID 1410 Planar ROI group of the same finding (same tracking UID): the
+  segment's outline on its key slice (the source image of its largest cross-section) as a
+  closed SCOORD POLYLINE, and the area it encloses in mm2. A study job's report names every
+  image of every series the model read (see :func:`build_sr`); the SEG lies on the
+  reference series alone.
 - Classification (:func:`build_classification_sr`): per classified image (or series) and
   class at or above the threshold, one TID 1501 group referencing the source images: the
   class as finding type, a qualitative evaluation "<class>: Present" and the probability
   as a numeric measurement (one bare group for an image where no class reaches it).
 - Detection (:func:`build_detection_sr`): one TID 1410 Planar ROI group per finding: the
-  bounding box's cross-section through its centre as a closed SCOORD3D POLYGON, its score
-  (probability) and its size (width, height, depth in mm).
+  bounding box's cross-section through its centre, drawn on the source image nearest that
+  centre as a closed SCOORD POLYLINE, its score (probability) and its size (width, height,
+  depth in mm).
 - 2-D detection (:func:`build_image_detection_sr`): one TID 1410 Planar ROI group per box:
   a closed SCOORD POLYLINE in the pixels of the image it was found on (projection images
   have no frame of reference), its probability, and its width and height in mm where the
@@ -20,6 +24,18 @@
   name as finding type, its position as a SCOORD3D POINT in the series' frame of reference,
   and the image (frame) it was found on as the group's "Illustration of ROI" (a SCOORD3D
   region names no image; TID 1410 has no other row for one).
+
+OHIF (3.13, extensions/cornerstone-dicom-sr) draws a group only from a SCOORD or SCOORD3D
+of a GraphicType it knows (POINT, MULTIPOINT, POLYLINE, CIRCLE, ELLIPSE; no POLYGON), merges
+groups that share a Tracking Unique Identifier, and fails on the whole report when a merged
+group has no coordinates: hence the planar companion of each volumetric group, and 2-D
+boxes. Classification groups have no coordinates; OHIF cannot show them. OHIF lists a
+finding as a tracked measurement only when Cornerstone's adapters can hydrate it: a
+Tracking Identifier naming a Cornerstone tool (an outline is "PlanarFreehandROI"; a 4- or
+5-point polyline is taken for a rectangle whatever its identifier), and the coordinates
+also under the group's first measurement ("INFERRED FROM", TID 300), where the adapters
+look for them. So each planar group carries its SCOORD twice: as TID 1410's Image Region
+and under its first measurement.
 
 Every report follows the IHE AI Results profile's header: title "Imaging Measurement
 Report", procedure reported, language (English, US), the node as observer device
@@ -30,9 +46,11 @@ intended use as a TEXT comment.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -66,13 +84,17 @@ from highdicom.sr import (
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
 from highdicom.sr.enum import GraphicTypeValues, GraphicTypeValues3D, RelationshipTypeValues
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from skimage.measure import find_contours
 
 from dicom_ai import _compat
+from dicom_ai.enhanced import is_multiframe, number_of_frames
 from dicom_ai.errors import EncodingError, GeometryError
-from dicom_ai.geometry import voxel_volume_mm3
+from dicom_ai.geometry import floats, plane_value, voxel_volume_mm3
 from dicom_ai.inference.findings import (
     AlgorithmIdentification as FindingsAlgorithm,
 )
@@ -111,6 +133,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Cornerstone3D's tracking identifier of a freehand outline (@cornerstonejs/adapters
+# cornerstone3DTag and PlanarFreehandROI), what OHIF writes and hydrates.
+_FREEHAND_OUTLINE = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+_SOURCE_OF_MEASUREMENT = Code("121112", "DCM", "Source of Measurement")
+_CONCEPT_NAME = 0x0040A043  # Concept Name Code Sequence
+_CONTENT_SEQUENCE = 0x0040A730
+_IMAGING_MEASUREMENTS = ("126010", "DCM")
+
 SR_SERIES_NUMBER_OFFSET = 2000
 """Default SR Series Number = source Series Number + this (2000 without a source number)."""
 
@@ -118,6 +148,11 @@ MILLILITER = Code("ml", "UCUM", "milliliter")
 """UCUM unit of the volume measurements (not in pydicom's UCUM dictionary)."""
 
 _LANGUAGE = CodedConcept("en-US", "RFC5646", "English (United States)")
+
+# An outline with more points than this (after the straight runs' inner points go) is
+# simplified within half a pixel: a ragged organ outline on a 512 x 512 slice has hundreds.
+_MAX_OUTLINE_POINTS = 100
+_OUTLINE_TOLERANCE_PIXELS = 0.5
 
 # CID 100 Quantitative Diagnostic Imaging Procedures, by source Modality.
 _PROCEDURES: dict[str, Code] = {
@@ -147,7 +182,8 @@ def build_sr(
     series_number: int | None = None,
     instance_number: int = 1,
 ) -> Comprehensive3DSR:
-    """Encode one volume measurement per segment of ``seg`` as a TID 1500 report.
+    """Encode one volume measurement per segment of ``seg`` as a TID 1500 report, each
+    followed by the segment's outline and area on its key slice (see the module's notes).
 
     ``seg`` must be the SEG that :func:`~dicom_ai.results.seg.build_seg` made from the same
     ``findings`` (segments 1..n = labels with voxels in label-value order); the SR takes
@@ -174,19 +210,25 @@ def build_sr(
     codings = [segment_coding(label.name) for label in labels]
     with _refused_by_highdicom(findings.algorithm):
         segmented_from = _segmentation_sources(ordered, others)
-        groups = [
-            _volumetric_group(
-                number,
-                label,
-                coding,
-                seg,
-                segmented_from,
-                algorithm,
-                uids,
-                volume_ml=None if voxel_ml is None else int(counts[label.value]) * voxel_ml,
+        groups: list[
+            VolumetricROIMeasurementsAndQualitativeEvaluations
+            | PlanarROIMeasurementsAndQualitativeEvaluations
+        ] = []
+        for number, (label, coding) in enumerate(zip(labels, codings, strict=True), start=1):
+            # The outline first: OHIF takes a merged finding's tracking identifier from it.
+            groups.append(_key_slice_group(label, coding, findings, ordered, algorithm, uids))
+            groups.append(
+                _volumetric_group(
+                    number,
+                    label,
+                    coding,
+                    seg,
+                    segmented_from,
+                    algorithm,
+                    uids,
+                    volume_ml=None if voxel_ml is None else int(counts[label.value]) * voxel_ml,
+                )
             )
-            for number, (label, coding) in enumerate(zip(labels, codings, strict=True), start=1)
-        ]
         sr = _document(
             ordered,
             [seg],
@@ -256,7 +298,8 @@ def build_detection_sr(
     instance_number: int = 1,
 ) -> Comprehensive3DSR:
     """One TID 1410 Planar ROI group per detection: the box's cross-section through its
-    centre (SCOORD3D POLYGON in the series' frame of reference), its probability and size.
+    centre as a closed SCOORD POLYLINE on the source image (frame) nearest that centre, its
+    probability and size.
 
     Without any detection the report holds one group that names the images and nothing
     else: the model ran on them and found nothing.
@@ -264,10 +307,11 @@ def build_detection_sr(
     algorithm = _algorithm_item(findings.algorithm)
     with _refused_by_highdicom(findings.algorithm):
         referenced = _referenced(source_images, list(findings.source_sop_instance_uids))
+        slices = _detection_slices(referenced, findings) if findings.detections else []
         groups: list[
             PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
         ] = [
-            _detection_group(number, detection, findings, algorithm, uids)
+            _detection_group(number, detection, slices, algorithm, uids)
             for number, detection in enumerate(findings.detections, start=1)
         ]
         names = [detection.name for detection in findings.detections]
@@ -364,7 +408,7 @@ def _image_detection_group(
                 codes.DCM.Height, (bottom - top) * spacing[0], millimeter, algorithm_id=algorithm
             ),
         ]
-    return PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derived_uid(uids.sr_sop_instance_uid, "detection", str(number)),
             identifier=f"{detection.name} {number}"[:64],
@@ -381,6 +425,7 @@ def _image_detection_group(
         finding_sites=[FindingSite(coding.anatomic_region)] if coding.anatomic_region else None,
         measurements=measurements,
     )
+    return group
 
 
 def build_landmark_sr(
@@ -496,7 +541,7 @@ def _document(
         )
     # Each instance once (a multi-frame source repeats per frame).
     unique = {str(ds.SOPInstanceUID): ds for ds in [*source_images, *other_inputs, *derived]}
-    return Comprehensive3DSR(
+    document = Comprehensive3DSR(
         # The source images first: highdicom takes patient, study and the acquisition
         # equipment from evidence[0], which must be the scanner's image, not our SEG.
         evidence=list(unique.values()),
@@ -520,6 +565,40 @@ def _document(
         is_verified=False,
         coding_schemes=[local_coding_scheme()] if local else None,
     )
+    for container in document.ContentSequence:
+        if _code_of(container) == _IMAGING_MEASUREMENTS:
+            for group in container.ContentSequence:
+                _coordinates_under_first_measurement(group)
+    return document
+
+
+def _coordinates_under_first_measurement(group: Dataset) -> None:
+    """A planar group's Image Region again, as "INFERRED FROM" of its first measurement
+    (TID 300 row 8, via TID 320): where Cornerstone's SR adapters, and so OHIF's tracked
+    measurements, look for a measurement's coordinates."""
+    items = group.get("ContentSequence", [])
+    region = next((item for item in items if item.ValueType in ("SCOORD", "SCOORD3D")), None)
+    measurement = next((item for item in items if item.ValueType == "NUM"), None)
+    if region is None or measurement is None:
+        return
+    # TID 320's names: the region is the "Source of Measurement", its image unnamed.
+    inferred = _plain(region)
+    inferred.RelationshipType = RelationshipTypeValues.INFERRED_FROM.value
+    inferred.ConceptNameCodeSequence = [_concept(_SOURCE_OF_MEASUREMENT)]
+    images = [_plain(item) for item in region.get("ContentSequence", [])]
+    for image in images:
+        if _CONCEPT_NAME in image:
+            del image[_CONCEPT_NAME]
+    inferred.ContentSequence = images
+    # As a plain element: highdicom's items check each item of a content sequence set on
+    # them, and take no unnamed image.
+    children = [*measurement.get("ContentSequence", []), inferred]
+    measurement[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", DicomSequence(children))
+
+
+def _code_of(item: Dataset) -> tuple[str, str]:
+    name = item.ConceptNameCodeSequence[0]
+    return str(name.CodeValue), str(name.CodingSchemeDesignator)
 
 
 @contextmanager
@@ -675,11 +754,15 @@ def _nothing_found(
 def _detection_group(
     number: int,
     detection: Detection,
-    findings: DetectionFindings,
+    slices: Sequence[_Plane],
     algorithm: AlgorithmIdentification,
     uids: ResultUIDs,
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     coding = segment_coding(detection.name)
+    # OHIF draws no SCOORD3D POLYGON (and a SCOORD3D only on a series of its frame of
+    # reference); a SCOORD POLYLINE of 5 points on an image it draws, and also hydrates as a
+    # RectangleROI measurement.
+    plane = min(slices, key=lambda s: s.distance(detection.center))
     width, height, depth = detection.size_mm
     millimeter = codes.UCUM.Millimeter
     measurements = [
@@ -690,19 +773,89 @@ def _detection_group(
         Measurement(codes.DCM.Height, height, millimeter, algorithm_id=algorithm),
         Measurement(codes.SCT.Depth, depth, millimeter, algorithm_id=algorithm),
     ]
-    return PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derived_uid(uids.sr_sop_instance_uid, "detection", str(number)),
             identifier=f"{detection.name} {number}"[:64],
         ),
-        referenced_region=ImageRegion3D(
-            graphic_type=GraphicTypeValues3D.POLYGON,
-            graphic_data=box_polygon(detection),
-            frame_of_reference_uid=findings.frame_of_reference_uid,
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=plane.scoord(box_polygon(detection)),
+            source_image=plane.source_image(),
         ),
         finding_type=coding.property_type,
         finding_sites=[FindingSite(coding.anatomic_region)] if coding.anatomic_region else None,
         measurements=measurements,
+    )
+    return group
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """One source image (or frame of one) and where its pixels lie in patient space."""
+
+    image: Dataset
+    frame_number: int | None
+    origin: npt.NDArray[np.float64]  # ImagePositionPatient: the centre of the first pixel
+    row_cosines: npt.NDArray[np.float64]  # along a row: the column index grows
+    column_cosines: npt.NDArray[np.float64]  # along a column: the row index grows
+    spacing: tuple[float, float]  # PixelSpacing: between rows, between columns
+
+    def distance(self, point: npt.NDArray[np.float64]) -> float:
+        normal = np.cross(self.row_cosines, self.column_cosines)
+        return abs(float((point - self.origin) @ normal))
+
+    def scoord(self, points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Patient points (n, 3) projected onto the image, as SCOORD (column, row) pixel
+        coordinates: PS3.3 C.18.6.1.2 puts the first pixel's centre at (0.5, 0.5)."""
+        offset = points - self.origin
+        column = offset @ self.row_cosines / self.spacing[1] + 0.5
+        row = offset @ self.column_cosines / self.spacing[0] + 0.5
+        return np.column_stack([column, row]).astype(np.float64)
+
+    def source_image(self) -> SourceImageForRegion:
+        return SourceImageForRegion(
+            referenced_sop_class_uid=str(self.image.SOPClassUID),
+            referenced_sop_instance_uid=str(self.image.SOPInstanceUID),
+            referenced_frame_numbers=[self.frame_number] if self.frame_number else None,
+        )
+
+
+def _detection_slices(referenced: Sequence[Dataset], findings: DetectionFindings) -> list[_Plane]:
+    """Every source image (frame) the detector read, placed in patient space."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in referenced}
+    numbers = findings.source_frame_numbers
+    wanted: dict[tuple[str, int | None], Dataset] = {}
+    for k, uid in enumerate(findings.source_sop_instance_uids):
+        image = by_uid[uid]
+        if numbers is not None:
+            wanted[(uid, numbers[k])] = image
+        elif is_multiframe(image):
+            for number in range(1, number_of_frames(image) + 1):
+                wanted[(uid, number)] = image
+        else:
+            wanted[(uid, None)] = image
+    try:
+        return [_plane(image, frame) for (_, frame), image in wanted.items()]
+    except GeometryError as exc:
+        raise EncodingError(f"cannot draw the detections on their images: {exc}") from exc
+
+
+def _plane(image: Dataset, frame_number: int | None) -> _Plane:
+    where = f"instance {image.SOPInstanceUID}" + (f" frame {frame_number}" if frame_number else "")
+
+    def values(keyword: str, count: int) -> tuple[float, ...]:
+        return floats(plane_value(image, frame_number, keyword, where), count, keyword, where)
+
+    orientation = np.array(values("ImageOrientationPatient", 6), dtype=np.float64)
+    row_spacing, column_spacing = values("PixelSpacing", 2)
+    return _Plane(
+        image=image,
+        frame_number=frame_number,
+        origin=np.array(values("ImagePositionPatient", 3), dtype=np.float64),
+        row_cosines=orientation[:3],
+        column_cosines=orientation[3:],
+        spacing=(row_spacing, column_spacing),
     )
 
 
@@ -871,3 +1024,159 @@ def _volumetric_group(
         finding_sites=[site] if site is not None else None,
         measurements=[volume] if volume is not None else None,
     )
+
+
+def _key_slice_group(
+    label: SegmentLabel,
+    coding: SegmentCoding,
+    findings: SegmentationFindings,
+    ordered: Sequence[Dataset],
+    algorithm: AlgorithmIdentification,
+    uids: ResultUIDs,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The segment's outline on its key slice (the frame of its largest cross-section, the
+    first of equals) and the area the outline encloses."""
+    k = int(np.argmax(findings.frame_voxel_counts[:, label.value]))
+    image = ordered[k]
+    frame = findings.source_frame_numbers[k] if findings.source_frame_numbers else None
+    outline = _segment_outline(findings.label_map[k] == label.value)
+    spacing = _frame_pixel_spacing(image, frame)
+    measurements = None
+    if spacing is not None:
+        area = _enclosed_area(outline) * spacing[0] * spacing[1]
+        measurements = [
+            Measurement(codes.SCT.Area, area, codes.UCUM.SquareMillimeter, algorithm_id=algorithm)
+        ]
+    site = _finding_site(coding)
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        # The volumetric group's UID (the SEG segment's Tracking UID): both groups are about
+        # one finding. OHIF merges groups by this UID; a volumetric group left alone,
+        # without coordinates, makes its SR loader fail on the whole report. The identifier
+        # is the Cornerstone tool OHIF hydrates an outline with; the finding type names it.
+        tracking_identifier=TrackingIdentifier(
+            uid=uids.tracking_uid(label.value, label.name), identifier=_FREEHAND_OUTLINE
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=SourceImageForRegion(
+                referenced_sop_class_uid=str(image.SOPClassUID),
+                referenced_sop_instance_uid=str(image.SOPInstanceUID),
+                referenced_frame_numbers=[frame] if frame is not None else None,
+            ),
+        ),
+        finding_type=coding.property_type,
+        # Algorithm identification on the area, as on the volume: PixelMed's TID 1410 does
+        # not know it at group level either.
+        finding_sites=[site] if site is not None else None,
+        measurements=measurements,
+    )
+    return group
+
+
+def _plain(item: Dataset) -> Dataset:
+    plain = Dataset()
+    for element in item:
+        plain.add(copy.deepcopy(element))
+    return plain
+
+
+def _segment_outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+    """The outline of ``mask``'s largest part as a closed polyline (first point = last) in
+    SCOORD pixel coordinates (column, row; the first pixel's centre at 0.5, 0.5).
+
+    The outline runs between the pixel centres inside and outside (marching squares at
+    0.5, diagonal neighbours connected); of several outlines (parts, holes) the one that
+    encloses the largest area: TID 1410 has one region a group, and an outer outline
+    encloses its holes. Long outlines are simplified within half a pixel.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    columns = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise EncodingError("a segment has no voxel on its key slice")
+    top, left = int(rows[0]), int(columns[0])
+    # Cropped to the part's bounding box, with a background margin so every outline closes.
+    crop = np.pad(mask[top : int(rows[-1]) + 1, left : int(columns[-1]) + 1], 1)
+    contours = find_contours(  # type: ignore[no-untyped-call]
+        crop.astype(np.float32), 0.5, fully_connected="high"
+    )
+    largest = _without_straight_points(max(contours, key=_enclosed_area))
+    if len(largest) > _MAX_OUTLINE_POINTS:
+        largest = _simplified(largest, _OUTLINE_TOLERANCE_PIXELS)
+    # Crop index (row, column) -> pixel index (less the margin) -> SCOORD (+0.5).
+    return np.column_stack([largest[:, 1] + left - 0.5, largest[:, 0] + top - 0.5])
+
+
+def _without_straight_points(ring: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """A closed polyline less the points in the middle of a straight run: lossless, one
+    vectorised step (Douglas-Peucker takes one per point kept); the coordinates are
+    multiples of 0.5, so the cross products are exact."""
+    points = ring[:-1]
+    before = points - np.roll(points, 1, axis=0)
+    after = np.roll(points, -1, axis=0) - points
+    turns = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0
+    kept = points[turns]
+    return np.concatenate([kept, kept[:1]])
+
+
+def _simplified(polyline: npt.NDArray[np.float64], tolerance: float) -> npt.NDArray[np.float64]:
+    """Douglas-Peucker: the polyline's points that keep every dropped point within
+    ``tolerance`` of the simplified line (its first and last points kept).
+
+    skimage's ``approximate_polygon`` does the same, but with sin and cos (whose last bit
+    differs between maths libraries, and outline points often lie exactly half a pixel
+    from a chord), and is slower. Here the comparisons are of squared distances
+    times the chord's squared length, exact for coordinates in halves of a pixel.
+    """
+    keep = np.zeros(len(polyline), dtype=np.bool_)
+    keep[[0, -1]] = True
+    pending = [(0, len(polyline) - 1)]
+    while pending:
+        start, end = pending.pop()
+        if end - start < 2:
+            continue
+        inner = polyline[start + 1 : end] - polyline[start]
+        chord = polyline[end] - polyline[start]
+        length2 = float(chord @ chord)
+        to_start = np.einsum("ij,ij->i", inner, inner)
+        if length2 == 0.0:  # a closed outline's first chord: distance to its point
+            scaled, limit = to_start, tolerance**2
+        else:
+            along = inner @ chord
+            beyond = inner - chord
+            cross = inner[:, 0] * chord[1] - inner[:, 1] * chord[0]
+            scaled = np.where(
+                along <= 0.0,
+                to_start * length2,
+                np.where(
+                    along >= length2, np.einsum("ij,ij->i", beyond, beyond) * length2, cross**2
+                ),
+            )
+            limit = tolerance**2 * length2
+        farthest = int(np.argmax(scaled))
+        if scaled[farthest] > limit:
+            middle = start + 1 + farthest
+            keep[middle] = True
+            pending += [(start, middle), (middle, end)]
+    return polyline[keep]
+
+
+def _enclosed_area(polyline: npt.NDArray[np.float64]) -> float:
+    """Area enclosed by a closed polyline (shoelace), in squared coordinate units."""
+    x, y = polyline[:, 0], polyline[:, 1]
+    return abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2.0
+
+
+def _frame_pixel_spacing(image: Dataset, frame_number: int | None) -> tuple[float, float] | None:
+    """(row, column) spacing in mm of one image or frame (an enhanced image's from its
+    functional groups); None when it has none."""
+    if frame_number is None:
+        return _pixel_spacing(image)
+    where = f"instance {image.SOPInstanceUID} frame {frame_number}"
+    try:
+        row, column = floats(
+            plane_value(image, frame_number, "PixelSpacing", where), 2, "PixelSpacing", where
+        )
+    except GeometryError:
+        return None
+    return row, column

@@ -92,6 +92,7 @@ class RouteDecision:
     roles: tuple[str, ...] = ()  # the study rule's roles this series can fill
     # (role, text of the role's order_by element in this series' header)
     order_values: tuple[tuple[str, str], ...] = ()
+    card: bool = False  # also a result card
 
 
 @dataclass(frozen=True)
@@ -507,6 +508,7 @@ class RuleSet:
                         rule.study,
                         roles,
                         _order_values(rule.study, roles, header),
+                        rule.card,
                     )
                 )
                 if not rule.continue_:
@@ -525,6 +527,7 @@ class RuleSet:
                         fallback.destinations,
                         reasons,
                         fallback.preview,
+                        card=fallback.card,
                     )
                 )
                 trace.append(RuleTrace(fallback.name, None, True, True, reasons))

@@ -3,7 +3,7 @@
 A series batch may reach the node through several called AE titles; each title routes it
 by its own rules only, with the sender context of the association that delivered it there.
 Decisions that name the same model and the same destinations become one run (their results
-would carry the same UIDs); if either asked for a preview, that run makes it. ``sender``
+would carry the same UIDs); if either asked for a preview or a card, that run makes it. ``sender``
 destinations are bound to the calling AE title that delivered the batch to the title whose
 rule named it. A study rule's decision becomes a plan with a `StudyClaim` (the roles the
 series can fill): the series joins the study's inputs, and routing/studies.py decides when
@@ -51,7 +51,12 @@ def plan_runs(
                 continue
             destinations = tuple(bind_sender(name, calling) for name in decision.destinations)
             plan = RunPlan(
-                decision.rule, decision.model, destinations, decision.preview, decision.urgent
+                decision.rule,
+                decision.model,
+                destinations,
+                decision.preview,
+                decision.urgent,
+                card=decision.card,
             )
             if decision.study is not None:
                 # A study rule's claim: once per rule, whichever title's rules named it first.
@@ -73,10 +78,13 @@ def plan_runs(
             if not same:
                 plans.append(plan)
             else:
-                # One run serves both rules (same UIDs): it makes the preview too, and is
-                # urgent if either says so.
+                # One run serves both rules (same UIDs): it makes the preview and card if
+                # either asks, and is urgent if either says so.
                 first = plans[same[0]]
                 plans[same[0]] = replace(
-                    first, preview=first.preview or plan.preview, urgent=first.urgent or plan.urgent
+                    first,
+                    preview=first.preview or plan.preview,
+                    urgent=first.urgent or plan.urgent,
+                    card=first.card or plan.card,
                 )
     return plans, notes

@@ -472,6 +472,9 @@ class Rule(StrictModel):
     # Also send an RGB Secondary Capture series with the segment outlines burned in, for
     # viewers that cannot show SEG.
     preview: _BoolT = False
+    # Also send a result card: one Secondary Capture image summing up the findings (model,
+    # table of findings, key image), for PACS that show neither SEG nor SR.
+    card: _BoolT = False
     # Jobs of this rule run before every queued normal job: always, or when the condition
     # holds for the series (its header or sender).
     urgent: _BoolT | Condition = False
@@ -501,6 +504,7 @@ class Fallback(StrictModel):
     model: Name | None
     destinations: tuple[Name, ...] = ()
     preview: _BoolT = False
+    card: _BoolT = False
 
     @model_validator(mode="after")
     def _route_fits(self) -> Fallback:

@@ -234,6 +234,14 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
             "CREATE INDEX IF NOT EXISTS study_members_series ON study_members(series_instance_uid)",
         ),
     ),
+    # Result cards (results/card.py), asked for by a rule like the preview.
+    (
+        8,
+        _statements(
+            "ALTER TABLE jobs ADD COLUMN card INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE studies ADD COLUMN card INTEGER NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 
@@ -294,6 +302,7 @@ class RunPlan:
     preview: bool = False  # also make a Secondary Capture preview of a segmentation
     urgent: bool = False  # runs before every queued normal job
     study: StudyClaim | None = None
+    card: bool = False  # also make a result card
 
 
 @dataclass(frozen=True)
@@ -313,6 +322,7 @@ class JobRecord:
     roles: tuple[tuple[str, str | None], ...] = ()  # a study job's (role, series UID)
     reference_role: str | None = None
     role_input: str = "channels"
+    card: bool = False
 
 
 @dataclass(frozen=True)
@@ -514,7 +524,7 @@ _State = TypeVar("_State", JobState, DeliveryState)
 
 _JOBS = (
     "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error, "
-    "preview, priority, study_instance_uid, inputs FROM jobs"
+    "preview, priority, study_instance_uid, inputs, card FROM jobs"
 )
 _DELIVERIES = (
     "SELECT d.id, d.job_id, d.destination, d.files, d.state, d.attempts, d.last_error "
@@ -844,8 +854,8 @@ class Index:
                     continue
                 cur = db.execute(
                     "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
-                    "created_at, updated_at, preview, hold_until, subject, priority) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_at, updated_at, preview, hold_until, subject, priority, card) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         series_uid,
                         run,
@@ -859,6 +869,7 @@ class Index:
                         hold_until,
                         series_uid,
                         int(plan.urgent),
+                        int(plan.card),
                     ),
                 )
                 job_ids.append(int(cur.lastrowid or 0))
@@ -1049,8 +1060,8 @@ class Index:
         cur = db.execute(
             "INSERT INTO jobs (series_instance_uid, run, rule, model, destinations, state, "
             "error, created_at, updated_at, finished_at, preview, hold_until, subject, "
-            "priority, study_instance_uid, inputs) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "priority, study_instance_uid, inputs, card) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 reference,
                 run,
@@ -1068,6 +1079,7 @@ class Index:
                 int(urgent),
                 study["study_instance_uid"],
                 json.dumps(inputs),
+                study["card"],
             ),
         )
         return int(cur.lastrowid or 0)
@@ -1848,11 +1860,12 @@ def _join_study(
     ).fetchone()
     db.execute(
         "INSERT INTO studies (study_instance_uid, rule, called_ae, model, destinations, "
-        "preview, first_received, deadline_at, state, dirty, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'waiting', 1, ?) "
+        "preview, first_received, deadline_at, state, dirty, updated_at, card) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'waiting', 1, ?, ?) "
         "ON CONFLICT(study_instance_uid, rule) DO UPDATE SET dirty = 1, "
         "called_ae = excluded.called_ae, model = excluded.model, "
         "destinations = excluded.destinations, preview = excluded.preview, "
+        "card = excluded.card, "
         "deadline_at = excluded.deadline_at, updated_at = excluded.updated_at",
         (
             study_uid,
@@ -1864,6 +1877,7 @@ def _join_study(
             float(first),
             float(first) + claim.deadline_seconds,
             now,
+            int(plan.card),
         ),
     )
     (instances,) = db.execute(
@@ -2057,6 +2071,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         roles=tuple((str(role), uid) for role, uid in inputs.get("roles", ())),
         reference_role=inputs.get("reference"),
         role_input=str(inputs.get("input", "channels")),
+        card=bool(row["card"]),
     )
 
 

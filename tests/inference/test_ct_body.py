@@ -95,11 +95,11 @@ def test_findings_contract_through_dicom(tmp_path: Path) -> None:
     assert findings.label_map.dtype == np.uint16
     assert findings.source_sop_instance_uids == volume.sop_instance_uids
     assert findings.labels == (
-        SegmentLabel(1, "body"),
+        SegmentLabel(1, "soft tissue"),
         SegmentLabel(2, "lung"),
         SegmentLabel(3, "bone"),
     )
-    assert [label.name for label in findings.present_labels()] == ["body", "lung", "bone"]
+    assert [label.name for label in findings.present_labels()] == ["soft tissue", "lung", "bone"]
     assert findings.algorithm.name == "dicom-ai CT body/lung/bone"
     assert findings.algorithm.family is AlgorithmFamily.CLASSICAL
     assert findings.algorithm.version

@@ -271,16 +271,19 @@ def test_detector_boxes_land_in_patient_space_and_in_the_sr(
     groups = _groups(reread)
     assert len(groups) == len(kept)
     for group, detection in zip(groups, findings.detections, strict=True):
-        (region,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD3D"]
-        assert region.GraphicType == "POLYGON"
-        assert region.ReferencedFrameOfReferenceUID == SPEC.frame_of_reference_uid
-        points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 3)
+        # The box's cross-section through its centre, drawn on the source image nearest it
+        # (OHIF draws no SCOORD3D POLYGON): a closed 5-point SCOORD POLYLINE.
+        (region,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        assert region.GraphicType == "POLYLINE"
+        (image,) = region.ContentSequence[0].ReferencedSOPSequence
+        nearest = min(
+            headers, key=lambda h: abs(float(h.ImagePositionPatient[2]) - detection.center[2])
+        )
+        assert image.ReferencedSOPInstanceUID == nearest.SOPInstanceUID
+        points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
         assert len(points) == 5 and np.allclose(points[0], points[-1])
-        # The polygon is the box's axial cross-section through its centre.
-        np.testing.assert_allclose(points[:4].mean(axis=0), detection.center, atol=1e-3)
-        assert np.allclose(points[:, 2], detection.center[2], atol=1e-3)
-        extent = points.max(axis=0) - points.min(axis=0)
-        np.testing.assert_allclose(extent[:2], detection.size_mm[:2], atol=1e-3)
+        extent = (points.max(axis=0) - points.min(axis=0)) * SPEC.pixel_spacing_mm
+        np.testing.assert_allclose(extent, detection.size_mm[:2], atol=1e-3)
         width, height, depth = detection.size_mm
         assert _num(group, ("122157", "DCM")) == pytest.approx(detection.score, abs=1e-6)
         assert _num(group, ("103355008", "SCT")) == pytest.approx(width, abs=1e-6)

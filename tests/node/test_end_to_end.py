@@ -51,7 +51,7 @@ def test_ct_series_to_seg_and_sr(
     node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", pacs.port))
     delivered = _deliver_and_check(node, pacs, spec, paths)
     labels = [str(s.SegmentLabel) for s in delivered.seg.SegmentSequence]
-    assert labels == ["body", "lung", "bone"]
+    assert labels == ["soft tissue", "lung", "bone"]
     log = node.log_text()
     assert spec.patient_name not in log and spec.patient_id not in log
 

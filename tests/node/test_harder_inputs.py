@@ -3,7 +3,7 @@
 A phantom CT series compressed (JPEG-LS lossless, JPEG 2000 lossless) and kept compressed
 by the node; an enhanced multi-frame CT (the phantom converted by highdicom into one Legacy
 Converted Enhanced CT image); and pydicom-data's Enhanced CT ``eCT_Supplemental.dcm`` (two
-512 x 512 frames of a brain perfusion map: ct-body finds only "body" in it). Each must come
+512 x 512 frames of a brain perfusion map: ct-body finds only "soft tissue"). Each must come
 back as one SEG and one SR that pass dciodvfy and PixelMed, the SEG's frames referencing the
 source frames (by frame number for the multi-frame sources) at their positions.
 """
@@ -91,7 +91,7 @@ def test_compressed_ct_series(tmp_path: Path, pacs: StoreSCP, transfer_syntax: U
     assert syntaxes == {transfer_syntax}
     check_phantom_results(pacs.files(), paths, SPEC, min_segments=3)
     assert [str(s.SegmentLabel) for s in delivered.seg.SegmentSequence] == [
-        "body",
+        "soft tissue",
         "lung",
         "bone",
     ]
@@ -179,7 +179,7 @@ def test_enhanced_multiframe_ct(tmp_path: Path, pacs: StoreSCP) -> None:
     assert int(source.NumberOfFrames) == SPEC.slices
     delivered, _ = _deliver(tmp_path, pacs, [path])
     voxels = _check_multiframe_results(delivered, path)
-    assert sorted(voxels) == ["body", "bone", "lung"]
+    assert sorted(voxels) == ["bone", "lung", "soft tissue"]
     assert all(count > 0 for count in voxels.values())
 
 
@@ -188,8 +188,8 @@ def test_ect_supplemental(tmp_path: Path, pacs: StoreSCP) -> None:
     assert path is not None
     delivered, _ = _deliver(tmp_path, pacs, [Path(path)])
     voxels = _check_multiframe_results(delivered, Path(path))
-    # A perfusion map, not anatomy: ct-body finds a "body" and no lung or bone.
-    assert list(voxels) == ["body"] and voxels["body"] > 0
+    # A perfusion map, not anatomy: ct-body finds "soft tissue" and no lung or bone.
+    assert list(voxels) == ["soft tissue"] and voxels["soft tissue"] > 0
     referenced = {
         int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
         for item in delivered.seg.PerFrameFunctionalGroupsSequence

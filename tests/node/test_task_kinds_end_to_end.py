@@ -2,8 +2,10 @@
 
 One node, one rules file: a MONOCHROME1 CR goes to a 2-D classification bundle, a CT whose
 Series Description says "nodule" to a detection bundle, any other CT to ct-body with the
-Secondary Capture preview switched on. Everything that reaches the PACS is checked:
-SR content item by item, dciodvfy on every object, PixelMed on every SR.
+Secondary Capture preview switched on; every rule asks for a result card, and the node
+config for its PDF too. Everything that reaches the PACS is checked: SR content item by
+item, dciodvfy on every object, PixelMed on every SR, each card's text read back by
+tesseract.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydicom.dataset import Dataset
 
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
+from tests.ocr import card_text
 from tests.peers import NodeProcess, StoreSCP, node_config, storescu, wait_until
 from tests.task_bundles import (
     DETECTOR_SCORES,
@@ -27,11 +30,18 @@ from tests.task_bundles import (
     make_cxr_classifier_bundle,
 )
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.dciodvfy, pytest.mark.java, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.dcmtk,
+    pytest.mark.dciodvfy,
+    pytest.mark.java,
+    pytest.mark.tesseract,
+    pytest.mark.slow,
+]
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 
 RULES = """\
 rules:
@@ -39,6 +49,7 @@ rules:
     match: {Modality: {in: [CR, DX]}}
     model: cxr
     destinations: [pacs]
+    card: true
   - name: nodules
     priority: 5
     match:
@@ -47,11 +58,13 @@ rules:
         - SeriesDescription: {regex: "(?i)nodule"}
     model: boxes
     destinations: [pacs]
+    card: true
   - name: ct-body-preview
     match: {Modality: {equals: CT}}
     model: ct-body
     destinations: [pacs]
     preview: true
+    card: true
 """
 
 
@@ -107,7 +120,8 @@ def test_classification_detection_and_preview_end_to_end(tmp_path: Path, pacs: S
         "cxr": {"bundle": str(make_cxr_classifier_bundle(tmp_path / "b")), "device": "cpu"},
         "boxes": {"bundle": str(make_box_detector_bundle(tmp_path / "b")), "device": "cpu"},
     }
-    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", pacs.port, rules, models))
+    config = node_config(tmp_path / "node", pacs.port, rules, models, results={"card_pdf": True})
+    node = NodeProcess(tmp_path / "node", config)
     node.start()
     try:
         for paths in ([cxr_path], nodule_paths, body_paths):
@@ -116,11 +130,19 @@ def test_classification_detection_and_preview_end_to_end(tmp_path: Path, pacs: S
 
         def arrived() -> bool:
             series = _by_series(pacs.files())
-            return sum(1 for name in series if name.startswith("AI SR")) == 3 and any(
-                name.startswith("AI preview") for name in series
+            cards = [
+                ds
+                for name, objects in series.items()
+                if name.startswith("AI result card")
+                for ds in objects
+            ]
+            return (
+                sum(1 for name in series if name.startswith("AI SR")) == 3
+                and any(name.startswith("AI preview") for name in series)
+                and len(cards) == 6
             )
 
-        wait_until(arrived, 300, "three SRs, a SEG and a preview at the PACS", 1.0)
+        wait_until(arrived, 300, "three SRs, a SEG, a preview and 3 cards with PDFs", 1.0)
         time.sleep(2.0)
     finally:
         node.stop()
@@ -159,3 +181,31 @@ def test_classification_detection_and_preview_end_to_end(tmp_path: Path, pacs: S
         coloured = (pixels[..., 0] != pixels[..., 1]) | (pixels[..., 1] != pixels[..., 2])
         assert np.count_nonzero(coloured) > 0  # outlines drawn
     assert "CHEST^SYNTHETIC" not in node.log_text()
+
+    # A card and its PDF per job; each card's text names its model and its findings.
+    cards = {
+        str(ds.SeriesDescription): ds
+        for name, objects in series.items()
+        if name.startswith("AI result card")
+        for ds in objects
+        if ds.SOPClassUID == SC_STORAGE
+    }
+    pdfs = [
+        ds
+        for name, objects in series.items()
+        if name.startswith("AI result card")
+        for ds in objects
+        if ds.SOPClassUID == ENCAPSULATED_PDF_STORAGE
+    ]
+    assert len(cards) == 3 and len(pdfs) == 3
+    assert all(bytes(pdf.EncapsulatedDocument).startswith(b"%PDF") for pdf in pdfs)
+    expected = {
+        "AI result card dicom-ai CT body/lung/bone": ["soft tissue", "lung", "bone", "ml"],
+        "AI result card cxr-densenet": ["pneumonia"],
+        "AI result card box-detector": ["mm"],
+    }
+    for description, words in expected.items():
+        text = " ".join(card_text(cards[description].pixel_array))
+        for word in words:
+            assert word in text, (description, word, text)
+        assert "CHEST^SYNTHETIC".lower() not in text

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from highdicom.color import CIELabColor
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 from scipy.ndimage import binary_erosion, generate_binary_structure
@@ -29,7 +30,7 @@ from dicom_ai.inference.findings import (
     SegmentLabel,
 )
 from dicom_ai.inference.volume import SeriesVolume, load_series
-from dicom_ai.results import DeviceIdentity, result_uids, segment_coding
+from dicom_ai.results import DeviceIdentity, build_seg, result_uids, segment_coding
 from dicom_ai.results.preview import (
     build_preview,
     patient_orientation,
@@ -37,6 +38,7 @@ from dicom_ai.results.preview import (
     segment_outlines,
     window_to_uint8,
 )
+from dicom_ai.results.sources import display_colours
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.dicom_validation import assert_dciodvfy_clean, dciodvfy_output
 
@@ -130,6 +132,15 @@ def _boundaries(label_plane: npt.NDArray[np.uint16]) -> dict[int, npt.NDArray[np
 # --- series ---------------------------------------------------------------------------
 
 
+def test_seg_recommends_the_colours_the_preview_draws(preview: Preview) -> None:
+    seg = build_seg(preview.shuffled, preview.findings, UIDS, DEVICE)
+    colours = display_colours(preview.findings)
+    recommended = [tuple(item.RecommendedDisplayCIELabValue) for item in seg.SegmentSequence]
+    assert recommended == [
+        tuple(CIELabColor.from_rgb(*colours[value]).value) for value in (SPLEEN, LIVER)
+    ]
+
+
 def test_one_image_per_labelled_slice_in_slice_order(preview: Preview) -> None:
     assert len(preview.images) == len(LABELLED_SLICES)
     uids = preview.findings.source_sop_instance_uids
@@ -145,11 +156,12 @@ def test_one_image_per_labelled_slice_in_slice_order(preview: Preview) -> None:
 
 def test_pixels_are_windowed_slice_with_exact_segment_outlines(preview: Preview) -> None:
     frames, label_map = preview.volume.frames, preview.findings.label_map
-    colours = {
-        value: segment_coding(name).display_rgb
-        for value, name in ((LIVER, "liver"), (SPLEEN, "spleen"))
-    }
-    assert colours[LIVER] != colours[SPLEEN]
+    # The SEG's colours: the table's, or another where two touching segments' are close.
+    # The spleen (label 2) comes first and keeps the table's green; the liver touches it
+    # and the table's liver green is too close to it.
+    colours = display_colours(preview.findings)
+    assert colours[SPLEEN] == segment_coding("spleen").display_rgb
+    assert colours[LIVER] != segment_coding("liver").display_rgb
     for image, k in zip(preview.images, LABELLED_SLICES, strict=True):
         rgb = image.pixel_array
         assert rgb.shape == (SPEC.rows, SPEC.columns, 3) and rgb.dtype == np.uint8

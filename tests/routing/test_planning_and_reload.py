@@ -50,12 +50,12 @@ def test_each_called_ae_routes_by_its_own_rules_and_sender_is_bound() -> None:
 
 def test_the_same_model_and_destinations_make_one_run_that_makes_the_preview() -> None:
     by_title = {
-        "A": _rules(_rule("first", "ct-body", "pacs")),
+        "A": _rules(_rule("first", "ct-body", "pacs", "    card: true\n")),
         "B": _rules(_rule("second", "ct-body", "pacs", "    preview: true\n")),
     }
     senders = [Sender("S", "A", "1.1.1.1"), Sender("S", "B", "1.1.1.1")]
     plans, notes = plan_runs(_header(), senders, by_title)
-    assert plans == [RunPlan("first", "ct-body", ("pacs",), preview=True)]
+    assert plans == [RunPlan("first", "ct-body", ("pacs",), preview=True, card=True)]
     assert len(notes) == 2
 
 

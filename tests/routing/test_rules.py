@@ -438,7 +438,8 @@ def test_typo_in_rule_field_is_refused_with_line() -> None:
     message = config_error(rules_yaml(extra="    priorty: 5\n"))
     assert message == (
         "test.yaml:5: rules[0].priorty: unknown field 'priorty'; did you mean 'priority'? "
-        "expected: name, priority, match, model, destinations, continue, preview, urgent, study"
+        "expected: name, priority, match, model, destinations, continue, preview, card, "
+        "urgent, study"
     )
 
 
@@ -699,3 +700,11 @@ def test_preview_switch_reaches_the_decision() -> None:
     assert plain.preview is False
     message = config_error(rules_yaml(extra="    preview: maybe\n"))
     assert message.startswith("test.yaml:5: rules[0].preview")
+
+
+def test_card_switch_reaches_the_decision() -> None:
+    ruleset = parse_rules(rules_yaml("Modality: {equals: CT}", extra="    card: true\n"), "t")
+    (decision,) = ruleset.evaluate(ct_header(), SENDER).decisions
+    assert (decision.card, decision.preview) == (True, False)
+    message = config_error(rules_yaml(extra="    card: often\n"))
+    assert message.startswith("test.yaml:5: rules[0].card")

@@ -133,13 +133,20 @@ def test_preview_switch_is_kept_with_the_job_and_old_indexes_gain_it(tmp_path: P
     old.close()
     index = Index(path)
     (legacy,) = index.jobs()
-    assert legacy.preview is False
+    assert (legacy.preview, legacy.card) == (False, False)
     association = index.open_association("SCANNER", "DICOM_AI", "127.0.0.1")
     _add(index, "2.1", "6.6", association)
-    plans = [RunPlan("a", "ct-body", ("pacs",), preview=True), RunPlan("b", "m", ("pacs",))]
+    plans = [
+        RunPlan("a", "ct-body", ("pacs",), preview=True),
+        RunPlan("b", "m", ("pacs",), card=True),
+    ]
     index.start_run("6.6", plans, "")
-    jobs = {job.rule: job.preview for job in index.jobs() if job.series_instance_uid == "6.6"}
-    assert jobs == {"a": True, "b": False}
+    jobs = {
+        job.rule: (job.preview, job.card)
+        for job in index.jobs()
+        if job.series_instance_uid == "6.6"
+    }
+    assert jobs == {"a": (True, False), "b": (False, True)}
     index.close()
 
 

@@ -1,11 +1,12 @@
-"""Built-in ``ct-body`` model: body, lungs and bone of a CT from Hounsfield thresholds.
+"""Built-in ``ct-body`` model: soft tissue, lungs and bone of a CT from Hounsfield thresholds.
 
 No weights, no download: a classical pipeline that gives every CT a plausible result in a
 second or two, so the node works out of the box and the SEG/SR path can be exercised.
 
-One label per voxel: ``body`` (1) is everything inside the patient that is neither lung nor
-bone (soft tissue, fat, bowel gas, ...), ``lung`` (2) the aerated lung (trachea included),
-``bone`` (3) voxels at or above the bone threshold.
+One label per voxel: ``soft tissue`` (1) is everything inside the patient that is neither
+lung nor bone (muscle, organs, fat, bowel gas, ...), ``lung`` (2) the aerated lung (trachea
+included), ``bone`` (3) voxels at or above the bone threshold. Label 1 was ``body`` (Entire
+body) before 1.1.0, which a reader took for the whole patient's volume.
 
 Topology (which blob is the patient, what is enclosed, which air pockets are lung, which
 bright specks are noise) is decided on a coarse grid of about 3 mm, where connected
@@ -36,10 +37,10 @@ from dicom_ai.inference.model import ModelInput, require_volume
 __all__ = ["CT_BODY_LABELS", "CTBodyModel"]
 
 MODEL_ID = "ct-body"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 BODY, LUNG, BONE = 1, 2, 3
 CT_BODY_LABELS = (
-    SegmentLabel(BODY, "body"),
+    SegmentLabel(BODY, "soft tissue"),
     SegmentLabel(LUNG, "lung"),
     SegmentLabel(BONE, "bone"),
 )
