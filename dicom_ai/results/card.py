@@ -57,11 +57,11 @@ from dicom_ai.inference.findings import (
 from dicom_ai.inference.pixels import rescale
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.preview import (
-    _COPIED_FROM_SOURCE,
-    _copy_body_part_and_laterality,
-    _source_reference,
-    _voi_window,
+    COPIED_FROM_SOURCE,
+    copy_body_part_and_laterality,
     segment_outlines,
+    source_reference,
+    voi_window,
     window_to_uint8,
 )
 from dicom_ai.results.sources import (
@@ -281,10 +281,10 @@ def build_card(
     # A composite of text and an image: its rows and columns point nowhere in the patient.
     image.PatientOrientation = []
     # Verbatim, as the preview does: a source's odd but accepted value must not fail the card.
-    for keyword in _COPIED_FROM_SOURCE:
+    for keyword in COPIED_FROM_SOURCE:
         if keyword in source:
             image[keyword] = copy.deepcopy(source[keyword])
-    _copy_body_part_and_laterality(source, image)
+    copy_body_part_and_laterality(source, image)
     image.ImageType = ["DERIVED", "SECONDARY"]
     image.ConversionType = "WSD"
     image.SecondaryCaptureDeviceManufacturer = device.manufacturer
@@ -297,7 +297,7 @@ def build_card(
         "drawn over a key image of the source series"
     )[:1024]
     if key_slice is not None:
-        image.SourceImageSequence = [_source_reference(key_slice.header, key_slice.frame_number)]
+        image.SourceImageSequence = [source_reference(key_slice.header, key_slice.frame_number)]
     # The card's own text names no patient; its key image keeps what its source has burned in.
     burned_in = key_slice.header.get("BurnedInAnnotation", "") if key_slice else ""
     image.BurnedInAnnotation = str(burned_in or "NO")
@@ -357,7 +357,7 @@ def build_card_pdf(card: Dataset, *, series_number: int | None = None) -> Datase
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodingError(f"highdicom refused the result card PDF: {exc}") from exc
     _stamp(pdf, when)
-    for keyword in _COPIED_FROM_SOURCE:
+    for keyword in COPIED_FROM_SOURCE:
         if keyword in card:
             pdf[keyword] = copy.deepcopy(card[keyword])
     pdf.ConversionType = "WSD"
@@ -842,7 +842,7 @@ def _key_picture(
         rgb = np.clip(thinned[..., :3], 0, 255).astype(np.uint8)
         picture = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
     else:
-        center, window, function = _voi_window(slice_.header, slice_.frame_number)
+        center, window, function = voi_window(slice_.header, slice_.frame_number)
         grey = window_to_uint8(np.asarray(thinned, dtype=np.float64), center, window, function)
         if str(slice_.header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
             grey = 255 - grey

@@ -36,12 +36,16 @@ from dicom_ai.results.sources import (
 from dicom_ai.results.uids import ResultUIDs, derived_uid
 
 __all__ = [
+    "COPIED_FROM_SOURCE",
     "PREVIEW_SERIES_NUMBER_OFFSET",
     "build_preview",
+    "copy_body_part_and_laterality",
     "patient_orientation",
     "preview_instance_uid",
     "preview_series_uid",
     "segment_outlines",
+    "source_reference",
+    "voi_window",
     "window_to_uint8",
 ]
 
@@ -55,7 +59,7 @@ _LPS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
 # Direction-cosine components below this are rounding noise, not obliquity.
 _ORIENTATION_EPSILON = 1e-4
 # Patient and study identity, so the preview files into the source's study.
-_COPIED_FROM_SOURCE = (
+COPIED_FROM_SOURCE = (
     "SpecificCharacterSet",
     "PatientName",
     "PatientID",
@@ -239,7 +243,7 @@ def _draw(
     header: Dataset,
     frame_number: int | None,
 ) -> npt.NDArray[np.uint8]:
-    center, width, function = _voi_window(header, frame_number)
+    center, width, function = voi_window(header, frame_number)
     grey = window_to_uint8(plane, center, width, function)
     if str(header.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         grey = 255 - grey  # look like the source: bright is low there
@@ -270,7 +274,7 @@ def _first(value: Any) -> float | None:
     return float(value[0]) if len(value) else None
 
 
-def _voi_window(
+def voi_window(
     header: Dataset, frame_number: int | None
 ) -> tuple[float | None, float | None, str]:
     macro = "FrameVOILUTSequence"
@@ -304,7 +308,7 @@ def patient_orientation(orientation: Sequence[float]) -> tuple[str, str]:
     return letters(values[:3]), letters(values[3:])
 
 
-def _source_reference(header: Dataset, frame_number: int | None) -> Dataset:
+def source_reference(header: Dataset, frame_number: int | None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = header.SOPClassUID
     item.ReferencedSOPInstanceUID = header.SOPInstanceUID
@@ -318,7 +322,7 @@ def _source_reference(header: Dataset, frame_number: int | None) -> Dataset:
     return item
 
 
-def _copy_body_part_and_laterality(header: Dataset, image: Dataset) -> None:
+def copy_body_part_and_laterality(header: Dataset, image: Dataset) -> None:
     """Body Part Examined and Laterality as the source has them.
 
     Laterality (General Series, Type 2C) is required for a paired body part; a source that
@@ -385,10 +389,10 @@ def _sc_image(
     image.PatientOrientation = list(letters)
     # Verbatim, not through highdicom's checks: a source's odd but accepted value (a name
     # without ^, sex "U") must not fail the preview, and its warnings would log the name.
-    for keyword in _COPIED_FROM_SOURCE:
+    for keyword in COPIED_FROM_SOURCE:
         if keyword in header:
             image[keyword] = copy.deepcopy(header[keyword])
-    _copy_body_part_and_laterality(header, image)
+    copy_body_part_and_laterality(header, image)
     # DERIVED\SECONDARY: made from the source by this software, not acquired.
     image.ImageType = ["DERIVED", "SECONDARY"]
     image.ConversionType = "WSD"  # drawn by a workstation, not digitized from film or video
@@ -406,7 +410,7 @@ def _sc_image(
     derivation.CodingSchemeDesignator = _DERIVATION.scheme_designator
     derivation.CodeMeaning = _DERIVATION.meaning
     image.DerivationCodeSequence = [derivation]
-    image.SourceImageSequence = [_source_reference(header, frame_number)]
+    image.SourceImageSequence = [source_reference(header, frame_number)]
     # Burned In Annotation is about text that identifies the patient or date (PS3.3
     # C.7.6.1.1.11); outlines are graphics, so the source's answer carries over unchanged.
     image.BurnedInAnnotation = str(header.get("BurnedInAnnotation", "") or "NO")
