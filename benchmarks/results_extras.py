@@ -1,8 +1,8 @@
 """What the viewer-facing additions cost per job: the SR's outline groups (for OHIF) and the
-result card, on a 300-slice 512x512 CT segmented by the built-in ct-body model; and, with
-``--explain``, an attribution map (Parametric Map and its preview) for a classifier.
+result card, on a 300-slice 512x512 CT segmented by the built-in ct-body model.
+Attribution maps have their own: benchmarks/explain.py.
 
-    .venv/bin/python -m benchmarks.results_extras [--runs 5] [--slices 300] [--explain]
+    .venv/bin/python -m benchmarks.results_extras [--runs 5] [--slices 300]
 
 Each part is timed in the worker's order on the same findings, best and median of
 ``--runs``: SEG (for reference), the whole SR, the part of the SR that the outline groups
@@ -10,10 +10,6 @@ add (key slices, outlines, areas, their groups, the coordinates repeated under e
 the SR built with and without them), the card, and its PDF. The issue's target is card +
 SR additions <= 0.2 s per job. No peer is run beside it: no open router makes a card or
 OHIF-ready outlines.
-
-With ``--explain`` a small 2-D DenseNet classifier (MONAI) on a 512x512 image and a 3-D
-one on a 96^3 volume, random weights, are explained with GradCAM and with occlusion
-sensitivity; printed: the time of the attribution alone and of its DICOM objects.
 """
 
 from __future__ import annotations
@@ -143,23 +139,14 @@ def segmentation(slices: int, runs: int) -> None:
     )
 
 
-def explain(runs: int) -> None:
-    from dicom_ai.inference.explain import explain_benchmark
-
-    explain_benchmark(runs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--explain", action="store_true")
     args = parser.parse_args()
     segmentation(args.slices, args.runs)
-    if args.explain:
-        explain(args.runs)
 
 
 if __name__ == "__main__":

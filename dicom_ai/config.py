@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    field_validator,
     model_validator,
 )
 
@@ -214,6 +215,12 @@ class ModelConfig(_Strict):
     # The network layer GradCAM reads (a dotted module name, e.g. "features.denseblock4");
     # None: the last convolution of the network.
     explain_layer: str | None = None
+
+    @field_validator("explain", mode="before")
+    @classmethod
+    def _explain_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false.
+        return "off" if value is False else value
 
 
 class PipelineConfig(_Strict):

@@ -67,14 +67,22 @@ refuses one image, the series' images stacked in time order (a cine; the bundle'
 slices it). 2-D segmentation gives a mask plane per image (a ``SliceInferer`` bundle takes the
 volume instead), 2-D detection boxes in each image's pixel coordinates. Like MONAI's own
 bundle runner, the bundle root is put on ``sys.path`` so configs can import its ``scripts``.
+
+With ``explain`` (off by default) a classifier's findings carry an attribution map of the
+most probable class per result, a 3-D detector's one of its highest-scoring box
+(:mod:`dicom_ai.inference.explain`), brought back onto the source grid through the inverse
+of the preprocessing as a segmentation is (``Invertd``, with the transforms' own
+interpolation). A map that fails is logged and left out; the findings stand.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import re
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -96,9 +104,11 @@ from monai.transforms.post.array import Activations, AsDiscrete
 from monai.transforms.post.dictionary import Activationsd, AsDiscreted, Invertd
 
 from dicom_ai.errors import InputError, ModelError
+from dicom_ai.inference.explain import Explainer
 from dicom_ai.inference.findings import (
     AlgorithmFamily,
     AlgorithmIdentification,
+    AttributionMap,
     ClassificationFindings,
     ClassScore,
     Detection,
@@ -140,6 +150,7 @@ _PROMPT_PARAMETERS = {"point_coords", "point_labels", "class_vector"}
 _NOT_FOR_SCORES = (AsDiscrete, AsDiscreted, Invertd)
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _PRED_KEY = "pred"
+_MAP_KEY = "attribution"  # the attribution map's key while it is inverted
 _QUIET = (
     "Detected deprecated name 'optional_packages_version'",  # metadata schema rename
     "NvImgCodecPydicomReader",  # LoadImaged's optional GPU decoder; the loader is dropped
@@ -164,6 +175,10 @@ class BundleModel:
         prompts: a promptable bundle's label prompts (default: every class of its metadata).
         labels: (value, name) of each label, replacing the metadata's names (brats' names
             the network's channels, its postprocessing writes other label values).
+        explain: ``off``, or the attribution map a classifier or detector adds to its
+            findings (:mod:`dicom_ai.inference.explain`): ``gradcam``, ``gradcampp``,
+            ``occlusion``.
+        explain_layer: the network module GradCAM reads (default: its last convolution).
     """
 
     def __init__(
@@ -179,6 +194,8 @@ class BundleModel:
         config_files: Sequence[str] = (),
         prompts: Sequence[int] | None = None,
         labels: Sequence[tuple[int, str]] | None = None,
+        explain: str = "off",
+        explain_layer: str | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
         self.model_id = model_id or self.bundle_dir.name
@@ -220,6 +237,7 @@ class BundleModel:
             raise
         except Exception as exc:  # config expressions can raise anything
             raise ModelError(f"bundle {self.bundle_dir}: cannot load: {exc}") from exc
+        self.explainer = self._explainer(explain, explain_layer)
         logger.info(
             "loaded bundle %s (%s %s) on %s",
             self.model_id,
@@ -318,6 +336,27 @@ class BundleModel:
         self._activated = any(isinstance(t, Activations | Activationsd) for t in post)
         amp = bool(parser.get("evaluator#amp", True))
         self.amp = amp and self.device.type == "cuda"  # mixed precision only on CUDA
+
+    def _explainer(self, method: str, layer: str | None) -> Explainer | None:
+        """The attribution maps asked for; a layer that is not the network's is a config
+        error, said at load."""
+        if method == "off":
+            return None
+        if self.task not in (TaskKind.CLASSIFICATION, TaskKind.DETECTION):
+            logger.warning(
+                "bundle %s: explain applies to classification and detection; a %s model "
+                "gets no attribution map",
+                self.model_id,
+                self.task.value,
+            )
+            return None
+        try:
+            explainer = Explainer(method, layer)
+            if method != "occlusion":
+                explainer.target_layer(self.network)
+        except ValueError as exc:
+            raise ModelError(f"bundle {self.model_id}: {exc}") from exc
+        return explainer
 
     def _weights_path(self, parser: ConfigParser) -> Path:
         """Where the config's checkpoint loader reads, else ``models/model.pt`` or the
@@ -478,7 +517,127 @@ class BundleModel:
             results.append(
                 ImageClassification(scores, uids, frames if self.spatial_dims == 3 else None)
             )
-        return ClassificationFindings(tuple(results), self.algorithm, self.threshold)
+        attributions = (
+            self._explain_classes(self.explainer, source, outputs) if self.explainer else ()
+        )
+        return ClassificationFindings(
+            tuple(results), self.algorithm, self.threshold, attributions=attributions
+        )
+
+    def _explain_classes(
+        self,
+        explainer: Explainer,
+        source: SeriesVolume | tuple[PlanarImage, ...],
+        outputs: Sequence[tuple[npt.NDArray[np.float64], tuple[str, ...]]],
+    ) -> tuple[AttributionMap, ...]:
+        """A map of the most probable class of each result: a 3-D model's series, each image
+        of a 2-D model run image by image (a cine stacked into one input gets none)."""
+        maps = []
+        if isinstance(source, SeriesVolume):
+            probabilities, uids = outputs[0]
+            target = int(np.argmax(probabilities))
+            values = self._source_map(explainer, source.image, target)
+            if values is not None:
+                frames = np.ascontiguousarray(values.transpose(2, 1, 0))  # (slices, rows, cols)
+                name = self.labels[target].name
+                maps.append(self._attribution(explainer, frames, uids, name, source.frame_numbers))
+            return tuple(maps)
+        if self._layout != "image":
+            logger.info("bundle %s: no attribution map for a stacked (cine) input", self.model_id)
+            return ()
+        by_uid = {image.sop_instance_uid: image for image in source}
+        for probabilities, uids in outputs:
+            target = int(np.argmax(probabilities))
+            values = self._source_map(explainer, self._channels(by_uid[uids[0]].image), target)
+            if values is not None:
+                plane = np.ascontiguousarray(values.T[np.newaxis])  # (1, rows, columns)
+                name = self.labels[target].name
+                maps.append(self._attribution(explainer, plane, uids, name, None))
+        return tuple(maps)
+
+    def _attribution(
+        self,
+        explainer: Explainer,
+        values: npt.NDArray[np.float32],
+        uids: tuple[str, ...],
+        target: str,
+        frame_numbers: tuple[int, ...] | None,
+    ) -> AttributionMap:
+        return AttributionMap(
+            values=values,
+            source_sop_instance_uids=uids,
+            method=explainer.method,
+            target=target,
+            source_frame_numbers=frame_numbers,
+        )
+
+    def _source_map(
+        self,
+        explainer: Explainer,
+        image: MetaTensor,
+        target: int,
+        *,
+        data: Mapping[str, Any] | None = None,
+        center: Sequence[float] | None = None,
+    ) -> npt.NDArray[np.float32] | None:
+        """The explainer's map of class ``target`` for ``image`` on the image's own grid
+        (spatial axes as ``image``'s), scaled to 0..1; None, logged, when it cannot be made:
+        the map is an extra, the findings go without it.
+
+        ``data``: the bundle's preprocessing of ``image`` when at hand (a detector's), else it
+        runs again (cheap beside the map); ``center``: a detector's box, in its voxels."""
+        started = time.monotonic()
+        try:
+            prepared = data if data is not None else self._preprocess(image)
+            preprocessed = prepared[self.image_key]
+            values = explainer(self.network, preprocessed, target, center)
+            inverted = self._to_source_grid(values, preprocessed)
+        except Exception as exc:  # a network GradCAM cannot hook (TorchScript), memory...
+            logger.warning(
+                "bundle %s: no %s map: %s", self.model_id, explainer.method, _reason(exc)
+            )
+            return None
+        array = np.asarray(inverted.detach().float().cpu().numpy()[0], dtype=np.float32)
+        if array.shape != tuple(image.shape[1:]):
+            logger.warning(
+                "bundle %s: the %s map came back as %s, not the image grid %s",
+                self.model_id,
+                explainer.method,
+                array.shape,
+                tuple(image.shape[1:]),
+            )
+            return None
+        np.clip(array, 0.0, None, out=array)
+        peak = float(array.max()) if array.size else 0.0
+        if peak > 0:
+            array /= peak
+        logger.info(
+            "bundle %s: %s map in %.2f s",
+            self.model_id,
+            explainer.method,
+            time.monotonic() - started,
+        )
+        return array
+
+    def _to_source_grid(self, values: torch.Tensor, preprocessed: MetaTensor) -> torch.Tensor:
+        """``values`` on the preprocessed grid -> the source grid: the inverse of the
+        preprocessing's spatial transforms, as Invertd brings a segmentation back, with
+        their own (not nearest) interpolation."""
+        if self._array_input:
+            pred = MetaTensor(
+                values,
+                meta=copy.deepcopy(preprocessed.meta),
+                applied_operations=copy.deepcopy(preprocessed.applied_operations),
+            )
+            return cast(torch.Tensor, self.preprocessing.inverse(pred))  # type: ignore[no-untyped-call]
+        invert = Invertd(
+            keys=_MAP_KEY,
+            transform=self.preprocessing,
+            orig_keys=self.image_key,
+            nearest_interp=False,
+        )
+        inverted = invert({_MAP_KEY: MetaTensor(values), self.image_key: preprocessed})
+        return cast(torch.Tensor, inverted[_MAP_KEY])
 
     def _planar(
         self,
@@ -629,10 +788,30 @@ class BundleModel:
 
     def _detect(self, volume: SeriesVolume) -> DetectionFindings:
         data, boxes, labels, scores = self._boxes(volume.image, 3)
+        names = {label.value: label.name for label in self.labels}
+        attributions: tuple[AttributionMap, ...] = ()
+        if self.explainer is not None and scores:
+            # The highest-scoring box, found or not: what the detector saw most.
+            top = int(np.argmax(scores))
+            center = ((boxes[top, :3] + boxes[top, 3:]) / 2).tolist()
+            explainer = self.explainer
+            values = self._source_map(
+                explainer, volume.image, labels[top], data=data, center=center
+            )
+            if values is not None:
+                frames = np.ascontiguousarray(values.transpose(2, 1, 0))
+                attributions = (
+                    self._attribution(
+                        explainer,
+                        frames,
+                        volume.sop_instance_uids,
+                        names.get(labels[top], "finding"),
+                        volume.frame_numbers,
+                    ),
+                )
         affine = np.asarray(torch.as_tensor(data[self.image_key].affine), dtype=np.float64)
         # The series' row, column and slice directions in LPS.
         source_axes = (_LPS_FROM_RAS @ np.asarray(volume.image.affine, dtype=np.float64)[:3, :3]).T
-        names = {label.value: label.name for label in self.labels}
         detections = []
         for box, label, score in zip(boxes.numpy(), labels, scores, strict=True):
             if score < self.threshold:
@@ -655,6 +834,7 @@ class BundleModel:
             source_sop_instance_uids=volume.sop_instance_uids,
             frame_of_reference_uid=str(volume.headers[0].get("FrameOfReferenceUID", "")),
             source_frame_numbers=volume.frame_numbers,
+            attributions=attributions,
         )
 
     def _preprocess(self, image: MetaTensor | list[MetaTensor] | dict[str, Any]) -> dict[str, Any]:

@@ -74,13 +74,17 @@ def load_model(
     config_files: Sequence[str] = (),
     prompts: Sequence[int] | None = None,
     labels: Sequence[tuple[int, str]] | None = None,
+    explain: str = "off",
+    explain_layer: str | None = None,
 ) -> Model:
     """The model for ``model_id``: a MONAI bundle when ``bundle`` is given, else a built-in.
 
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (``cuda:N``); ``task``
     overrides what the bundle's metadata says it outputs; ``threshold`` is the probability
     from which a class or detection counts as found; ``labels`` (value, name) replace the
-    bundle metadata's label names.
+    bundle metadata's label names; ``explain`` (``off``, ``gradcam``, ``gradcampp``,
+    ``occlusion``) adds an attribution map to a bundle classifier's or detector's findings,
+    ``explain_layer`` names the module GradCAM reads.
     Raises :class:`ModelError` for an unknown built-in or a bundle that cannot be loaded.
     """
     # Imported here: bundle.py uses this module's helpers; the built-ins pull in scipy,
@@ -97,9 +101,13 @@ def load_model(
             config_files=config_files,
             prompts=prompts,
             labels=labels,
+            explain=explain,
+            explain_layer=explain_layer,
         )
     if labels is not None:
         raise ModelError(f"{model_id}: `labels` names a bundle's labels; a built-in has its own")
+    if explain != "off":
+        logger.warning("%s: explain applies to bundle classifiers and detectors; ignored", model_id)
     resolve_device(device)  # a bad device string is a config error for built-ins too
     if model_id == "ct-body":
         from dicom_ai.inference.builtin.ct_body import CTBodyModel

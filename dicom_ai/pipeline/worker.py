@@ -155,6 +155,8 @@ class LoadedModels:
             spec.config_files,
             spec.prompts,
             spec.labels,
+            spec.explain,
+            spec.explain_layer,
         )
         if key not in self._models:
             self._models[key] = load_model(
@@ -166,6 +168,8 @@ class LoadedModels:
                 config_files=spec.config_files,
                 prompts=spec.prompts,
                 labels=spec.labels,
+                explain=spec.explain,
+                explain_layer=spec.explain_layer,
             )
             self._evict()
             _freeze_long_lived()
@@ -238,7 +242,12 @@ def _run_job(
     import pydicom
 
     from dicom_ai.errors import InputError, ModelError
-    from dicom_ai.inference.findings import SegmentationFindings, TaskKind
+    from dicom_ai.inference.findings import (
+        ClassificationFindings,
+        DetectionFindings,
+        SegmentationFindings,
+        TaskKind,
+    )
     from dicom_ai.inference.planar import load_planar_images
     from dicom_ai.inference.study import StudyInput, load_study
     from dicom_ai.inference.volume import load_series
@@ -302,6 +311,10 @@ def _run_job(
         )
     else:
         results = [("sr.dcm", _report(headers, findings, uids, device))]
+        if isinstance(findings, ClassificationFindings | DetectionFindings):
+            # 2-D images: their display values, as the model read them (rows, columns).
+            planes = {image.sop_instance_uid: image.image[0].numpy().T for image in images}
+            results += _attributions(headers, frames, planes, findings, uids, device)
     if spec.card:
         if frames is None:
             # 2-D images were loaded without their pixels in the header: the card reads
@@ -361,6 +374,63 @@ def _segmentation_results(
             log.warning("preview of series %s not made: %s", series, exc)
             return results
         results += [(f"preview-{k:04d}.dcm", image) for k, image in enumerate(images, start=1)]
+    return results
+
+
+def _attributions(
+    headers: list[Dataset],
+    frames: npt.NDArray[np.float32] | None,
+    planes: dict[str, npt.NDArray[np.float32]],
+    findings: ClassificationFindings | DetectionFindings,
+    uids: ResultUIDs,
+    device: DeviceIdentity,
+) -> list[tuple[str, Dataset]]:
+    """Each attribution map as a Parametric Map and a colour preview (most viewers show no
+    Parametric Map). Either may be left out, with a log line: a projection image has no
+    patient geometry for a Parametric Map; the report still goes."""
+    import numpy as np
+
+    from dicom_ai.errors import EncodingError
+    from dicom_ai.results.attribution import build_attribution_preview, build_parametric_map
+
+    results: list[tuple[str, Dataset]] = []
+    previews = 0
+    for k, attribution in enumerate(findings.attributions, start=1):
+        try:
+            results.append(
+                (
+                    f"attribution-{k:04d}.dcm",
+                    build_parametric_map(
+                        headers,
+                        attribution,
+                        uids,
+                        device,
+                        algorithm=findings.algorithm,
+                        instance_number=k,
+                    ),
+                )
+            )
+        except EncodingError as exc:
+            log.info("attribution map %d as a Parametric Map not made: %s", k, exc)
+        try:
+            if frames is None:  # a 2-D model's images
+                pixels = np.stack([planes[uid] for uid in attribution.source_sop_instance_uids])
+            images = build_attribution_preview(
+                frames if frames is not None else pixels,
+                headers,
+                attribution,
+                uids,
+                device,
+                algorithm=findings.algorithm,
+                display_values=frames is None,
+                first_instance_number=previews + 1,
+            )
+        except EncodingError as exc:
+            log.warning("attribution preview %d not made: %s", k, exc)
+            continue
+        for image in images:
+            previews += 1
+            results.append((f"attribution-preview-{previews:04d}.dcm", image))
     return results
 
 

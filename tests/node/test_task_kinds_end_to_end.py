@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -20,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
+from tests.explain_bundles import box_classifier_bundle
 from tests.ocr import card_text
 from tests.peers import NodeProcess, StoreSCP, node_config, storescu, wait_until
 from tests.task_bundles import (
@@ -42,6 +44,7 @@ SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
 
 RULES = """\
 rules:
@@ -50,6 +53,14 @@ rules:
     model: cxr
     destinations: [pacs]
     card: true
+  - name: attention
+    priority: 6
+    match:
+      all:
+        - Modality: {equals: CT}
+        - SeriesDescription: {regex: "(?i)attention"}
+    model: looker
+    destinations: [pacs]
   - name: nodules
     priority: 5
     match:
@@ -112,19 +123,39 @@ def test_classification_detection_and_preview_end_to_end(tmp_path: Path, pacs: S
         study_instance_uid=nodule_spec.study_instance_uid,
         seed=3,
     )
+    looker_spec = PhantomSpec(
+        slices=16,
+        rows=64,
+        columns=64,
+        pixel_spacing_mm=5.0,
+        slice_thickness_mm=5.0,
+        series_description="Attention check",
+        study_instance_uid=nodule_spec.study_instance_uid,
+        seed=4,
+    )
+    looker_paths = write_phantom_ct(tmp_path / "looker", looker_spec)
     nodule_paths = write_phantom_ct(tmp_path / "nodule", nodule_spec)
     body_paths = write_phantom_ct(tmp_path / "body", body_spec)
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     models = {
-        "cxr": {"bundle": str(make_cxr_classifier_bundle(tmp_path / "b")), "device": "cpu"},
+        "cxr": {
+            "bundle": str(make_cxr_classifier_bundle(tmp_path / "b")),
+            "device": "cpu",
+            "explain": "gradcam",
+        },
+        "looker": {
+            "bundle": str(box_classifier_bundle(tmp_path / "b", 3)),
+            "device": "cpu",
+            "explain": "gradcam",
+        },
         "boxes": {"bundle": str(make_box_detector_bundle(tmp_path / "b")), "device": "cpu"},
     }
     config = node_config(tmp_path / "node", pacs.port, rules, models, results={"card_pdf": True})
     node = NodeProcess(tmp_path / "node", config)
     node.start()
     try:
-        for paths in ([cxr_path], nodule_paths, body_paths):
+        for paths in ([cxr_path], nodule_paths, body_paths, looker_paths):
             sent = storescu(node.port, paths)
             assert sent.returncode == 0, sent.stdout + sent.stderr
 
@@ -137,12 +168,19 @@ def test_classification_detection_and_preview_end_to_end(tmp_path: Path, pacs: S
                 for ds in objects
             ]
             return (
-                sum(1 for name in series if name.startswith("AI SR")) == 3
+                sum(1 for name in series if name.startswith("AI SR")) == 4
+                and sum(1 for name in series if name.startswith("AI attribution preview")) == 2
+                and sum(1 for name in series if name.startswith("AI attribution box")) == 1
                 and any(name.startswith("AI preview") for name in series)
                 and len(cards) == 6
             )
 
-        wait_until(arrived, 300, "three SRs, a SEG, a preview and 3 cards with PDFs", 1.0)
+        wait_until(
+            arrived,
+            300,
+            "four SRs, a SEG, a preview, 3 cards with PDFs, 2 attribution previews and a map",
+            1.0,
+        )
         time.sleep(2.0)
     finally:
         node.stop()
@@ -181,6 +219,35 @@ def test_classification_detection_and_preview_end_to_end(tmp_path: Path, pacs: S
         coloured = (pixels[..., 0] != pixels[..., 1]) | (pixels[..., 1] != pixels[..., 2])
         assert np.count_nonzero(coloured) > 0  # outlines drawn
     assert "CHEST^SYNTHETIC" not in node.log_text()
+
+    # explain: gradcam. The 3-D classifier's map is a Parametric Map on its source frames,
+    # highest inside the box it looks at; both classifiers' maps come as a colour preview
+    # (a radiograph has no patient geometry for a Parametric Map).
+    (attribution,) = [
+        ds
+        for name, objects in series.items()
+        if name.startswith("AI attribution box")
+        for ds in objects
+    ]
+    assert attribution.SOPClassUID == PARAMETRIC_MAP_STORAGE
+    looker_sops = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in looker_paths}
+    referenced = {
+        str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for frame in attribution.PerFrameFunctionalGroupsSequence
+    }
+    assert referenced == looker_sops
+    values = hd.pm.ParametricMap.from_dataset(attribution).pixel_array
+    assert values.max() > 0.5 and values.min() >= 0.0
+    previews = [
+        ds
+        for name, objects in series.items()
+        if name.startswith("AI attribution preview")
+        for ds in objects
+    ]
+    assert {str(ds.StudyInstanceUID) for ds in previews} == {
+        str(cxr.StudyInstanceUID),
+        nodule_spec.study_instance_uid,
+    }
 
     # A card and its PDF per job; each card's text names its model and its findings.
     cards = {
