@@ -16,7 +16,6 @@ instance (same input, same ``now``: same bytes).
 
 from __future__ import annotations
 
-import copy
 import datetime
 import logging
 from collections.abc import Sequence
@@ -38,14 +37,14 @@ from dicom_ai.geometry import plane_value
 from dicom_ai.inference.findings import AlgorithmIdentification, AttributionMap
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.preview import (
-    COPIED_FROM_SOURCE,
     copy_body_part_and_laterality,
+    mark_secondary_capture,
     patient_orientation,
     source_reference,
     voi_window,
     window_to_uint8,
 )
-from dicom_ai.results.seg import _with_shared_geometry
+from dicom_ai.results.seg import with_shared_geometry
 from dicom_ai.results.sources import default_series_number
 from dicom_ai.results.uids import ResultUIDs, derived_uid
 
@@ -306,7 +305,7 @@ def _multiframe(
         raise EncodingError(f"source frame numbers must be distinct and within 1..{count}")
     values = np.zeros((count, *attribution.values.shape[1:]), dtype=np.float32)
     values[index] = attribution.values
-    return [_with_shared_geometry(source)], values
+    return [with_shared_geometry(source)], values
 
 
 def _fix_clock_and_random(dataset: Dataset, when: datetime.datetime, instance_uid: str) -> None:
@@ -388,19 +387,7 @@ def _sc_image(
             f"highdicom refused the attribution preview for {algorithm.name}: {exc}"
         ) from exc
     image.PatientOrientation = list(letters) if len(letters) == 2 else []
-    # Verbatim, as the segmentation preview does: a source's odd but accepted value must
-    # not fail the picture.
-    for keyword in COPIED_FROM_SOURCE:
-        if keyword in header:
-            image[keyword] = copy.deepcopy(header[keyword])
-    copy_body_part_and_laterality(header, image)
-    image.ImageType = ["DERIVED", "SECONDARY"]
-    image.ConversionType = "WSD"
-    image.SecondaryCaptureDeviceManufacturer = device.manufacturer
-    image.SecondaryCaptureDeviceManufacturerModelName = device.model_name
-    image.SecondaryCaptureDeviceSoftwareVersions = device.software_version
-    image.DateOfSecondaryCapture = image.ContentDate
-    image.TimeOfSecondaryCapture = image.ContentTime
+    mark_secondary_capture(image, header, device)
     # No CID 7203 concept says "attribution map": the description says it instead.
     image.DerivationDescription = (
         f"{method} map of where {algorithm.name} {algorithm.version} saw "

@@ -58,7 +58,7 @@ from dicom_ai.inference.pixels import rescale
 from dicom_ai.results.device import DeviceIdentity
 from dicom_ai.results.preview import (
     COPIED_FROM_SOURCE,
-    copy_body_part_and_laterality,
+    mark_secondary_capture,
     segment_outlines,
     source_reference,
     voi_window,
@@ -280,18 +280,7 @@ def build_card(
     _stamp(image, when)
     # A composite of text and an image: its rows and columns point nowhere in the patient.
     image.PatientOrientation = []
-    # Verbatim, as the preview does: a source's odd but accepted value must not fail the card.
-    for keyword in COPIED_FROM_SOURCE:
-        if keyword in source:
-            image[keyword] = copy.deepcopy(source[keyword])
-    copy_body_part_and_laterality(source, image)
-    image.ImageType = ["DERIVED", "SECONDARY"]
-    image.ConversionType = "WSD"
-    image.SecondaryCaptureDeviceManufacturer = device.manufacturer
-    image.SecondaryCaptureDeviceManufacturerModelName = device.model_name
-    image.SecondaryCaptureDeviceSoftwareVersions = device.software_version
-    image.DateOfSecondaryCapture = image.ContentDate
-    image.TimeOfSecondaryCapture = image.ContentTime
+    mark_secondary_capture(image, source, device)
     image.DerivationDescription = (
         f"Result card of {algorithm.name} {algorithm.version}: the findings as a table and "
         "drawn over a key image of the source series"

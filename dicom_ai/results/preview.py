@@ -40,6 +40,7 @@ __all__ = [
     "PREVIEW_SERIES_NUMBER_OFFSET",
     "build_preview",
     "copy_body_part_and_laterality",
+    "mark_secondary_capture",
     "patient_orientation",
     "preview_instance_uid",
     "preview_series_uid",
@@ -308,6 +309,25 @@ def patient_orientation(orientation: Sequence[float]) -> tuple[str, str]:
     return letters(values[:3]), letters(values[3:])
 
 
+def mark_secondary_capture(image: Dataset, source: Dataset, device: DeviceIdentity) -> None:
+    """What every picture the node draws (preview, card, attribution preview) takes from its
+    source and says of itself: patient and study verbatim (a source's odd but accepted
+    value must not fail the picture), body part and laterality, DERIVED\\SECONDARY (made
+    from the source by this software, not acquired), WSD (drawn by a workstation, not
+    digitized from film or video), and the node as the secondary capture device."""
+    for keyword in COPIED_FROM_SOURCE:
+        if keyword in source:
+            image[keyword] = copy.deepcopy(source[keyword])
+    copy_body_part_and_laterality(source, image)
+    image.ImageType = ["DERIVED", "SECONDARY"]
+    image.ConversionType = "WSD"
+    image.SecondaryCaptureDeviceManufacturer = device.manufacturer
+    image.SecondaryCaptureDeviceManufacturerModelName = device.model_name
+    image.SecondaryCaptureDeviceSoftwareVersions = device.software_version
+    image.DateOfSecondaryCapture = image.ContentDate
+    image.TimeOfSecondaryCapture = image.ContentTime
+
+
 def source_reference(header: Dataset, frame_number: int | None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = header.SOPClassUID
@@ -387,20 +407,7 @@ def _sc_image(
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodingError(f"highdicom refused the preview for {algorithm.name}: {exc}") from exc
     image.PatientOrientation = list(letters)
-    # Verbatim, not through highdicom's checks: a source's odd but accepted value (a name
-    # without ^, sex "U") must not fail the preview, and its warnings would log the name.
-    for keyword in COPIED_FROM_SOURCE:
-        if keyword in header:
-            image[keyword] = copy.deepcopy(header[keyword])
-    copy_body_part_and_laterality(header, image)
-    # DERIVED\SECONDARY: made from the source by this software, not acquired.
-    image.ImageType = ["DERIVED", "SECONDARY"]
-    image.ConversionType = "WSD"  # drawn by a workstation, not digitized from film or video
-    image.SecondaryCaptureDeviceManufacturer = device.manufacturer
-    image.SecondaryCaptureDeviceManufacturerModelName = device.model_name
-    image.SecondaryCaptureDeviceSoftwareVersions = device.software_version
-    image.DateOfSecondaryCapture = image.ContentDate
-    image.TimeOfSecondaryCapture = image.ContentTime
+    mark_secondary_capture(image, header, device)
     image.DerivationDescription = (
         f"Outlines of the segments found by {algorithm.name} {algorithm.version} "
         "drawn over the source image"

@@ -58,6 +58,7 @@ __all__ = [
     "algorithm_identification",
     "build_seg",
     "content_label",
+    "with_shared_geometry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -209,14 +210,14 @@ def _multiframe_source(
     else:
         frames = np.zeros((count, *planes.shape[1:]), dtype=planes.dtype)
         frames[index] = planes
-    return [_with_shared_geometry(source)], frames
+    return [with_shared_geometry(source)], frames
 
 
 # Functional groups highdicom reads from the Shared Functional Groups of a multi-frame source.
 _SHARED_FOR_HIGHDICOM = ("PlaneOrientationSequence", "PixelMeasuresSequence")
 
 
-def _with_shared_geometry(source: Dataset) -> Dataset:
+def with_shared_geometry(source: Dataset) -> Dataset:
     """``source``, or a copy of its header with orientation and pixel measures moved into
     the Shared Functional Groups where they are per-frame but equal in every frame.
 
