@@ -69,10 +69,10 @@ volume instead), 2-D detection boxes in each image's pixel coordinates. Like MON
 bundle runner, the bundle root is put on ``sys.path`` so configs can import its ``scripts``.
 
 With ``explain`` (off by default) a classifier's findings carry an attribution map of the
-most probable class per result, a 3-D detector's one of its highest-scoring box
-(:mod:`dicom_ai.inference.explain`), brought back onto the source grid through the inverse
-of the preprocessing as a segmentation is (``Invertd``, with the transforms' own
-interpolation). A map that fails is logged and left out; the findings stand.
+most probable class per result, a 3-D detector's one of its highest-scoring box when it
+is at or above the threshold (:mod:`dicom_ai.inference.explain`), brought back onto the
+source grid through the inverse of the preprocessing as a segmentation is (``Invertd``,
+with the transforms' own interpolation). A map that fails is logged and left out; the findings stand.
 """
 
 from __future__ import annotations
@@ -790,8 +790,9 @@ class BundleModel:
         data, boxes, labels, scores = self._boxes(volume.image, 3)
         names = {label.value: label.name for label in self.labels}
         attributions: tuple[AttributionMap, ...] = ()
-        if self.explainer is not None and scores:
-            # The highest-scoring box, found or not: what the detector saw most.
+        if self.explainer is not None and scores and max(scores) >= self.threshold:
+            # The highest-scoring box, when it is a finding: a map beside a report that
+            # says nothing was found would read as a finding.
             top = int(np.argmax(scores))
             center = ((boxes[top, :3] + boxes[top, 3:]) / 2).tolist()
             explainer = self.explainer

@@ -181,7 +181,10 @@ class Explainer:
         region = x[(slice(None), slice(None), *crop)]
         # A detector pads its input to a multiple of its strides (size_divisible): so here.
         divisible = getattr(network, "size_divisible", 1)
-        padded = torch.as_tensor(DivisiblePad(k=divisible, mode="constant")(region[0]))
+        # At the end only: the map is cut back from the start.
+        padded = torch.as_tensor(
+            DivisiblePad(k=divisible, mode="constant", method="end")(region[0])
+        )
         padded = padded.as_tensor() if isinstance(padded, MetaTensor) else padded
         padded = padded.unsqueeze(0)
         scores = ClassLogits(network)
@@ -255,6 +258,11 @@ def _hooks_removed_after(module: nn.Module) -> Iterator[None]:
     backward = [set(m._backward_hooks) for m in modules]
     inplace = [m.__dict__.get("inplace") for m in modules]
     full = [m._is_full_backward_hook for m in modules]
+    # A full backward hook's output is a view: an in-place activation after the hooked layer
+    # (VGG-style ReLU(inplace=True)) would modify it. Out of place while the map is made.
+    for m in modules:
+        if m.__dict__.get("inplace") is True:
+            m.__dict__["inplace"] = False
     try:
         yield
     finally:

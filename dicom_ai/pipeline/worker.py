@@ -239,7 +239,6 @@ def _run_job(
     spec: JobSpec, arena: PrefetchArena | None, models: LoadedModels, stages: dict[str, float]
 ) -> tuple[Path, ...]:
     # Imported here so the node's main process never loads torch or MONAI.
-    import pydicom
 
     from dicom_ai.errors import InputError, ModelError
     from dicom_ai.inference.findings import (
@@ -316,11 +315,8 @@ def _run_job(
             planes = {image.sop_instance_uid: image.image[0].numpy().T for image in images}
             results += _attributions(headers, frames, planes, findings, uids, device)
     if spec.card:
-        if frames is None:
-            # 2-D images were loaded without their pixels in the header: the card reads
-            # its key image from the file.
-            headers = [pydicom.dcmread(image.path) for image in images]
-        results += _card(headers, frames, findings, uids, device, spec)
+        paths = [image.path for image in images]
+        results += _card(headers, frames, paths, findings, uids, device, spec)
     spool = Spool(spec.results_dir.parent.parent, spec.min_free_bytes)
     files = []
     for name, dataset in results:
@@ -412,6 +408,9 @@ def _attributions(
             )
         except EncodingError as exc:
             log.info("attribution map %d as a Parametric Map not made: %s", k, exc)
+        except Exception as exc:  # a picture of the results, not a result: the report goes
+            log.warning("attribution map %d not made: %s", k, exc)
+            log.debug("attribution map %d:\n%s", k, traceback.format_exc())
         try:
             if frames is None:  # a 2-D model's images
                 pixels = np.stack([planes[uid] for uid in attribution.source_sop_instance_uids])
@@ -425,8 +424,9 @@ def _attributions(
                 display_values=frames is None,
                 first_instance_number=previews + 1,
             )
-        except EncodingError as exc:
+        except Exception as exc:  # as above
             log.warning("attribution preview %d not made: %s", k, exc)
+            log.debug("attribution preview %d:\n%s", k, traceback.format_exc())
             continue
         for image in images:
             previews += 1
@@ -437,25 +437,32 @@ def _attributions(
 def _card(
     headers: list[Dataset],
     frames: npt.NDArray[np.float32] | None,
+    paths: list[Path],
     findings: Findings,
     uids: ResultUIDs,
     device: DeviceIdentity,
     spec: JobSpec,
 ) -> list[tuple[str, Dataset]]:
     """The result card (and its PDF); none, with a warning, when it cannot be drawn: it is
-    a summary of the results, not a result, and SEG and SR still go."""
-    from dicom_ai.errors import EncodingError
+    a summary of the results, not a result, and SEG and SR still go (so any failure here
+    is caught). ``paths``: a 2-D job's images, whose headers were read without pixels."""
+    import pydicom
+
     from dicom_ai.results.card import build_card, build_card_pdf
 
     try:
+        if frames is None and paths:
+            # The key image's pixels, from its file.
+            headers = [pydicom.dcmread(path) for path in paths]
         card = build_card(
             headers, frames, findings, uids, device, disclaimer=spec.card_disclaimer
         )
         cards: list[tuple[str, Dataset]] = [("card.dcm", card)]
         if spec.card_pdf:
             cards.append(("card-pdf.dcm", build_card_pdf(card)))
-    except EncodingError as exc:
+    except Exception as exc:
         log.warning("job %d: result card not made: %s", spec.job_id, exc)
+        log.debug("result card of job %d:\n%s", spec.job_id, traceback.format_exc())
         return []
     return cards
 

@@ -352,6 +352,8 @@ def _sc_image(
         letters = patient_orientation([float(v) for v in orientation])
     else:  # a projection image: its own Patient Orientation, or none
         letters = [str(v) for v in header.get("PatientOrientation") or []]
+        if len(letters) != 2 or not all(letters):
+            letters = []  # an empty or half value (e.g. "\\") says nothing
     series_uid, instance_uid = preview_uids(
         uids, attribution, str(header.SOPInstanceUID), frame_number
     )

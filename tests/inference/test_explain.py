@@ -246,3 +246,39 @@ def test_config_reads_a_bare_off_and_refuses_an_unknown_method() -> None:
     assert ModelConfig.model_validate({}).explain == "off"
     with pytest.raises(ValidationError, match="gradcampp"):
         ModelConfig.model_validate({"explain": "saliency"})
+
+
+def test_a_padded_input_map_is_not_shifted() -> None:
+    # The map is cut back from the start of the padded input: padding goes at the end.
+    class Net(torch.nn.Module):
+        size_divisible = 16
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean((2, 3))
+
+    class Seen(Explainer):
+        def _occlusion(self, scores: object, x: torch.Tensor, target: int) -> torch.Tensor:
+            return x[0, :1]  # the padded input as the network saw it
+
+    image = torch.zeros(1, 20, 20)
+    image[0, 5, 7] = 1.0
+    seen = Seen("occlusion")(Net(), image, 0)
+    assert divmod(int(seen.argmax()), 20) == (5, 7)
+
+
+def test_a_layer_before_an_inplace_relu_gets_its_map() -> None:
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+    image = torch.rand(1, 16, 16)
+    values = Explainer("gradcam", "0")(network, image, 1)
+    assert values.shape == (1, 16, 16) and torch.isfinite(values).all()
+    assert network[1].inplace is True  # restored

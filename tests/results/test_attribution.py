@@ -36,7 +36,8 @@ from dicom_ai.results.attribution import (
 from dicom_ai.results.encoding import file_bytes
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct, write_phantom_enhanced_ct
 from tests.dicom_validation import assert_dciodvfy_clean, dciodvfy_output
-from tests.inference.test_explain import _box_2d, box_classifier_bundle
+from tests.explain_bundles import box_classifier_bundle
+from tests.inference.test_explain import _box_2d
 from tests.task_bundles import chest_radiograph
 
 pytestmark = [pytest.mark.dciodvfy]
@@ -299,3 +300,40 @@ def test_projection_image_gets_a_preview_not_a_parametric_map(tmp_path: Path) ->
     tinted = np.abs(rgb[..., 0] - rgb[..., 2]) > 10
     inside = _box_2d(128, 96)
     assert tinted[inside].mean() > 0.5 and not tinted[~inside].any()
+
+
+@pytest.mark.parametrize("orientation", [["", ""], ["A"]])
+def test_a_projection_with_an_empty_patient_orientation_gets_a_preview(
+    orientation: list[str],
+) -> None:
+    from pydicom.uid import ComputedRadiographyImageStorage
+
+    from dicom_ai.inference.findings import AttributionMap
+
+    rows, columns = 40, 30
+    header = Dataset()
+    header.SOPClassUID = ComputedRadiographyImageStorage
+    header.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.9301"
+    header.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.9302"
+    header.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.9303"
+    header.Modality = "CR"
+    header.PatientName, header.PatientID = "TEST^CR", "CR-1"
+    header.Rows, header.Columns = rows, columns
+    header.PhotometricInterpretation = "MONOCHROME2"
+    header.PatientOrientation = orientation
+    attribution = AttributionMap(
+        np.linspace(0, 1, rows * columns, dtype=np.float32).reshape(1, rows, columns),
+        (str(header.SOPInstanceUID),),
+        "gradcam",
+        "pneumonia",
+    )
+    (image,) = build_attribution_preview(
+        np.zeros((1, rows, columns), np.float32),
+        [header],
+        attribution,
+        result_uids("1.2.3", "cxr", "1"),
+        DEVICE,
+        algorithm=ALGORITHM,
+        display_values=True,
+    )
+    assert list(image.PatientOrientation or []) == []
