@@ -3,12 +3,14 @@
     from tests.dicom_validation import assert_dciodvfy_clean, assert_sr_template_valid
 
 Both fail the test on any line starting with ``Error`` and show the validator's whole
-output; warnings pass. A validator that is not installed fails the test, saying which
+output; warnings pass. One PixelMed error is a bug of its own and is let through, narrowly
+(see ``_pixelmed_1410_quirk``). A validator that is not installed fails the test, saying which
 (./install.sh installs them).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,10 +73,51 @@ def assert_sr_template_valid(path: str | Path) -> str:
             str(path),
         ]
     )
-    errors = _error_lines(output)
+    errors = [line for line in _error_lines(output) if not _pixelmed_1410_quirk(line, path)]
     assert not errors, f"PixelMed found {len(errors)} error(s) in {path}:\n{output}"
     assert "Root Template Validation Complete" in output, output
     return output
+
+
+# PixelMed (2022) picks TID 1410 for *every* measurement group of a report when the report
+# holds exactly one Image Region in all (DicomSRDescriptionsCompiled.xsl, the TID 1500
+# "Imaging Measurements" choice: count(container[125007]/scoord[111030]) = 1, counted over
+# all groups, not per group). A single-segment report (one outline group, one volumetric
+# group) then has its volumetric group checked against TID 1410, which misses the
+# region it never has. Only that is let through: the flagged group must be volumetric
+# (it references a SEG segment) and the report must hold exactly one Image Region.
+_QUIRK = re.compile(
+    r"^Error: Template 1410 PlanarROIMeasurements/\[Row 1\] CONTAINER "
+    r'\(125007,DCM,"Measurement Group"\)/\[Row (?:5\] SCOORD \(111030|7\] IMAGE \(121214)'
+    r".*within 1\.9\.(\d+): .*Missing conditional content item$"
+)
+
+
+def _pixelmed_1410_quirk(line: str, path: str | Path) -> bool:
+    import pydicom
+
+    match = _QUIRK.match(line.strip())
+    if match is None:
+        return False
+    sr = pydicom.dcmread(path)
+    (measurements,) = [
+        item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    groups = list(measurements.ContentSequence)
+    regions = [
+        child
+        for group in groups
+        for child in group.get("ContentSequence", [])
+        if child.ValueType == "SCOORD"
+        and child.ConceptNameCodeSequence[0].CodeValue == "111030"
+        and child.RelationshipType == "CONTAINS"
+    ]
+    group = groups[int(match.group(1)) - 1]
+    volumetric = any(
+        child.ValueType == "IMAGE" and child.ConceptNameCodeSequence[0].CodeValue == "121191"
+        for child in group.get("ContentSequence", [])
+    )
+    return len(regions) == 1 and volumetric
 
 
 # The coordinates our planar groups repeat under their first measurement for OHIF

@@ -617,3 +617,28 @@ def test_detection_sr_is_idempotent() -> None:
     first = _unclocked(build_detection_sr(headers, findings, uids, DEVICE))
     again = _unclocked(build_detection_sr(list(reversed(headers)), findings, uids, DEVICE))
     assert first == again
+
+
+@pytest.mark.java
+@pytest.mark.slow
+def test_a_single_segment_sr_passes_pixelmed(tmp_path: Path) -> None:
+    # One outline group and one volumetric group: PixelMed's TID 1500 choice counts one
+    # Image Region over the whole report and checks the volumetric group as TID 1410
+    # (tests/dicom_validation._pixelmed_1410_quirk); nothing else may fail.
+    spec = PhantomSpec(slices=4, rows=24, columns=24, seed=5)
+    headers = list(phantom_ct_datasets(spec))
+    label_map = np.zeros((4, 24, 24), dtype=np.uint16)
+    label_map[1:3, 6:14, 8:16] = 1
+    findings = SegmentationFindings(
+        label_map,
+        (SegmentLabel(1, "spleen"),),
+        ALGORITHM,
+        tuple(str(h.SOPInstanceUID) for h in headers),
+    )
+    uids = result_uids(spec.series_instance_uid, "spleen-model", "1")
+    seg = build_seg(headers, findings, uids, DEVICE)
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(file_bytes(build_sr(headers, seg, findings, uids, DEVICE)))
+    output = assert_sr_template_valid(path)
+    assert "Missing conditional content item" in output  # the quirk is there, let through
+    assert not not_in_template(output), output
