@@ -88,8 +88,13 @@ def assert_sr_template_valid(path: str | Path) -> str:
 # (it references a SEG segment) and the report must hold exactly one Image Region.
 _QUIRK = re.compile(
     r"^Error: Template 1410 PlanarROIMeasurements/\[Row 1\] CONTAINER "
-    r'\(125007,DCM,"Measurement Group"\)/\[Row (?:5\] SCOORD \(111030|7\] IMAGE \(121214)'
-    r".*within 1\.9\.(\d+): .*Missing conditional content item$"
+    r'\(125007,DCM,"Measurement Group"\)/\[Row (?:'
+    r"5\] SCOORD \(111030.*within 1\.9\.(\d+): .*Missing conditional content item"
+    r"|7\] IMAGE \(121214.*within 1\.9\.(\d+): .*Missing conditional content item"
+    # A study report's volumetric group names its source images (TID 1411 row 11).
+    r"|8\] IMAGE \(121233.*within 1\.9\.(\d+): .*"
+    r"Conditional content item present when condition not satisfied"
+    r")$"
 )
 
 
@@ -112,7 +117,8 @@ def _pixelmed_1410_quirk(line: str, path: str | Path) -> bool:
         and child.ConceptNameCodeSequence[0].CodeValue == "111030"
         and child.RelationshipType == "CONTAINS"
     ]
-    group = groups[int(match.group(1)) - 1]
+    number = next(n for n in match.groups() if n is not None)
+    group = groups[int(number) - 1]
     volumetric = any(
         child.ValueType == "IMAGE" and child.ConceptNameCodeSequence[0].CodeValue == "121191"
         for child in group.get("ContentSequence", [])

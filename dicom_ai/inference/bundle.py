@@ -72,7 +72,8 @@ With ``explain`` (off by default) a classifier's findings carry an attribution m
 most probable class per result, a 3-D detector's one of its highest-scoring box when it
 is at or above the threshold (:mod:`dicom_ai.inference.explain`), brought back onto the
 source grid through the inverse of the preprocessing as a segmentation is (``Invertd``,
-with the transforms' own interpolation). A map that fails is logged and left out; the findings stand.
+with the transforms' own interpolation). A map that fails is logged and left out; the
+findings stand.
 """
 
 from __future__ import annotations

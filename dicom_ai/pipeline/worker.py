@@ -446,11 +446,12 @@ def _card(
     """The result card (and its PDF); none, with a warning, when it cannot be drawn: it is
     a summary of the results, not a result, and SEG and SR still go (so any failure here
     is caught). ``paths``: a 2-D job's images, whose headers were read without pixels."""
-    import pydicom
-
-    from dicom_ai.results.card import build_card, build_card_pdf
-
     try:
+        # In the try: a bundle's own environment may lack what the card draws with.
+        import pydicom
+
+        from dicom_ai.results.card import build_card, build_card_pdf
+
         if frames is None and paths:
             # The key image's pixels, from its file.
             headers = [pydicom.dcmread(path) for path in paths]

@@ -4,6 +4,7 @@ series number. Where the slices lie is :mod:`dicom_ai.geometry`'s."""
 
 from __future__ import annotations
 
+import colorsys
 import functools
 import weakref
 from collections.abc import Sequence
@@ -11,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from skimage.color import deltaE_ciede2000, rgb2lab
 
 from dicom_ai.errors import EncodingError
 from dicom_ai.inference.findings import SegmentationFindings, SegmentLabel
@@ -178,9 +178,30 @@ def _distinct(
     return tuple(chosen)
 
 
+# sRGB (IEC 61966-2-1) to CIE XYZ, and the D65 white point: as skimage.color.rgb2lab.
+_RGB_TO_XYZ = np.array(
+    [
+        [0.412453, 0.357580, 0.180423],
+        [0.212671, 0.715160, 0.072169],
+        [0.019334, 0.119193, 0.950227],
+    ]
+)
+_D65 = np.array([0.95047, 1.0, 1.08883])
+
+
 def _lab(colours: Sequence[tuple[int, int, int]]) -> npt.NDArray[np.float64]:
-    rgb = np.asarray(colours, dtype=np.float64).reshape(-1, 1, 3) / 255.0
-    lab: npt.NDArray[np.float64] = rgb2lab(rgb)[:, 0, :]
+    """CIE L*a*b* (D65) of 8-bit sRGB colours, shape (n, 3).
+
+    By hand, not skimage.color: its conversion imports scipy, which a bundle's own
+    environment (numpy 1.24) cannot import, and results are made there too."""
+    rgb = np.asarray(colours, dtype=np.float64).reshape(-1, 3) / 255.0
+    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = linear @ _RGB_TO_XYZ.T / _D65
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    lab: npt.NDArray[np.float64] = np.stack(
+        [116.0 * f[:, 1] - 16.0, 500.0 * (f[:, 0] - f[:, 1]), 200.0 * (f[:, 1] - f[:, 2])],
+        axis=1,
+    )
     return lab
 
 
@@ -188,19 +209,65 @@ def _nearest(
     candidates: npt.NDArray[np.float64], others: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.float64]:
     """Each candidate's difference to the closest of ``others`` (CIEDE2000)."""
-    pairs = deltaE_ciede2000(  # type: ignore[no-untyped-call]
-        candidates[:, np.newaxis, :], others[np.newaxis, :, :], channel_axis=-1
-    )
+    pairs = _ciede2000(candidates[:, np.newaxis, :], others[np.newaxis, :, :])
     nearest: npt.NDArray[np.float64] = np.min(pairs, axis=1)
     return nearest
 
 
+def _ciede2000(
+    lab1: npt.NDArray[np.float64], lab2: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """CIEDE2000 colour difference (Sharma, Wu and Dalal 2005; kL = kC = kH = 1), broadcast
+    over the leading axes; by hand for the reason of :func:`_lab`."""
+    l1, a1, b1 = lab1[..., 0], lab1[..., 1], lab1[..., 2]
+    l2, a2, b2 = lab2[..., 0], lab2[..., 1], lab2[..., 2]
+    c_mean = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2.0
+    g = 0.5 * (1.0 - np.sqrt(c_mean**7 / (c_mean**7 + 25.0**7)))
+    a1p, a2p = (1.0 + g) * a1, (1.0 + g) * a2
+    c1p, c2p = np.hypot(a1p, b1), np.hypot(a2p, b2)
+    h1p = np.degrees(np.arctan2(b1, a1p)) % 360.0
+    h2p = np.degrees(np.arctan2(b2, a2p)) % 360.0
+    dl = l2 - l1
+    dc = c2p - c1p
+    dh = h2p - h1p
+    dh = np.where(dh > 180.0, dh - 360.0, np.where(dh < -180.0, dh + 360.0, dh))
+    dh = np.where(c1p * c2p == 0, 0.0, dh)
+    dhh = 2.0 * np.sqrt(c1p * c2p) * np.sin(np.radians(dh) / 2.0)
+    l_mean = (l1 + l2) / 2.0
+    cp_mean = (c1p + c2p) / 2.0
+    h_sum = h1p + h2p
+    hp_mean = np.where(
+        c1p * c2p == 0,
+        h_sum,
+        np.where(
+            np.abs(h1p - h2p) <= 180.0,
+            h_sum / 2.0,
+            np.where(h_sum < 360.0, (h_sum + 360.0) / 2.0, (h_sum - 360.0) / 2.0),
+        ),
+    )
+    t = (
+        1.0
+        - 0.17 * np.cos(np.radians(hp_mean - 30.0))
+        + 0.24 * np.cos(np.radians(2.0 * hp_mean))
+        + 0.32 * np.cos(np.radians(3.0 * hp_mean + 6.0))
+        - 0.20 * np.cos(np.radians(4.0 * hp_mean - 63.0))
+    )
+    s_l = 1.0 + 0.015 * (l_mean - 50.0) ** 2 / np.sqrt(20.0 + (l_mean - 50.0) ** 2)
+    s_c = 1.0 + 0.045 * cp_mean
+    s_h = 1.0 + 0.015 * cp_mean * t
+    rotation = -np.sin(np.radians(60.0 * np.exp(-(((hp_mean - 275.0) / 25.0) ** 2)))) * (
+        2.0 * np.sqrt(cp_mean**7 / (cp_mean**7 + 25.0**7))
+    )
+    difference: npt.NDArray[np.float64] = np.sqrt(
+        (dl / s_l) ** 2 + (dc / s_c) ** 2 + (dhh / s_h) ** 2 + rotation * (dc / s_c) * (dhh / s_h)
+    )
+    return difference
+
+
 def _hue_wheel(count: int) -> list[tuple[int, int, int]]:
     """``count`` saturated colours at evenly spread hues, alternately light and dark."""
-    from skimage.color import hsv2rgb
-
-    hsv = np.array(
-        [[(k / count, 0.75, 0.95 if k % 2 == 0 else 0.6)] for k in range(count)], dtype=float
-    )
-    rgb = np.rint(hsv2rgb(hsv)[:, 0, :] * 255).astype(int)
-    return [(int(r), int(g), int(b)) for r, g, b in rgb]
+    colours = []
+    for k in range(count):
+        red, green, blue = colorsys.hsv_to_rgb(k / count, 0.75, 0.95 if k % 2 == 0 else 0.6)
+        colours.append((round(red * 255), round(green * 255), round(blue * 255)))
+    return colours

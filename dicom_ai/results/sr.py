@@ -153,6 +153,7 @@ _LANGUAGE = CodedConcept("en-US", "RFC5646", "English (United States)")
 # simplified within half a pixel: a ragged organ outline on a 512 x 512 slice has hundreds.
 _MAX_OUTLINE_POINTS = 100
 _OUTLINE_TOLERANCE_PIXELS = 0.5
+_OUTLINE_POINT_CAP = 400
 
 # CID 100 Quantitative Diagnostic Imaging Procedures, by source Modality.
 _PROCEDURES: dict[str, Code] = {
@@ -1103,6 +1104,12 @@ def _segment_outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
     largest = _without_straight_points(max(contours, key=_enclosed_area))
     if len(largest) > _MAX_OUTLINE_POINTS:
         largest = _simplified(largest, _OUTLINE_TOLERANCE_PIXELS)
+    tolerance = _OUTLINE_TOLERANCE_PIXELS
+    while len(largest) > _OUTLINE_POINT_CAP:
+        # A ragged outline (an untrained model's speckle) would make an SR of megabytes
+        # that readers and validators choke on: coarser until it is not.
+        tolerance *= 2.0
+        largest = _simplified(largest, tolerance)
     # Crop index (row, column) -> pixel index (less the margin) -> SCOORD (+0.5).
     return np.column_stack([largest[:, 1] + left - 0.5, largest[:, 0] + top - 0.5])
 
