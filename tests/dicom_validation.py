@@ -67,6 +67,10 @@ def assert_sr_template_valid(path: str | Path) -> str:
             "-Djdk.xml.xpathExprOpLimit=0",
             "-Djdk.xml.xpathExprGrpLimit=0",
             "-Djdk.xml.xpathTotalOpLimit=0",
+            # Its XPath checks hold GBs for a report of hundreds of groups (VISTA3D's 114
+            # segments, each an outline and a volume group: about 11 GB); the JVM's default
+            # heap is a quarter of the memory.
+            "-XX:MaxRAMPercentage=60",
             "-cp",
             str(PIXELMED_JAR),
             "com.pixelmed.validate.DicomSRValidator",
@@ -139,4 +143,3 @@ def not_in_template(output: str) -> list[str]:
         for line in output.splitlines()
         if "not in template" in line and _OHIF_COORDINATES not in line
     ]
-

@@ -114,15 +114,20 @@ def test_2d_detection_job_gives_a_valid_sr_with_scoord(tmp_path: Path, cr: Path)
     assert_sr_template_valid(path)
     sr = dcmread(path)
     regions = []
+    copies = []
 
     def walk(items: object) -> None:
         for item in items:  # type: ignore[attr-defined]
             if item.ValueType == "SCOORD":
-                regions.append(item)
+                # The region a group CONTAINS; its copy under the first measurement is
+                # INFERRED FROM, for OHIF.
+                (regions if item.RelationshipType == "CONTAINS" else copies).append(item)
             walk(item.get("ContentSequence", []))
 
     walk(sr.ContentSequence)
     assert len(regions) == 2
+    assert [c.RelationshipType for c in copies] == ["INFERRED FROM"] * 2
+    assert [list(c.GraphicData) for c in copies] == [list(r.GraphicData) for r in regions]
     left, top, right, bottom = _expected_source_box(BOXES[0])
     polyline = np.asarray(regions[0].GraphicData, dtype=np.float64).reshape(-1, 2)
     # SCOORD: first pixel centre at (0.5, 0.5); the box spans its edge pixels whole.
