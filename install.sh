@@ -26,7 +26,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   export PIP_CONSTRAINT="$PWD/constraints.txt"
   # torch first, from the pinned CPU build, so nothing pulls a CUDA torch.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[dev,ray]'
   touch "$stamp"
 fi
 

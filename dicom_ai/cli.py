@@ -423,6 +423,13 @@ def status(config: ConfigOption = None) -> None:
             f"dead letter {delivery.id} (job {delivery.job_id} -> {delivery.destination}): "
             f"{delivery.last_error}"
         )
+    for job in index.cluster_jobs():
+        console.print(
+            escape(
+                f"job {job.id} ({job.model}, {job.state.value}, attempt {job.attempts}): "
+                f"ran on cluster node {job.ran_on}"
+            )
+        )
 
 
 @app.command()

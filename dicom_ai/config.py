@@ -40,6 +40,7 @@ __all__ = [
     "ModelConfig",
     "NodeConfig",
     "PipelineConfig",
+    "RayConfig",
     "ResultsConfig",
     "ServerTLSConfig",
     "StorageConfig",
@@ -215,6 +216,19 @@ class ModelConfig(_Strict):
     # The network layer GradCAM reads (a dotted module name, e.g. "features.denseblock4");
     # None: the last convolution of the network.
     explain_layer: str | None = None
+    # With pipeline.executor ray: what one replica needs on a cluster node (Ray resources:
+    # num_cpus, num_gpus, memory in bytes, and custom ones such as model_host), and how
+    # many warm replicas (Ray actors) the cluster holds.
+    resources: dict[str, float] = Field(default_factory=dict)
+    replicas: int = Field(default=1, ge=1)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = sorted(name for name, amount in value.items() if amount < 0)
+        if negative:
+            raise ValueError(f"resources cannot be negative: {', '.join(negative)}")
+        return value
 
     @field_validator("explain", mode="before")
     @classmethod
@@ -223,7 +237,20 @@ class ModelConfig(_Strict):
         return "off" if value is False else value
 
 
+class RayConfig(_Strict):
+    """An existing Ray cluster the models run on (pipeline.executor ray); the node does not
+    start it."""
+
+    # The cluster's GCS address (`ray start --head --port ...`), host:port.
+    address: Annotated[str, StringConstraints(pattern=r"^\S+:\d{1,5}$")] = "127.0.0.1:6379"
+    namespace: Annotated[str, StringConstraints(min_length=1)] = "dicom-ai"
+
+
 class PipelineConfig(_Strict):
+    # local: spawned worker processes on this machine (`workers`); ray: the models' replicas
+    # on a Ray cluster (`ray`, and each model's resources and replicas).
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
     workers: int = Field(default=1, ge=1)
     quiet_seconds: float = Field(default=5.0, gt=0)
     release_grace_seconds: float = Field(default=1.0, ge=0)
@@ -247,8 +274,7 @@ class ResultsConfig(_Strict):
     # Printed at the foot of every result card (rules' ``card: true``).
     card_disclaimer: str = Field(
         default=(
-            "Produced by an AI model. Not a diagnosis: to be reviewed by a qualified "
-            "physician."
+            "Produced by an AI model. Not a diagnosis: to be reviewed by a qualified physician."
         ),
         max_length=300,
     )

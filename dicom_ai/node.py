@@ -25,6 +25,7 @@ from dicom_ai.cleaner import Cleaner
 from dicom_ai.config import SENDER, Config
 from dicom_ai.errors import ConfigError
 from dicom_ai.lifecycle import wait_for_stop
+from dicom_ai.pipeline.cluster import ClusterSettings, RayPool
 from dicom_ai.pipeline.delivery import Deliverer
 from dicom_ai.pipeline.health import ModelHealth
 from dicom_ai.pipeline.scheduler import JobSpecs, Scheduler
@@ -108,7 +109,7 @@ class Node:
         self.health = ModelHealth(config, record=self.index.record_model_check)
         # The operator's console (web.enabled): its own process, on a socket bound here.
         self.web = WebServer(config, log_level) if config.web.enabled else None
-        self._pool: WorkerPool | None = None
+        self._pool: WorkerPool | RayPool | None = None
         self.scheduler: Scheduler | None = None
         self._stop = threading.Event()
         self._deliver_now = threading.Event()
@@ -135,30 +136,43 @@ class Node:
         titles = list(self.config.called_ae_table())
         recover(self.spool, self.index, orphan_called_ae(titles, self.config.node.ae_title))
         pipeline = self.config.pipeline
-        self._pool = WorkerPool(
-            pipeline.workers,
-            self._log_level,
-            pipeline.warm_memory_mb << 20,
-            warm_models=pipeline.warm_models,
-        )
+        max_concurrent = {
+            name: model.max_concurrent
+            for name, model in self.config.models.items()
+            if model.max_concurrent is not None
+        }
+        if pipeline.executor == "ray":
+            # The models run on the cluster's nodes: their replicas bound each model's jobs,
+            # and this machine's checks of them say nothing of the cluster's.
+            cluster = ClusterSettings.from_config(self.config)
+            self._pool = RayPool(cluster, self._log_level)
+            max_concurrent = cluster.capacity(max_concurrent)
+            specs = JobSpecs(self.config, self.spool)
+            health: ModelHealth | None = None
+        else:
+            self._pool = WorkerPool(
+                pipeline.workers,
+                self._log_level,
+                pipeline.warm_memory_mb << 20,
+                warm_models=pipeline.warm_models,
+            )
+            specs = JobSpecs(self.config, self.spool, python=self.health.python)
+            health = self.health
         self.scheduler = Scheduler(
             self.index,
             self._pool,
             self.rules,
             self.assembly,
-            JobSpecs(self.config, self.spool, python=self.health.python),
+            specs,
             pipeline.max_job_attempts,
             results_ready=self._deliver_now.set,
             wake=self._wake,
-            health=self.health,
-            max_concurrent={
-                name: model.max_concurrent
-                for name, model in self.config.models.items()
-                if model.max_concurrent is not None
-            },
+            health=health,
+            max_concurrent=max_concurrent,
         )
         self.scp.start()
-        self.health.start()
+        if health is not None:  # on a cluster, this machine's checks would say nothing
+            self.health.start()
         if self.web is not None:
             self.web.start()
             log.info("console on %s", self.web.url)

@@ -4,6 +4,8 @@
   SIGSEGV, as a broken native extension would), killing the worker process.
 - :func:`make_hanging_bundle`: the network's forward writes ``<bundle>/started`` (so a test
   knows the model itself was reached, not just its loading) and then sleeps for an hour.
+- :func:`make_slow_bundle`: the network's forward appends a line to a marker file given by
+  absolute path (a bundle on a Ray cluster runs from a copy), sleeps, then segments.
 
 Both bundles carry the same ``scripts/misbehave.py``: the node puts each bundle root on
 ``sys.path`` and Python caches the first ``scripts`` package a worker imports, so two
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_crashing_bundle", "make_hanging_bundle"]
+__all__ = ["make_crashing_bundle", "make_hanging_bundle", "make_slow_bundle"]
 
 _SCRIPT = '''"""Test doubles: a network that crashes its process, one that never returns."""
 
@@ -48,6 +50,25 @@ class Hang(torch.nn.Module):
         Path(self.marker).write_text("inference started")
         time.sleep(3600)
         return images
+
+
+class Slow(torch.nn.Module):
+    """Appends a line to ``marker`` (an absolute path), sleeps ``seconds``, then segments
+    what is above 100 (Hounsfield units on a CT) as label 1."""
+
+    def __init__(self, marker: str, seconds: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.marker = marker
+        self.seconds = seconds
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with open(self.marker, "a") as marker:
+            marker.write("inference started; ")
+        time.sleep(self.seconds)
+        images = images if images.dim() == 5 else images.unsqueeze(1)  # no channel given
+        above = (images > 100).float() * 2 - 1
+        return torch.cat([-above, above], dim=1)
 '''
 
 
@@ -109,4 +130,14 @@ def make_hanging_bundle(directory: Path) -> Path:
         directory,
         "hanging_model",
         {"_target_": "scripts.misbehave.Hang", "marker": "$@bundle_root + '/started'"},
+    )
+
+
+def make_slow_bundle(directory: Path, marker: Path, seconds: float) -> Path:
+    """``directory / "slow_model"``: a line in ``marker`` per inference, ``seconds`` of
+    sleep, then label 1 where the image is above 100."""
+    return _make(
+        directory,
+        "slow_model",
+        {"_target_": "scripts.misbehave.Slow", "marker": str(marker), "seconds": seconds},
     )

@@ -377,18 +377,23 @@ class Scheduler:
 
     def _record(self, outcome: JobOutcome) -> None:
         job = self.index.job(outcome.job_id)
+        ran_on = outcome.ran_on or None
+        where = f" on cluster node {ran_on}" if ran_on else ""
         if outcome.ok:
-            self.index.finish_job(job.id, outcome.files, job.destinations, dict(outcome.stages))
-            log.info("job %d done in %.1f s", job.id, outcome.seconds)
+            self.index.finish_job(
+                job.id, outcome.files, job.destinations, dict(outcome.stages), ran_on
+            )
+            log.info("job %d done in %.1f s%s", job.id, outcome.seconds, where)
             self.results_ready()
             return
         retry = outcome.retry and job.attempts < self.max_job_attempts
-        self.index.fail_job(job.id, outcome.reason, retry=retry)
+        self.index.fail_job(job.id, outcome.reason, retry=retry, ran_on=ran_on)
         log.error(
-            "job %d (%s on series %s) failed%s: %s",
+            "job %d (%s on series %s) failed%s%s: %s",
             job.id,
             job.model,
             job.series_instance_uid,
+            where,
             ", will retry" if retry else "",
             outcome.reason,
         )

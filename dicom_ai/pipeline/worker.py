@@ -132,6 +132,8 @@ class JobOutcome:
     retry: bool = False
     # Seconds per stage: load (model, when not warm, and series), infer, encode (and write).
     stages: tuple[tuple[str, float], ...] = ()
+    # The Ray cluster node that ran it, "<node id> (<address>)"; "": this machine.
+    ran_on: str = ""
 
 
 class LoadedModels:
@@ -455,9 +457,7 @@ def _card(
         if frames is None and paths:
             # The key image's pixels, from its file.
             headers = [pydicom.dcmread(path) for path in paths]
-        card = build_card(
-            headers, frames, findings, uids, device, disclaimer=spec.card_disclaimer
-        )
+        card = build_card(headers, frames, findings, uids, device, disclaimer=spec.card_disclaimer)
         cards: list[tuple[str, Dataset]] = [("card.dcm", card)]
         if spec.card_pdf:
             cards.append(("card-pdf.dcm", build_card_pdf(card)))
@@ -624,6 +624,13 @@ def _prefetch(
         request.series_instance_uid,
         time.monotonic() - started,
     )
+
+
+def drain(wake: socket.socket) -> None:
+    """Read and drop the bytes that woke a pool's ``poll`` (the wake socket)."""
+    with contextlib.suppress(OSError):  # BlockingIOError: nothing more
+        while wake.recv(4096):
+            pass
 
 
 def _died(process: BaseProcess) -> str:
@@ -810,9 +817,7 @@ class WorkerPool:
             return outcomes
         for ready in wait(waiting, timeout):
             if ready is wake:
-                with contextlib.suppress(OSError):  # BlockingIOError: nothing more
-                    while wake.recv(4096):
-                        pass
+                drain(wake)
                 continue
             slot = busy[ready]  # type: ignore[index]
             assert slot.job is not None

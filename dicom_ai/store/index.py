@@ -242,6 +242,8 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
             "ALTER TABLE studies ADD COLUMN card INTEGER NOT NULL DEFAULT 0",
         ),
     ),
+    # Where a job ran: a Ray cluster node (pipeline.executor ray); NULL: this machine.
+    (9, _statements("ALTER TABLE jobs ADD COLUMN ran_on TEXT")),
 )
 
 
@@ -323,6 +325,7 @@ class JobRecord:
     reference_role: str | None = None
     role_input: str = "channels"
     card: bool = False
+    ran_on: str | None = None  # the cluster node of its last attempt; None: this machine
 
 
 @dataclass(frozen=True)
@@ -484,8 +487,11 @@ class SchedulingIndex(Protocol):
         files: Sequence[Path],
         destinations: Sequence[str],
         stages: Mapping[str, float] | None = None,
+        ran_on: str | None = None,
     ) -> None: ...
-    def fail_job(self, job_id: int, reason: str, retry: bool) -> None: ...
+    def fail_job(
+        self, job_id: int, reason: str, retry: bool, ran_on: str | None = None
+    ) -> None: ...
 
 
 class DeliveryIndex(Protocol):
@@ -507,6 +513,7 @@ class StatusIndex(Protocol):
     def resubmit_dead(self) -> int: ...
     def resubmit_delivery(self, delivery_id: int) -> bool: ...
     def rerun_job(self, job_id: int) -> bool: ...
+    def cluster_jobs(self, limit: int = 20) -> list[JobRecord]: ...
 
 
 class EventIndex(Protocol):
@@ -524,7 +531,7 @@ _State = TypeVar("_State", JobState, DeliveryState)
 
 _JOBS = (
     "SELECT id, series_instance_uid, run, rule, model, destinations, state, attempts, error, "
-    "preview, priority, study_instance_uid, inputs, card FROM jobs"
+    "preview, priority, study_instance_uid, inputs, card, ran_on FROM jobs"
 )
 _DELIVERIES = (
     "SELECT d.id, d.job_id, d.destination, d.files, d.state, d.attempts, d.last_error "
@@ -1147,12 +1154,18 @@ class Index:
         )
         return [_job(r) for r in rows]
 
+    def cluster_jobs(self, limit: int = 20) -> list[JobRecord]:
+        """The latest ``limit`` jobs that ran on a cluster node, oldest first."""
+        rows = self._query(_JOBS + " WHERE ran_on IS NOT NULL ORDER BY id DESC LIMIT ?", (limit,))
+        return [_job(r) for r in reversed(rows)]
+
     def finish_job(
         self,
         job_id: int,
         files: Sequence[Path],
         destinations: Sequence[str],
         stages: Mapping[str, float] | None = None,
+        ran_on: str | None = None,
     ) -> None:
         """Record a job's result files and queue one delivery per destination, atomically.
 
@@ -1161,7 +1174,8 @@ class Index:
         supersedes the undelivered deliveries of earlier runs (a delivery backing off after
         a failure would otherwise go out after this one), and a job that finishes after a
         later run's job has its deliveries superseded at once. ``stages``: seconds per stage
-        (load, infer, encode), kept with the job and counted in the metrics.
+        (load, infer, encode), kept with the job and counted in the metrics; ``ran_on``:
+        the cluster node that ran it (None: this machine).
         """
         now = time.time()
         encoded = json.dumps([str(f) for f in files])
@@ -1175,8 +1189,8 @@ class Index:
                 (job_id,),
                 JobState.DONE,
                 ", result_files = ?, error = NULL, updated_at = ?, finished_at = ?, stages = ?, "
-                "result_bytes = ?, results_purged_at = NULL",
-                (encoded, now, now, json.dumps(stages), size),
+                "result_bytes = ?, results_purged_at = NULL, ran_on = ?",
+                (encoded, now, now, json.dumps(stages), size, ran_on),
             )
             model_id = _job_model(db, job_id)
             _count(db, metrics.JOBS, {"model": model_id, "state": "done"})
@@ -1232,7 +1246,7 @@ class Index:
                         (f"superseded by run {run}",),
                     )
 
-    def fail_job(self, job_id: int, reason: str, retry: bool) -> None:
+    def fail_job(self, job_id: int, reason: str, retry: bool, ran_on: str | None = None) -> None:
         now = time.time()
         new = JobState.PENDING if retry else JobState.FAILED
         with self._tx() as db:
@@ -1245,8 +1259,8 @@ class Index:
                 "id = ?",
                 (job_id,),
                 new,
-                ", error = ?, updated_at = ?, finished_at = ?",
-                (reason, now, None if retry else now),
+                ", error = ?, updated_at = ?, finished_at = ?, ran_on = ?",
+                (reason, now, None if retry else now, ran_on),
             )
             state = "retried" if retry else "failed"
             _count(db, metrics.JOBS, {"model": _job_model(db, job_id), "state": state})
@@ -2072,6 +2086,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         reference_role=inputs.get("reference"),
         role_input=str(inputs.get("input", "channels")),
         card=bool(row["card"]),
+        ran_on=row["ran_on"],
     )
 
 

@@ -1,0 +1,427 @@
+"""The Ray driver (the bridge process) and the replicas it keeps on the cluster.
+
+The only module that imports ray. It runs in a process of its own (`cluster.RayPool`
+spawns it), never in the node's: Ray ends a driver's process when the cluster's head is
+lost.
+
+- Each model has ``replicas`` actors (`ModelReplica`), made at its first job and kept warm,
+  placed by the model's ``resources``, restarted by Ray without limit (a node that died).
+- A job's input files (the series, a study job's every role) are read here and put into
+  Ray's object store as one buffer; the replica writes them into a temporary folder on its
+  own cluster node and runs `worker.run_job` on them, as a local worker would. The model's
+  bundle folder travels the same way once per replica: no filesystem is shared.
+- The replica returns the encoded result files; the bridge writes them into the job's
+  results folder (fsynced) and reports a `JobOutcome` naming the cluster node.
+- A replica that dies under a job (its node gone): the job goes back for another attempt
+  (``retry``), to a replica Ray restarts where the resources are. A job past its timeout:
+  its replica is killed (and restarted), the job fails.
+- The head unreachable: the bridge probes its port every `PROBE_SECONDS` and says so; once
+  connected, losing the head ends this process (Ray's doing, after
+  ``RAY_gcs_rpc_server_reconnect_timeout_s``), and the pool starts another.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import tarfile
+import tempfile
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+# Read by the driver's core worker at ray.init: a lost head ends this process in seconds
+# rather than a minute, and the pool's next bridge waits for the head to come back.
+os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from dicom_ai.pipeline.cluster import ClusterSettings, ClusterState, ReplicaSettings
+from dicom_ai.pipeline.worker import JobOutcome, JobSpec, LoadedModels, run_job
+
+__all__ = ["ModelReplica", "bridge_main"]
+
+log = logging.getLogger(__name__)
+
+_ray: Any = ray  # for Ray's functions that carry no annotations
+
+PROBE_SECONDS = 2.0
+# A replica's readiness is asked again this long after an answer that it is unavailable
+# (Ray says so until it has noticed that the replica's node died).
+REPING_SECONDS = 1.0
+_ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory")
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """A job's instance files as one buffer: file k is ``data[offsets[k]:offsets[k+1]]``."""
+
+    paths: tuple[Path, ...]
+    offsets: tuple[int, ...]
+    data: np.ndarray[Any, np.dtype[np.uint8]]
+
+    @classmethod
+    def read(cls, paths: tuple[Path, ...]) -> JobInput:
+        sizes = [path.stat().st_size for path in paths]
+        offsets = (0, *np.cumsum(sizes, dtype=np.int64).tolist())
+        data = np.empty(offsets[-1], np.uint8)
+        for path, start, end in zip(paths, offsets, offsets[1:], strict=False):
+            with path.open("rb") as file:
+                if file.readinto(data.data[start:end]) != end - start:
+                    raise OSError(f"{path} changed while it was read")
+        return cls(paths, offsets, data)
+
+    def write(self, folder: Path) -> dict[Path, Path]:
+        """The files under ``folder``; returns where each original path now lies."""
+        folder.mkdir(parents=True, exist_ok=True)
+        placed = {}
+        for k, (path, start, end) in enumerate(
+            zip(self.paths, self.offsets, self.offsets[1:], strict=False)
+        ):
+            local = folder / f"{k:06d}.dcm"
+            local.write_bytes(self.data.data[start:end])
+            placed[path] = local
+        return placed
+
+
+def _packed(folder: Path | None) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
+    """A bundle folder as an uncompressed tar (weights do not compress)."""
+    if folder is None:
+        return None
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(folder, arcname="bundle")
+    return np.frombuffer(buffer.getbuffer(), np.uint8).copy()
+
+
+class ModelReplica:
+    """One warm copy of a model on a cluster node (a Ray actor)."""
+
+    def __init__(self, bundle: np.ndarray[Any, np.dtype[np.uint8]] | None) -> None:
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
+        self._folder = Path(tempfile.mkdtemp(prefix="dicom-ai-replica-"))
+        self._bundle: Path | None = None
+        if bundle is not None:
+            with tarfile.open(fileobj=io.BytesIO(bundle.tobytes()), mode="r") as tar:
+                tar.extractall(self._folder, filter="data")
+            self._bundle = self._folder / "bundle"
+        self._models = LoadedModels(keep=1)
+
+    def where(self) -> str:
+        """This cluster node's id."""
+        return str(ray.get_runtime_context().get_node_id())
+
+    def run(
+        self, spec: JobSpec, job_input: JobInput
+    ) -> tuple[str, list[tuple[str, bytes]], dict[str, float]]:
+        """Run one job on its input; the result files' names and bytes, and its stages."""
+        job_folder = Path(tempfile.mkdtemp(prefix=f"job-{spec.job_id}-", dir=self._folder))
+        try:
+            placed = job_input.write(job_folder / "input")
+            local = replace(
+                spec,
+                bundle=self._bundle if spec.bundle is not None else None,
+                python=None,
+                instance_paths=tuple(placed[p] for p in spec.instance_paths),
+                roles=tuple(
+                    replace(role, instance_paths=tuple(placed[p] for p in role.instance_paths))
+                    for role in spec.roles
+                ),
+                results_dir=job_folder / "spool" / "results" / str(spec.job_id),
+                min_free_bytes=0,
+            )
+            stages: dict[str, float] = {}
+            files = run_job(local, None, self._models, stages)
+            return self.where(), [(path.name, path.read_bytes()) for path in files], stages
+        finally:
+            _remove_tree(job_folder)
+
+
+def _remove_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
+    folder.rmdir()
+
+
+@dataclass
+class _Replica:
+    model_id: str
+    actor: Any  # a ray.actor.ActorHandle of ModelReplica
+    ready: Any | None = None  # the ObjectRef of where(), while it is asked
+    node: str | None = None  # known once it answered: it is alive
+    reping_at: float = 0.0
+    job: JobSpec | None = None
+    result: Any | None = None  # the ObjectRef of run()
+    deadline: float = 0.0
+
+
+@dataclass
+class _Model:
+    settings: ReplicaSettings
+    # Held while its replicas live: Ray restarts a replica from its constructor's arguments.
+    bundle: Any | None = None
+    replicas: list[_Replica] = field(default_factory=list)
+    queue: deque[JobSpec] = field(default_factory=deque)
+
+
+class _Bridge:
+    def __init__(self, conn: Connection, settings: ClusterSettings) -> None:
+        self._conn = conn
+        self._settings = settings
+        self._models: dict[str, _Model] = {}
+        self._queue: deque[JobSpec] = deque()  # received before the cluster was reached
+        self._actor_class: Any = ray.remote(max_restarts=-1, max_task_retries=0)(ModelReplica)
+        self._addresses: dict[str, str] = {}  # node id -> its address, from the GCS
+
+    def run(self) -> None:
+        while not self._connect():
+            if not self._receive(PROBE_SECONDS):
+                return
+        self._send(ClusterState(True, self._describe()))
+        for spec in self._queue:
+            self._enqueue(spec)
+        self._queue.clear()
+        while self._receive(0.0):
+            self._dispatch()
+            self._collect(timeout=0.05)
+            self._check_timeouts()
+        ray.shutdown()
+
+    # -- the cluster ---------------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        host, _, port = self._settings.address.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=PROBE_SECONDS):
+                pass
+        except OSError as exc:
+            self._send(ClusterState(False, f"{self._settings.address}: {exc.strerror or exc}"))
+            return False
+        try:
+            ray.init(
+                address=self._settings.address,
+                namespace=self._settings.namespace,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
+        except Exception as exc:  # Ray's own errors: ConnectionError, RuntimeError, ...
+            ray.shutdown()
+            self._send(ClusterState(False, f"{type(exc).__name__}: {exc}"))
+            return False
+        return True
+
+    def _describe(self) -> str:
+        nodes = [node for node in _ray.nodes() if node.get("Alive")]
+        return f"{len(nodes)} node(s), resources {_ray.cluster_resources()}"
+
+    def _label(self, node_id: str) -> str:
+        """A cluster node as the node's status and logs name it: "<node id> (<address>)"."""
+        if node_id not in self._addresses:
+            for node in _ray.nodes():
+                self._addresses[str(node["NodeID"])] = str(node.get("NodeManagerAddress", "?"))
+        return f"{node_id} ({self._addresses.get(node_id, '?')})"
+
+    def _send(self, message: ClusterState | JobOutcome) -> None:
+        self._conn.send(message)
+
+    def _receive(self, timeout: float) -> bool:
+        """Take the node's messages; False at the stop (or when the node is gone)."""
+        try:
+            ready = self._conn.poll(timeout)
+            while ready:
+                message = self._conn.recv()
+                if message is None:
+                    return False
+                if ray.is_initialized():
+                    self._enqueue(message)
+                else:
+                    self._queue.append(message)
+                ready = self._conn.poll()
+        except (EOFError, OSError):
+            return False
+        return True
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def _enqueue(self, spec: JobSpec) -> None:
+        model = self._models.get(spec.model_id)
+        if model is None:
+            settings = self._settings.models.get(spec.model_id, ReplicaSettings())
+            model = self._models[spec.model_id] = _Model(settings)
+            self._place(spec, model)
+        model.queue.append(spec)
+
+    def _place(self, spec: JobSpec, model: _Model) -> None:
+        """The model's replicas, placed by its resources; its bundle goes with them."""
+        if spec.python is not None:
+            log.info(
+                "model %s: its prepared environment is not used on the cluster; its replicas "
+                "run on the cluster nodes' Python",
+                spec.model_id,
+            )
+        resources = dict(model.settings.resources)
+        options: dict[str, Any] = {
+            name: resources.pop(name) for name in _ACTOR_OPTIONS if name in resources
+        }
+        options["resources"] = resources
+        model.bundle = ray.put(_packed(spec.bundle))
+        for _ in range(model.settings.replicas):
+            actor = self._actor_class.options(**options).remote(model.bundle)
+            replica = _Replica(spec.model_id, actor)
+            replica.ready = actor.where.remote()
+            model.replicas.append(replica)
+
+    def _dispatch(self) -> None:
+        for model in self._models.values():
+            for replica in model.replicas:
+                if not model.queue:
+                    break
+                if replica.node is None:
+                    if replica.ready is None and time.monotonic() >= replica.reping_at:
+                        replica.ready = replica.actor.where.remote()
+                    continue
+                if replica.job is not None:
+                    continue
+                spec = model.queue.popleft()
+                try:
+                    job_input = JobInput.read(
+                        (*spec.instance_paths, *(p for r in spec.roles for p in r.instance_paths))
+                    )
+                except OSError as exc:
+                    self._send(JobOutcome(spec.job_id, False, reason=f"input: {exc}"))
+                    continue
+                replica.job = spec
+                replica.result = replica.actor.run.remote(spec, job_input)
+                replica.deadline = time.monotonic() + spec.timeout_seconds
+
+    def _collect(self, timeout: float) -> None:
+        replicas = [r for m in self._models.values() for r in m.replicas]
+        waiting = {r.ready: r for r in replicas if r.ready is not None}
+        waiting.update({r.result: r for r in replicas if r.result is not None})
+        if not waiting:
+            time.sleep(timeout)
+            return
+        done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout)
+        for ref in done:
+            replica = waiting[ref]
+            if ref is replica.ready or ref == replica.ready:
+                self._answered(replica)
+            else:
+                self._finished(replica)
+
+    def _answered(self, replica: _Replica) -> None:
+        ref: Any = replica.ready
+        replica.ready = None
+        try:
+            replica.node = self._label(str(ray.get(ref)))
+            log.info("model %s: a replica is ready on %s", replica.model_id, replica.node)
+        except RayActorError as exc:
+            replica.node = None
+            replica.reping_at = time.monotonic() + REPING_SECONDS
+            log.debug("model %s: replica not ready: %s", replica.model_id, exc)
+
+    def _finished(self, replica: _Replica) -> None:
+        ref: Any = replica.result
+        spec = replica.job
+        assert spec is not None
+        replica.result, replica.job = None, None
+        started = replica.deadline - spec.timeout_seconds
+        try:
+            node_id, files, stages = ray.get(ref)
+        except RayTaskError as exc:
+            # The model raised: another attempt would only repeat it.
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            reason = f"{type(cause).__name__}: {cause}"
+            log.debug("job %d failed on the cluster:\n%s", spec.job_id, exc)
+            self._send(JobOutcome(spec.job_id, False, reason=reason, ran_on=replica.node or ""))
+            return
+        except RayActorError as exc:
+            # Its replica died (its cluster node gone): Ray restarts it where the resources
+            # are; the job runs again there.
+            where = replica.node or "?"
+            replica.node, replica.reping_at = None, time.monotonic() + REPING_SECONDS
+            self._send(
+                JobOutcome(
+                    spec.job_id,
+                    False,
+                    reason=f"its replica on cluster node {where} died: {type(exc).__name__}",
+                    retry=True,
+                    ran_on=where,
+                )
+            )
+            return
+        try:
+            paths = _write_results(spec, files)
+        except Exception as exc:  # the node's disk: StorageError, OutOfSpaceError
+            self._send(JobOutcome(spec.job_id, False, reason=f"{type(exc).__name__}: {exc}"))
+            return
+        self._send(
+            JobOutcome(
+                spec.job_id,
+                True,
+                paths,
+                seconds=time.monotonic() - started,
+                stages=tuple(stages.items()),
+                ran_on=self._label(node_id),
+            )
+        )
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for model in self._models.values():
+            for replica in model.replicas:
+                spec = replica.job
+                if spec is None or now <= replica.deadline:
+                    continue
+                ray.kill(replica.actor, no_restart=False)
+                where = replica.node or "?"
+                replica.job, replica.result, replica.node = None, None, None
+                replica.reping_at = now + REPING_SECONDS
+                self._send(
+                    JobOutcome(
+                        spec.job_id,
+                        False,
+                        reason=f"the model ran past its timeout of {spec.timeout_seconds:g} s",
+                        ran_on=where,
+                    )
+                )
+
+
+def _write_results(spec: JobSpec, files: list[tuple[str, bytes]]) -> tuple[Path, ...]:
+    from dicom_ai.store.spool import Spool
+
+    spool = Spool(spec.results_dir.parent.parent, spec.min_free_bytes)
+    paths = []
+    for name, data in files:
+        path = spec.results_dir / Path(name).name
+        spool.write_atomic(path, data)
+        paths.append(path)
+    return tuple(paths)
+
+
+def bridge_main(
+    conn: Connection, settings: ClusterSettings, log_level: int, parent_pid: int
+) -> None:
+    from dicom_ai.lifecycle import die_with_parent
+
+    die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _Bridge(conn, settings).run()
+    except Exception:
+        log.error("the Ray bridge failed:\n%s", traceback.format_exc())
+        raise
