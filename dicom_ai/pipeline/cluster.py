@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from dicom_ai.config import Config
-from dicom_ai.pipeline.worker import JobOutcome, JobSpec, drain
+from dicom_ai.pipeline.worker import JobOutcome, JobSpec, Prefetch, drain
 
 __all__ = ["ClusterSettings", "ClusterState", "RayPool", "ReplicaSettings"]
 
@@ -42,6 +42,7 @@ class ReplicaSettings:
 
     resources: dict[str, float] = field(default_factory=dict)
     replicas: int = 1
+    bundle: Path | None = None  # None: a built-in model
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class ClusterSettings:
             config.pipeline.ray.namespace,
             {
                 model_id: ReplicaSettings(
-                    dict(config.model(model_id).resources), config.model(model_id).replicas
+                    dict(config.model(model_id).resources),
+                    config.model(model_id).replicas,
+                    config.model(model_id).bundle,
                 )
                 for model_id in sorted(config.known_models())
             },
@@ -137,8 +140,18 @@ class RayPool:
         except OSError:  # it ended; poll reports the job back for another attempt
             log.debug("job %d: the Ray bridge had ended", spec.job_id)
 
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
-        return False  # the replicas decode their input themselves
+    def prefetch(
+        self, series_uid: str, paths: tuple[Path, ...], models: tuple[str, ...] = ()
+    ) -> bool:
+        """Send ``paths`` ahead to an idle replica of one of ``models`` (the bridge picks),
+        which decodes them before the series' job comes; False while not connected."""
+        if self._conn is None or not self._state.connected or not models:
+            return False
+        try:
+            self._conn.send(Prefetch(series_uid, paths, models))
+        except OSError:
+            return False
+        return True
 
     def poll(self, timeout: float = 0.0, wake: socket.socket | None = None) -> list[JobOutcome]:
         outcomes: list[JobOutcome] = []

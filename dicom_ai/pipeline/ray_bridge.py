@@ -10,6 +10,9 @@ lost.
   Ray's object store as one buffer; the replica writes them into a temporary folder on its
   own cluster node and runs `worker.run_job` on them, as a local worker would. The model's
   bundle folder travels the same way once per replica: no filesystem is shared.
+- The instances of a series still arriving go ahead to an idle replica of a model its
+  rules run (`ModelReplica.prefetch`), decoded into its arena; its job then carries only
+  what that replica lacks (all of it again if the replica restarted: `MissingInput`).
 - The replica returns the encoded result files; the bridge writes them into the job's
   results folder (fsynced) and reports a `JobOutcome` naming the cluster node.
 - A replica that dies under a job (its node gone): the job goes back for another attempt
@@ -34,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Read by the driver's core worker at ray.init: a lost head ends this process in seconds
 # rather than a minute, and the pool's next bridge waits for the head to come back.
@@ -46,7 +49,17 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from dicom_ai.pipeline.cluster import ClusterSettings, ClusterState, ReplicaSettings
-from dicom_ai.pipeline.worker import JobOutcome, JobSpec, LoadedModels, run_job
+from dicom_ai.pipeline.worker import (
+    JobOutcome,
+    JobSpec,
+    LoadedModels,
+    Prefetch,
+    new_arena,
+    run_job,
+)
+
+if TYPE_CHECKING:
+    from dicom_ai.inference.arena import PrefetchArena
 
 __all__ = ["ModelReplica", "bridge_main"]
 
@@ -80,12 +93,13 @@ class JobInput:
                     raise OSError(f"{path} changed while it was read")
         return cls(paths, offsets, data)
 
-    def write(self, folder: Path) -> dict[Path, Path]:
-        """The files under ``folder``; returns where each original path now lies."""
+    def write(self, folder: Path, first: int = 0) -> dict[Path, Path]:
+        """The files under ``folder``, numbered from ``first``; returns where each original
+        path now lies."""
         folder.mkdir(parents=True, exist_ok=True)
         placed = {}
         for k, (path, start, end) in enumerate(
-            zip(self.paths, self.offsets, self.offsets[1:], strict=False)
+            zip(self.paths, self.offsets, self.offsets[1:], strict=False), start=first
         ):
             local = folder / f"{k:06d}.dcm"
             local.write_bytes(self.data.data[start:end])
@@ -103,8 +117,15 @@ def _packed(folder: Path | None) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
     return np.frombuffer(buffer.getbuffer(), np.uint8).copy()
 
 
+class MissingInput(Exception):
+    """A job counted on instances sent ahead that its replica no longer holds (restarted
+    since): the bridge sends the job again with all of them."""
+
+
 class ModelReplica:
-    """One warm copy of a model on a cluster node (a Ray actor)."""
+    """One warm copy of a model on a cluster node (a Ray actor). Instances of a series
+    still arriving are sent ahead (`prefetch`) and decoded into its arena, as a local
+    worker's, so its job starts with them loaded."""
 
     def __init__(self, bundle: np.ndarray[Any, np.dtype[np.uint8]] | None) -> None:
         logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -116,6 +137,18 @@ class ModelReplica:
                 tar.extractall(self._folder, filter="data")
             self._bundle = self._folder / "bundle"
         self._models = LoadedModels(keep=1)
+        self._arena: PrefetchArena | None = None
+        self._prefetched: dict[Path, Path] = {}  # the node's path -> the file here
+        self._written = 0
+
+    def prefetch(self, job_input: JobInput) -> int:
+        """Keep and decode instances ahead of their job; how many were decoded."""
+        if self._arena is None:
+            self._arena = new_arena()
+        placed = job_input.write(self._folder / "prefetch", self._written)
+        self._written += len(placed)
+        self._prefetched.update(placed)
+        return self._arena.prefetch(list(placed.values()))
 
     def where(self) -> str:
         """This cluster node's id."""
@@ -127,7 +160,12 @@ class ModelReplica:
         """Run one job on its input; the result files' names and bytes, and its stages."""
         job_folder = Path(tempfile.mkdtemp(prefix=f"job-{spec.job_id}-", dir=self._folder))
         try:
-            placed = job_input.write(job_folder / "input")
+            placed = {**self._prefetched, **job_input.write(job_folder / "input")}
+            missing = [p for p in _inputs(spec) if p not in placed]
+            if missing:
+                raise MissingInput(f"{len(missing)} instance(s) sent ahead are not here")
+            if self._arena is None:
+                self._arena = new_arena()
             local = replace(
                 spec,
                 bundle=self._bundle if spec.bundle is not None else None,
@@ -141,10 +179,21 @@ class ModelReplica:
                 min_free_bytes=0,
             )
             stages: dict[str, float] = {}
-            files = run_job(local, None, self._models, stages)
+            files = run_job(local, self._arena, self._models, stages)
             return self.where(), [(path.name, path.read_bytes()) for path in files], stages
         finally:
             _remove_tree(job_folder)
+            # What was sent ahead is this job's or superseded by it (the bridge forgets it
+            # too when it sends a job).
+            for path in self._prefetched.values():
+                path.unlink(missing_ok=True)
+            self._prefetched.clear()
+
+
+def _inputs(spec: JobSpec) -> tuple[Path, ...]:
+    """Every instance file a job reads (a study job's every role), once."""
+    paths = (*spec.instance_paths, *(p for r in spec.roles for p in r.instance_paths))
+    return tuple(dict.fromkeys(paths))
 
 
 def _remove_tree(folder: Path) -> None:
@@ -166,6 +215,10 @@ class _Replica:
     job: JobSpec | None = None
     result: Any | None = None  # the ObjectRef of run()
     deadline: float = 0.0
+    # Instances sent ahead (the node's paths), and the ObjectRefs of those prefetch() calls.
+    prefetched: set[Path] = field(default_factory=set)
+    prefetches: list[Any] = field(default_factory=list)
+    series: str | None = None  # the series whose instances it was sent last
 
 
 @dataclass
@@ -246,7 +299,10 @@ class _Bridge:
                 message = self._conn.recv()
                 if message is None:
                     return False
-                if ray.is_initialized():
+                if isinstance(message, Prefetch):
+                    if ray.is_initialized():
+                        self._prefetch(message)
+                elif ray.is_initialized():
                     self._enqueue(message)
                 else:
                     self._queue.append(message)
@@ -258,52 +314,75 @@ class _Bridge:
     # -- jobs ----------------------------------------------------------------------------
 
     def _enqueue(self, spec: JobSpec) -> None:
-        model = self._models.get(spec.model_id)
-        if model is None:
-            settings = self._settings.models.get(spec.model_id, ReplicaSettings())
-            model = self._models[spec.model_id] = _Model(settings)
-            self._place(spec, model)
-        model.queue.append(spec)
-
-    def _place(self, spec: JobSpec, model: _Model) -> None:
-        """The model's replicas, placed by its resources; its bundle goes with them."""
-        if spec.python is not None:
+        if spec.python is not None and spec.model_id not in self._models:
             log.info(
                 "model %s: its prepared environment is not used on the cluster; its replicas "
                 "run on the cluster nodes' Python",
                 spec.model_id,
             )
+        self._model(spec.model_id).queue.append(spec)
+
+    def _model(self, model_id: str) -> _Model:
+        """The model's replicas, made at its first job or prefetch: placed by its
+        resources, its bundle sent with them."""
+        model = self._models.get(model_id)
+        if model is not None:
+            return model
+        settings = self._settings.models.get(model_id, ReplicaSettings())
+        model = self._models[model_id] = _Model(settings)
         resources = dict(model.settings.resources)
         options: dict[str, Any] = {
             name: resources.pop(name) for name in _ACTOR_OPTIONS if name in resources
         }
         options["resources"] = resources
-        model.bundle = ray.put(_packed(spec.bundle))
+        model.bundle = ray.put(_packed(model.settings.bundle))
         for _ in range(model.settings.replicas):
             actor = self._actor_class.options(**options).remote(model.bundle)
-            replica = _Replica(spec.model_id, actor)
+            replica = _Replica(model_id, actor)
             replica.ready = actor.where.remote()
             model.replicas.append(replica)
+        return model
+
+    def _prefetch(self, request: Prefetch) -> None:
+        """Send arriving instances to an idle replica of a model their rules run (one that
+        has the series' earlier instances first); none idle: the job sends them."""
+        for model_id in request.models:
+            idle = [r for r in self._model(model_id).replicas if r.node and r.job is None]
+            if not idle:
+                continue
+            replica = max(idle, key=lambda r: r.series == request.series_instance_uid)
+            new = tuple(p for p in request.instance_paths if p not in replica.prefetched)
+            try:
+                job_input = JobInput.read(new)
+            except OSError:
+                return  # best effort: the job sends what is not here
+            replica.prefetches.append(replica.actor.prefetch.remote(job_input))
+            replica.prefetched.update(new)
+            replica.series = request.series_instance_uid
+            return
 
     def _dispatch(self) -> None:
         for model in self._models.values():
             for replica in model.replicas:
-                if not model.queue:
+                due = time.monotonic() >= replica.reping_at
+                if replica.node is None and replica.ready is None and due:
+                    replica.ready = replica.actor.where.remote()
+            while model.queue:
+                idle = [r for r in model.replicas if r.node is not None and r.job is None]
+                if not idle:
                     break
-                if replica.node is None:
-                    if replica.ready is None and time.monotonic() >= replica.reping_at:
-                        replica.ready = replica.actor.where.remote()
-                    continue
-                if replica.job is not None:
-                    continue
                 spec = model.queue.popleft()
+                needed = _inputs(spec)
+                # The replica that has the most of its input already.
+                replica = max(idle, key=lambda r: len(r.prefetched.intersection(needed)))
                 try:
                     job_input = JobInput.read(
-                        (*spec.instance_paths, *(p for r in spec.roles for p in r.instance_paths))
+                        tuple(p for p in needed if p not in replica.prefetched)
                     )
                 except OSError as exc:
                     self._send(JobOutcome(spec.job_id, False, reason=f"input: {exc}"))
                     continue
+                replica.prefetched.clear()
                 replica.job = spec
                 replica.result = replica.actor.run.remote(spec, job_input)
                 replica.deadline = time.monotonic() + spec.timeout_seconds
@@ -312,16 +391,27 @@ class _Bridge:
         replicas = [r for m in self._models.values() for r in m.replicas]
         waiting = {r.ready: r for r in replicas if r.ready is not None}
         waiting.update({r.result: r for r in replicas if r.result is not None})
+        waiting.update({ref: r for r in replicas for ref in r.prefetches})
         if not waiting:
             time.sleep(timeout)
             return
         done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=timeout)
         for ref in done:
             replica = waiting[ref]
-            if ref is replica.ready or ref == replica.ready:
+            if ref == replica.ready:
                 self._answered(replica)
-            else:
+            elif ref == replica.result:
                 self._finished(replica)
+            else:
+                self._prefetched(replica, ref)
+
+    def _prefetched(self, replica: _Replica, ref: Any) -> None:
+        replica.prefetches.remove(ref)
+        try:
+            ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            # Best effort: its job sends what the replica does not have (MissingInput).
+            log.debug("model %s: prefetch failed: %s", replica.model_id, exc)
 
     def _answered(self, replica: _Replica) -> None:
         ref: Any = replica.ready
@@ -343,6 +433,9 @@ class _Bridge:
         try:
             node_id, files, stages = ray.get(ref)
         except RayTaskError as exc:
+            if isinstance(exc.cause, MissingInput):  # restarted since: all of it again
+                self._models[spec.model_id].queue.appendleft(spec)
+                return
             # The model raised: another attempt would only repeat it.
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             reason = f"{type(cause).__name__}: {cause}"
@@ -354,6 +447,7 @@ class _Bridge:
             # are; the job runs again there.
             where = replica.node or "?"
             replica.node, replica.reping_at = None, time.monotonic() + REPING_SECONDS
+            replica.prefetched.clear()
             self._send(
                 JobOutcome(
                     spec.job_id,
@@ -391,6 +485,7 @@ class _Bridge:
                 where = replica.node or "?"
                 replica.job, replica.result, replica.node = None, None, None
                 replica.reping_at = now + REPING_SECONDS
+                replica.prefetched.clear()
                 self._send(
                     JobOutcome(
                         spec.job_id,

@@ -39,7 +39,9 @@ class Pool(Protocol):
 
     def idle(self) -> int: ...
     def submit(self, spec: JobSpec) -> None: ...
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool: ...
+    def prefetch(
+        self, series_uid: str, paths: tuple[Path, ...], models: tuple[str, ...] = ()
+    ) -> bool: ...
     def poll(self, timeout: float = 0.0, wake: socket.socket | None = None) -> list[JobOutcome]: ...
 
 
@@ -130,10 +132,12 @@ class Prefetcher:
         self._pool = pool
         self._plans = plans
         self._sent: dict[str, int] = {}
+        self._models: dict[str, tuple[str, ...]] = {}  # the models its rules would run
 
     def forget(self, series_uid: str) -> None:
         """The series' run started: what comes next is a new batch."""
         self._sent.pop(series_uid, None)
+        self._models.pop(series_uid, None)
 
     def arriving(self, pending: list[PendingSeries]) -> None:
         for series in pending:
@@ -144,10 +148,12 @@ class Prefetcher:
             try:
                 new = self._index.series_instance_paths(uid, skip=sent or 0)
                 if sent is None:  # first sight: worth it only if a rule would run a model
-                    sent = self._sent[uid] = 0 if self._plans(uid, new) else _NO_MODEL
+                    models = tuple(dict.fromkeys(plan.model for plan in self._plans(uid, new)))
+                    sent = self._sent[uid] = 0 if models else _NO_MODEL
                     if sent == _NO_MODEL:
                         continue
-                if new and self._pool.prefetch(uid, tuple(new)):
+                    self._models[uid] = models
+                if new and self._pool.prefetch(uid, tuple(new), self._models.get(uid, ())):
                     self._sent[uid] = sent + len(new)
             except Exception:  # best effort: the job reads whatever was not prefetched
                 log.debug("no prefetch for series %s", uid, exc_info=True)

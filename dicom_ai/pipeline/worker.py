@@ -114,10 +114,12 @@ class JobSpec:
 @dataclass(frozen=True)
 class Prefetch:
     """Instances of a series still arriving: read and decode them before its job comes, so
-    the job does not start with a second of reading. Answered with nothing."""
+    the job does not start with a second of reading. Answered with nothing. (``models``:
+    what its rules run, for a cluster's replicas of them.)"""
 
     series_instance_uid: str
     instance_paths: tuple[Path, ...]
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def _freeze_long_lived() -> None:
     gc.freeze()
 
 
-def _new_arena() -> PrefetchArena:
+def new_arena() -> PrefetchArena:
     """The worker's arena, made for its first message. The loaders (torch, MONAI) are
     imported with it: for a first prefetch, while the series still arrives rather than when
     its job starts. Never in the node's main process."""
@@ -510,7 +512,7 @@ def _worker_main(
     # highdicom narrates every module it copies at INFO: thousands of lines per job.
     logging.getLogger("highdicom").setLevel(max(log_level, logging.WARNING))
     inbox: deque[JobSpec | Prefetch | None] = deque()
-    arena: PrefetchArena | None = None  # made for the first message: see _new_arena
+    arena: PrefetchArena | None = None  # made for the first message: see new_arena
     models = LoadedModels(warm_models)
     while True:
         try:
@@ -521,13 +523,13 @@ def _worker_main(
             return
         if isinstance(spec, Prefetch):
             if arena is None:
-                arena = _new_arena()
+                arena = new_arena()
             _prefetch(spec, conn, inbox, arena)
             continue
         started = time.monotonic()
         try:
             if arena is None:  # in the try: a loader that cannot be imported fails the job
-                arena = _new_arena()
+                arena = new_arena()
             stages: dict[str, float] = {}
             files = run_job(spec, arena, models, stages)
             outcome = JobOutcome(
@@ -793,9 +795,11 @@ class WorkerPool:
             slot.models.remove(spec.model_id)
         slot.models = [*slot.models, spec.model_id][-self._warm_models :]
 
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
+    def prefetch(
+        self, series_uid: str, paths: tuple[Path, ...], models: tuple[str, ...] = ()
+    ) -> bool:
         """Ask an idle worker to decode ``paths`` ahead of the series' job; False when none
-        is idle."""
+        is idle. (``models``, what the series' rules run, matters on a cluster only.)"""
         slot = self._idle_slot(series_uid)
         if slot is None:
             return False

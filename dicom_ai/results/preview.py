@@ -275,9 +275,7 @@ def _first(value: Any) -> float | None:
     return float(value[0]) if len(value) else None
 
 
-def voi_window(
-    header: Dataset, frame_number: int | None
-) -> tuple[float | None, float | None, str]:
+def voi_window(header: Dataset, frame_number: int | None) -> tuple[float | None, float | None, str]:
     macro = "FrameVOILUTSequence"
     try:
         center = _first(_frame_value(header, frame_number, macro, "WindowCenter"))

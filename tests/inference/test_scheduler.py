@@ -29,6 +29,7 @@ class FakeWorkers:
         self.running: dict[int, JobSpec] = {}
         self.submitted: list[JobSpec] = []
         self.prefetches: list[tuple[str, tuple[Path, ...]]] = []
+        self.prefetch_models: list[tuple[str, ...]] = []
         self.outcomes: list[JobOutcome] = []
         self.polled: list[tuple[float, socket.socket | None]] = []
 
@@ -40,10 +41,13 @@ class FakeWorkers:
         self.running[spec.job_id] = spec
         self.submitted.append(spec)
 
-    def prefetch(self, series_uid: str, paths: tuple[Path, ...]) -> bool:
+    def prefetch(
+        self, series_uid: str, paths: tuple[Path, ...], models: tuple[str, ...] = ()
+    ) -> bool:
         if self.busy or self.idle() == 0:
             return False
         self.prefetches.append((series_uid, paths))
+        self.prefetch_models.append(models)
         return True
 
     def poll(self, timeout: float = 0.0, wake: socket.socket | None = None) -> list[JobOutcome]:
@@ -251,6 +255,7 @@ def test_series_still_arriving_are_prefetched_when_a_rule_runs_a_model(harness: 
     prefetcher.arriving(index.pending_series())
     uid = ct[0].SeriesInstanceUID
     assert pool.prefetches == [(uid, tuple(first))]
+    assert pool.prefetch_models == [("ct-body",)]  # what its rule runs, for a cluster
     rest = harness.receive(ct[3:], association)
     pool.busy = True  # not now: asked again on the next round
     prefetcher.arriving(index.pending_series())
