@@ -228,6 +228,9 @@ class ModelConfig(_Strict):
         negative = sorted(name for name, amount in value.items() if amount < 0)
         if negative:
             raise ValueError(f"resources cannot be negative: {', '.join(negative)}")
+        # Ray takes these only as its own options.
+        if "CPU" in value or "GPU" in value:
+            raise ValueError("resources: write num_cpus and num_gpus, not CPU and GPU")
         return value
 
     @field_validator("explain", mode="before")

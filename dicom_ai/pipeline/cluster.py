@@ -180,8 +180,8 @@ class RayPool:
 
     def _take(self, message: object, outcomes: list[JobOutcome]) -> None:
         if isinstance(message, JobOutcome):
-            self._in_flight.pop(message.job_id, None)
-            outcomes.append(message)
+            if self._in_flight.pop(message.job_id, None) is not None:
+                outcomes.append(message)  # (one already reported back is not again)
         elif isinstance(message, ClusterState):
             self._heard = True
             if message.connected and not self._state.connected:
@@ -206,20 +206,25 @@ class RayPool:
     def _bridge_ended(self) -> list[JobOutcome]:
         """The bridge is gone (the cluster's head lost, or a crash): its jobs go back for
         another attempt, and a fresh bridge starts after RESTART_SECONDS."""
+        lost: list[JobOutcome] = []
+        if self._conn is not None:
+            # What it sent before it ended counts: a job done is not run again.
+            with contextlib.suppress(EOFError, OSError):
+                while self._conn.poll():
+                    self._take(self._conn.recv(), lost)
+            self._conn.close()
         if self._process is not None:
             self._process.join(timeout=5)
             code = self._process.exitcode
         else:
             code = None
-        if self._conn is not None:
-            self._conn.close()
         self._process, self._conn = None, None
         self._start_at = time.monotonic() + RESTART_SECONDS
         reason = f"the connection to the Ray cluster was lost (its driver exited with {code})"
         if self._state.connected:
             log.warning("Ray cluster at %s: %s", self._settings.address, reason)
         self._state = ClusterState(False, reason)
-        lost = [JobOutcome(job_id, False, reason=reason, retry=True) for job_id in self._in_flight]
+        lost += [JobOutcome(job_id, False, reason=reason, retry=True) for job_id in self._in_flight]
         self._in_flight.clear()
         return lost
 

@@ -46,7 +46,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from dicom_ai.pipeline.cluster import ClusterSettings, ClusterState, ReplicaSettings
 from dicom_ai.pipeline.worker import (
@@ -122,6 +122,10 @@ class MissingInput(Exception):
     since): the bridge sends the job again with all of them."""
 
 
+class ReplicaBroken(Exception):
+    """The replica could not be set up on its cluster node; every job it gets fails so."""
+
+
 class ModelReplica:
     """One warm copy of a model on a cluster node (a Ray actor). Instances of a series
     still arriving are sent ahead (`prefetch`) and decoded into its arena, as a local
@@ -132,9 +136,15 @@ class ModelReplica:
         logging.getLogger("highdicom").setLevel(logging.WARNING)
         self._folder = Path(tempfile.mkdtemp(prefix="dicom-ai-replica-"))
         self._bundle: Path | None = None
+        # Why it cannot run jobs; said by each job. Not raised here: Ray would restart a
+        # replica whose constructor fails, again and again, while its jobs wait.
+        self._broken: str | None = None
         if bundle is not None:
-            with tarfile.open(fileobj=io.BytesIO(bundle.tobytes()), mode="r") as tar:
-                tar.extractall(self._folder, filter="data")
+            try:
+                with tarfile.open(fileobj=io.BytesIO(bundle.tobytes()), mode="r") as tar:
+                    tar.extractall(self._folder, filter="data")
+            except Exception as exc:  # a link out of the bundle, a full disk, ...
+                self._broken = f"its bundle does not unpack here: {type(exc).__name__}: {exc}"
             self._bundle = self._folder / "bundle"
         self._models = LoadedModels(keep=1)
         self._arena: PrefetchArena | None = None
@@ -143,6 +153,8 @@ class ModelReplica:
 
     def prefetch(self, job_input: JobInput) -> int:
         """Keep and decode instances ahead of their job; how many were decoded."""
+        if self._broken is not None:
+            return 0
         if self._arena is None:
             self._arena = new_arena()
         placed = job_input.write(self._folder / "prefetch", self._written)
@@ -158,6 +170,8 @@ class ModelReplica:
         self, spec: JobSpec, job_input: JobInput
     ) -> tuple[str, list[tuple[str, bytes]], dict[str, float]]:
         """Run one job on its input; the result files' names and bytes, and its stages."""
+        if self._broken is not None:
+            raise ReplicaBroken(self._broken)
         job_folder = Path(tempfile.mkdtemp(prefix=f"job-{spec.job_id}-", dir=self._folder))
         try:
             placed = {**self._prefetched, **job_input.write(job_folder / "input")}
@@ -284,8 +298,12 @@ class _Bridge:
     def _label(self, node_id: str) -> str:
         """A cluster node as the node's status and logs name it: "<node id> (<address>)"."""
         if node_id not in self._addresses:
-            for node in _ray.nodes():
-                self._addresses[str(node["NodeID"])] = str(node.get("NodeManagerAddress", "?"))
+            try:
+                for node in _ray.nodes():
+                    address = str(node.get("NodeManagerAddress", "?"))
+                    self._addresses[str(node["NodeID"])] = address
+            except Exception as exc:  # the GCS in trouble: the id alone says enough
+                log.debug("no node table: %s", exc)
         return f"{node_id} ({self._addresses.get(node_id, '?')})"
 
     def _send(self, message: ClusterState | JobOutcome) -> None:
@@ -293,23 +311,23 @@ class _Bridge:
 
     def _receive(self, timeout: float) -> bool:
         """Take the node's messages; False at the stop (or when the node is gone)."""
-        try:
-            ready = self._conn.poll(timeout)
-            while ready:
+        while True:
+            try:
+                if not self._conn.poll(timeout):
+                    return True
                 message = self._conn.recv()
-                if message is None:
-                    return False
-                if isinstance(message, Prefetch):
-                    if ray.is_initialized():
-                        self._prefetch(message)
-                elif ray.is_initialized():
-                    self._enqueue(message)
-                else:
-                    self._queue.append(message)
-                ready = self._conn.poll()
-        except (EOFError, OSError):
-            return False
-        return True
+            except (EOFError, OSError):
+                return False
+            timeout = 0.0
+            if message is None:
+                return False
+            if isinstance(message, Prefetch):
+                if ray.is_initialized():
+                    self._prefetch(message)
+            elif ray.is_initialized():
+                self._enqueue(message)
+            else:
+                self._queue.append(message)
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -320,7 +338,14 @@ class _Bridge:
                 "run on the cluster nodes' Python",
                 spec.model_id,
             )
-        self._model(spec.model_id).queue.append(spec)
+        try:
+            model = self._model(spec.model_id)
+        except Exception as exc:  # Ray refused the options, the bundle would not pack, ...
+            reason = f"the model's replicas cannot be made: {type(exc).__name__}: {exc}"
+            log.warning("model %s: %s", spec.model_id, reason)
+            self._send(JobOutcome(spec.job_id, False, reason=reason))
+            return
+        model.queue.append(spec)
 
     def _model(self, model_id: str) -> _Model:
         """The model's replicas, made at its first job or prefetch: placed by its
@@ -329,7 +354,7 @@ class _Bridge:
         if model is not None:
             return model
         settings = self._settings.models.get(model_id, ReplicaSettings())
-        model = self._models[model_id] = _Model(settings)
+        model = _Model(settings)
         resources = dict(model.settings.resources)
         options: dict[str, Any] = {
             name: resources.pop(name) for name in _ACTOR_OPTIONS if name in resources
@@ -341,13 +366,18 @@ class _Bridge:
             replica = _Replica(model_id, actor)
             replica.ready = actor.where.remote()
             model.replicas.append(replica)
+        self._models[model_id] = model  # once whole: a failure above leaves no half model
         return model
 
     def _prefetch(self, request: Prefetch) -> None:
         """Send arriving instances to an idle replica of a model their rules run (one that
         has the series' earlier instances first); none idle: the job sends them."""
         for model_id in request.models:
-            idle = [r for r in self._model(model_id).replicas if r.node and r.job is None]
+            try:
+                replicas = self._model(model_id).replicas
+            except Exception:  # its job will say why
+                continue
+            idle = [r for r in replicas if r.node and r.job is None]
             if not idle:
                 continue
             replica = max(idle, key=lambda r: r.series == request.series_instance_uid)
@@ -402,16 +432,21 @@ class _Bridge:
                 self._answered(replica)
             elif ref == replica.result:
                 self._finished(replica)
-            else:
+            elif ref in replica.prefetches:
                 self._prefetched(replica, ref)
+            # else: its model's replicas were given up (_unplaceable) meanwhile
 
     def _prefetched(self, replica: _Replica, ref: Any) -> None:
         replica.prefetches.remove(ref)
         try:
             ray.get(ref)
-        except (RayActorError, RayTaskError) as exc:
+        except RayTaskError as exc:
             # Best effort: its job sends what the replica does not have (MissingInput).
             log.debug("model %s: prefetch failed: %s", replica.model_id, exc)
+        except RayError as exc:  # the replica is gone: ask for it again before a job
+            log.debug("model %s: prefetch lost with its replica: %s", replica.model_id, exc)
+            replica.node, replica.reping_at = None, time.monotonic() + REPING_SECONDS
+            replica.prefetched.clear()
 
     def _answered(self, replica: _Replica) -> None:
         ref: Any = replica.ready
@@ -420,9 +455,30 @@ class _Bridge:
             replica.node = self._label(str(ray.get(ref)))
             log.info("model %s: a replica is ready on %s", replica.model_id, replica.node)
         except RayActorError as exc:
+            if exc.actor_init_failed:  # it can never start: its jobs fail with the reason
+                self._unplaceable(replica.model_id, exc)
+                return
             replica.node = None
             replica.reping_at = time.monotonic() + REPING_SECONDS
             log.debug("model %s: replica not ready: %s", replica.model_id, exc)
+        except RayError as exc:  # Ray's others (a lost object, the GCS): ask again
+            replica.node = None
+            replica.reping_at = time.monotonic() + REPING_SECONDS
+            log.debug("model %s: replica not ready: %s", replica.model_id, exc)
+
+    def _unplaceable(self, model_id: str, exc: BaseException) -> None:
+        """A replica of ``model_id`` failed in its constructor (dicom-ai missing on the
+        cluster node, a bundle that does not unpack): its queued and running jobs fail with
+        the reason, and the next job tries a fresh set of replicas."""
+        model = self._models.pop(model_id)
+        reason = f"the model's replica could not start on the cluster: {exc}"
+        log.warning("model %s: %s", model_id, reason)
+        jobs = [*model.queue, *(r.job for r in model.replicas if r.job is not None)]
+        for spec in jobs:
+            self._send(JobOutcome(spec.job_id, False, reason=reason))
+        for replica in model.replicas:
+            replica.job, replica.result, replica.ready, replica.prefetches = None, None, None, []
+            _ray.kill(replica.actor, no_restart=True)
 
     def _finished(self, replica: _Replica) -> None:
         ref: Any = replica.result
@@ -439,20 +495,24 @@ class _Bridge:
             # The model raised: another attempt would only repeat it.
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             reason = f"{type(cause).__name__}: {cause}"
+            if isinstance(cause, ReplicaBroken):
+                reason = f"the model's replica could not start on the cluster: {cause}"
             log.debug("job %d failed on the cluster:\n%s", spec.job_id, exc)
             self._send(JobOutcome(spec.job_id, False, reason=reason, ran_on=replica.node or ""))
             return
-        except RayActorError as exc:
-            # Its replica died (its cluster node gone): Ray restarts it where the resources
-            # are; the job runs again there.
-            where = replica.node or "?"
+        except RayError as exc:
+            # Its replica died (its cluster node gone, its memory), or its results were lost
+            # with their node: Ray restarts the replica where the resources are; the job
+            # runs again there.
+            where = replica.node or ""
             replica.node, replica.reping_at = None, time.monotonic() + REPING_SECONDS
             replica.prefetched.clear()
             self._send(
                 JobOutcome(
                     spec.job_id,
                     False,
-                    reason=f"its replica on cluster node {where} died: {type(exc).__name__}",
+                    reason=f"its replica on cluster node {where or '?'} was lost: "
+                    f"{type(exc).__name__}",
                     retry=True,
                     ran_on=where,
                 )
@@ -461,7 +521,8 @@ class _Bridge:
         try:
             paths = _write_results(spec, files)
         except Exception as exc:  # the node's disk: StorageError, OutOfSpaceError
-            self._send(JobOutcome(spec.job_id, False, reason=f"{type(exc).__name__}: {exc}"))
+            reason = f"{type(exc).__name__}: {exc}"
+            self._send(JobOutcome(spec.job_id, False, reason=reason, ran_on=replica.node or ""))
             return
         self._send(
             JobOutcome(
@@ -482,7 +543,7 @@ class _Bridge:
                 if spec is None or now <= replica.deadline:
                     continue
                 ray.kill(replica.actor, no_restart=False)
-                where = replica.node or "?"
+                where = replica.node or ""
                 replica.job, replica.result, replica.node = None, None, None
                 replica.reping_at = now + REPING_SECONDS
                 replica.prefetched.clear()

@@ -1259,7 +1259,7 @@ class Index:
                 "id = ?",
                 (job_id,),
                 new,
-                ", error = ?, updated_at = ?, finished_at = ?, ran_on = ?",
+                ", error = ?, updated_at = ?, finished_at = ?, ran_on = COALESCE(?, ran_on)",
                 (reason, now, None if retry else now, ran_on),
             )
             state = "retried" if retry else "failed"

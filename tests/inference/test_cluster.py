@@ -35,6 +35,7 @@ def test_settings_name_every_model_with_its_resources_and_replicas() -> None:
         (lambda: RayConfig(address="no-port"), "address"),
         (lambda: ModelConfig(resources={"num_gpus": -1}), "cannot be negative: num_gpus"),
         (lambda: ModelConfig(replicas=0), "replicas"),
+        (lambda: ModelConfig(resources={"GPU": 1}), "num_gpus, not CPU and GPU"),
         (lambda: Config(pipeline={"executor": "kubernetes"}), "executor"),
     ],
 )

@@ -212,3 +212,32 @@ def test_kill9_of_the_node_with_a_job_on_the_cluster(
     assert modalities == ["SEG", "SR"], files
     assert marker.read_text().count("inference started") == 2, marker.read_text()
     assert node.index_rows("SELECT state FROM jobs") == [("done",)]
+
+
+def test_a_replica_that_cannot_start_fails_its_job_with_the_reason(
+    tmp_path: Path, pacs: StoreSCP, cluster: RayCluster
+) -> None:
+    spec = PhantomSpec(slices=4, rows=32, columns=32, pixel_spacing_mm=12.0)
+    paths = write_phantom_ct(tmp_path / "ct", spec)
+    cluster.start_worker(MODEL_HOST)
+    node = _slow_node(tmp_path, pacs, cluster, tmp_path / "inferences.txt", seconds=0)
+    # A link out of the bundle: the replica's unpacking refuses it, as it would a bundle
+    # that does not fit the cluster node, so its constructor fails.
+    (tmp_path / "bundles" / "slow_model" / "configs" / "outside").symlink_to("/etc/hostname")
+    node.start()
+    try:
+        sent = storescu(node.port, paths)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        wait_until(
+            lambda: node.index_rows("SELECT state FROM jobs") == [("failed",)],
+            120,
+            "the job to fail",
+            0.5,
+        )
+        ((error,),) = node.index_rows("SELECT error FROM jobs")
+    finally:
+        node.stop()
+    assert error.startswith("the model's replica could not start on the cluster"), error
+    assert "outside" in error
+    assert pacs.files() == []
+    assert not (tmp_path / "inferences.txt").exists()
