@@ -82,6 +82,8 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
         "results_purged_at": row["results_purged_at"],
         "priority": row["priority"],
         "urgent": row["priority"] == 1,
+        # The Ray cluster node of its last attempt, "<node id> (<address>)"; None: here.
+        "ran_on": row["ran_on"],
         # A study job: its study, and each role's series (None: an optional role that
         # did not come) in the rule's order; its series_instance_uid is the reference's.
         "study_instance_uid": row["study_instance_uid"],

@@ -101,7 +101,9 @@ def make_env(tmp_path: Path, destinations: dict[str, Any] | None = None, **web: 
     (done,) = index.start_run(specs[1].series_instance_uid, plan, "ct: Modality 'CT' equals 'CT'")
     index.claim_pending_jobs(2)
     index.fail_job(failed, "ModelError: boom", retry=False)
-    index.finish_job(done, [data_dir / "results" / "sr.dcm"], ("pacs",), {"load": 0.5})
+    index.finish_job(
+        done, [data_dir / "results" / "sr.dcm"], ("pacs",), {"load": 0.5}, "c0ffee (10.0.0.7)"
+    )
     (delivery,) = index.deliveries()
     index.delivery_failed(delivery.id, "no association with PACS", None)
     accounts = Accounts(data_dir / "console.sqlite3")
@@ -228,6 +230,7 @@ def test_series_detail_and_patient_data_by_role(env: Env) -> None:
     assert viewer["routing"] == "ct: Modality 'CT' equals 'CT'"
     (job,) = viewer["job_list"]
     assert (job["state"], job["model"], job["error"]) == ("failed", "ct-body", "ModelError: boom")
+    assert job["ran_on"] is None  # on this machine
     operator = env.call("GET", f"/api/v1/series/{env.ct_series}", "operator").json()
     assert operator["patient"] == {"name": env.phantom.patient_name, "id": env.phantom.patient_id}
     views = [e for e in env.accounts.audit_entries() if e.action == "view.patient"]
@@ -236,6 +239,12 @@ def test_series_detail_and_patient_data_by_role(env: Env) -> None:
     detail = env.call("GET", f"/api/v1/series/{done['series_instance_uid']}").json()
     (job,) = detail["job_list"]
     assert job["stages"] == {"load": 0.5}
+    assert job["ran_on"] == "c0ffee (10.0.0.7)"  # the Ray cluster node that ran it
+    page = env.client.get(
+        f"/series/{done['series_instance_uid']}",
+        headers={"Authorization": f"Bearer {env.tokens['viewer']}"},
+    )
+    assert 'ran on cluster node <code class="uid">c0ffee (10.0.0.7)</code>' in page.text
     (delivery,) = job["deliveries"]
     assert delivery["state"] == "dead_letter"
     assert [a["ok"] for a in delivery["attempt_list"]] == [False]
