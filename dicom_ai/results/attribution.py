@@ -45,7 +45,7 @@ from dicom_ai.results.preview import (
     window_to_uint8,
 )
 from dicom_ai.results.seg import with_shared_geometry
-from dicom_ai.results.sources import default_series_number
+from dicom_ai.results.sources import default_series_number, order_like_frames
 from dicom_ai.results.uids import ResultUIDs, derived_uid
 
 __all__ = [
@@ -272,22 +272,13 @@ def _overlay(
 
 def _ordered(source_images: Sequence[Dataset], attribution: AttributionMap) -> list[Dataset]:
     """The source headers in the map's frame order, each the map's size."""
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_images}
-    missing = [uid for uid in attribution.source_sop_instance_uids if uid not in by_uid]
-    if missing:
-        raise EncodingError(
-            f"{len(missing)} source instance(s) of the map are not among the "
-            f"{len(source_images)} source images, e.g. {missing[0]}"
-        )
-    ordered = [by_uid[uid] for uid in attribution.source_sop_instance_uids]
-    _, rows, columns = attribution.values.shape
-    for ds in ordered:
-        if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
-            raise EncodingError(
-                f"source image {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns}, "
-                f"the map is {rows}x{columns}"
-            )
-    return ordered
+    return order_like_frames(
+        source_images,
+        attribution.source_sop_instance_uids,
+        attribution.values.shape,
+        "the map",
+        "the map",
+    )
 
 
 def _multiframe(

@@ -22,6 +22,7 @@ __all__ = [
     "default_series_number",
     "display_colours",
     "order_like_findings",
+    "order_like_frames",
     "present_labels",
 ]
 
@@ -46,20 +47,39 @@ def order_like_findings(
 
     For a multi-frame source the same header repeats, once per frame of the label map.
     """
+    return order_like_frames(
+        source_images,
+        findings.source_sop_instance_uids,
+        findings.label_map.shape,
+        "the findings",
+        "the label map",
+    )
+
+
+def order_like_frames(
+    source_images: Sequence[Dataset],
+    source_sop_instance_uids: Sequence[str],
+    shape: tuple[int, ...],
+    owner: str,
+    grid: str,
+) -> list[Dataset]:
+    """The source headers in ``source_sop_instance_uids`` order, each checked to be the
+    rows and columns of ``shape`` (frames, rows, columns); ``owner`` and ``grid`` name
+    what the frames belong to in the errors."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_images}
-    missing = [uid for uid in findings.source_sop_instance_uids if uid not in by_uid]
+    missing = [uid for uid in source_sop_instance_uids if uid not in by_uid]
     if missing:
         raise EncodingError(
-            f"{len(missing)} source instance(s) of the findings are not among the "
+            f"{len(missing)} source instance(s) of {owner} are not among the "
             f"{len(source_images)} source images, e.g. {missing[0]}"
         )
-    ordered = [by_uid[uid] for uid in findings.source_sop_instance_uids]
-    _, rows, columns = findings.label_map.shape
+    ordered = [by_uid[uid] for uid in source_sop_instance_uids]
+    _, rows, columns = shape
     for ds in ordered:
         if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
             raise EncodingError(
                 f"source image {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns}, "
-                f"the label map is {rows}x{columns}"
+                f"{grid} is {rows}x{columns}"
             )
     return ordered
 
