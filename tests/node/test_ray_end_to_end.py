@@ -65,6 +65,18 @@ def _slow_node(
     return _ray_node(tmp_path, pacs, cluster, rules=rules, models={"slow": model})
 
 
+def _await_results(pacs: StoreSCP, settle: float) -> None:
+    """SEG and SR at the PACS; then ``settle`` seconds for anything extra to arrive."""
+    wait_until(lambda: len(pacs.files()) >= 2, 300, "SEG and SR at the PACS", 0.5)
+    time.sleep(settle)
+
+
+def _assert_one_seg_and_sr(pacs: StoreSCP) -> None:
+    files = pacs.files()
+    modalities = sorted(str(dcmread(f, stop_before_pixels=True).Modality) for f in files)
+    assert modalities == ["SEG", "SR"], files
+
+
 def _model_hosts(cluster: RayCluster) -> set[str]:
     return {n["id"] for n in cluster.node_table() if "model_host" in n["resources"]}
 
@@ -94,8 +106,7 @@ def test_a_ct_runs_on_the_node_with_the_resource(
     try:
         sent = storescu(node.port, paths)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_until(lambda: len(pacs.files()) >= 2, 300, "SEG and SR at the PACS", 0.5)
-        time.sleep(1.0)
+        _await_results(pacs, settle=1.0)
         status = _status(node)
     finally:
         node.stop()
@@ -129,13 +140,10 @@ def test_a_node_that_dies_under_a_job_runs_it_again_when_the_resource_is_back(
         time.sleep(3)
         assert pacs.files() == []  # no resource, no replica: the job waits
         cluster.start_worker(MODEL_HOST)
-        wait_until(lambda: len(pacs.files()) >= 2, 300, "SEG and SR at the PACS", 0.5)
-        time.sleep(2.0)
+        _await_results(pacs, settle=2.0)
     finally:
         node.stop()
-    files = pacs.files()
-    modalities = sorted(str(dcmread(f, stop_before_pixels=True).Modality) for f in files)
-    assert modalities == ["SEG", "SR"], files
+    _assert_one_seg_and_sr(pacs)
     assert marker.read_text().count("inference started") == 2, marker.read_text()  # no check here
     ((ran_on, attempts, state),) = node.index_rows("SELECT ran_on, attempts, state FROM jobs")
     assert state == "done" and attempts == 2
@@ -171,8 +179,7 @@ def test_the_head_down_before_a_study_arrives(
         assert pacs.files() == []
         cluster.start_head()
         cluster.start_worker(MODEL_HOST)
-        wait_until(lambda: len(pacs.files()) >= 2, 300, "SEG and SR at the PACS", 0.5)
-        time.sleep(1.0)
+        _await_results(pacs, settle=1.0)
     finally:
         node.stop()
     check_phantom_results(pacs.files(), paths, spec, min_segments=3)
@@ -196,13 +203,10 @@ def test_kill9_of_the_node_with_a_job_on_the_cluster(
         time.sleep(12)
         assert pacs.files() == []
         node.start()
-        wait_until(lambda: len(pacs.files()) >= 2, 300, "SEG and SR at the PACS", 0.5)
-        time.sleep(2.0)
+        _await_results(pacs, settle=2.0)
     finally:
         node.stop()
-    files = pacs.files()
-    modalities = sorted(str(dcmread(f, stop_before_pixels=True).Modality) for f in files)
-    assert modalities == ["SEG", "SR"], files
+    _assert_one_seg_and_sr(pacs)
     assert marker.read_text().count("inference started") == 2, marker.read_text()
     assert node.index_rows("SELECT state FROM jobs") == [("done",)]
 
