@@ -389,10 +389,7 @@ def _sc_image(
             series_number=series_number,
             sop_instance_uid=preview_instance_uid(uids, str(header.SOPInstanceUID), frame_number),
             instance_number=instance_number,
-            manufacturer=device.manufacturer,
-            manufacturer_model_name=device.model_name,
-            software_versions=device.software_version,
-            device_serial_number=device.device_serial_number,
+            **device.equipment(),
             pixel_spacing=((float(spacing[0]), float(spacing[1])) if spacing is not None else None),
             # highdicom takes single letters only; the exact (oblique) ones are set below.
             patient_orientation=(letters[0][0], letters[1][0]),

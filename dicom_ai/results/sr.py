@@ -555,10 +555,7 @@ def _document(
         ),
         sop_instance_uid=uids.sr_sop_instance_uid,
         instance_number=instance_number,
-        manufacturer=device.manufacturer,
-        manufacturer_model_name=device.model_name,
-        software_versions=device.software_version,
-        device_serial_number=device.device_serial_number,
+        **device.equipment(),
         series_description=f"AI SR {algorithm.name}"[:64],
         # Everything the model found is reported; nobody has verified it.
         is_complete=True,
