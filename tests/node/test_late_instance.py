@@ -91,7 +91,17 @@ def test_late_instance_of_a_purged_series_is_kept_not_run_until_the_whole_series
     try:
         # 1. Ten slices: run, delivered, then purged (sources and results).
         send(first)
-        wait_until(lambda: len(pacs.files()) == 2, TIMEOUT, "SEG and SR at the PACS")
+        # The files appear while storescp still writes them: wait for the node's record
+        # that the PACS answered Success for both before taking their times.
+        wait_until(
+            lambda: (
+                len(pacs.files()) == 2
+                and one("SELECT COUNT(*) FROM deliveries WHERE state != 'delivered'") == 0
+                and one("SELECT COUNT(*) FROM deliveries") > 0
+            ),
+            TIMEOUT,
+            "SEG and SR delivered to the PACS",
+        )
         delivered_first = pacs_state()
         first_sources = _seg_sources(pacs)
         assert first_sources == {sop_uid[p] for p in first}
@@ -159,6 +169,8 @@ def test_late_instance_of_a_purged_series_is_kept_not_run_until_the_whole_series
             lambda: (
                 pacs_state().keys() == delivered_first.keys()
                 and all(pacs_state()[n] > delivered_first[n] for n in delivered_first)
+                and one("SELECT COUNT(*) FROM deliveries WHERE state != 'delivered'") == 0
+                and one("SELECT COUNT(*) FROM deliveries") == 2
             ),
             TIMEOUT,
             "the second run's SEG and SR at the PACS",
