@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import socket
 import tarfile
 import tempfile
@@ -134,7 +135,7 @@ class ModelReplica:
     def __init__(self, bundle: np.ndarray[Any, np.dtype[np.uint8]] | None) -> None:
         logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
         logging.getLogger("highdicom").setLevel(logging.WARNING)
-        self._folder = Path(tempfile.mkdtemp(prefix="dicom-ai-replica-"))
+        self._folder = _replica_folder()
         self._bundle: Path | None = None
         # Why it cannot run jobs; said by each job. Not raised here: Ray would restart a
         # replica whose constructor fails, again and again, while its jobs wait.
@@ -196,7 +197,7 @@ class ModelReplica:
             files = run_job(local, self._arena, self._models, stages)
             return self.where(), [(path.name, path.read_bytes()) for path in files], stages
         finally:
-            _remove_tree(job_folder)
+            shutil.rmtree(job_folder, ignore_errors=True)
             # What was sent ahead is this job's or superseded by it (the bridge forgets it
             # too when it sends a job).
             for path in self._prefetched.values():
@@ -210,13 +211,38 @@ def _inputs(spec: JobSpec) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(paths))
 
 
-def _remove_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir():
-            path.rmdir()
-        else:
-            path.unlink()
-    folder.rmdir()
+REPLICA_FOLDER_PREFIX = "dicom-ai-replica-"
+
+
+def _replica_folder() -> Path:
+    """A temporary folder of this replica's own, named by its process id. The folders of
+    replicas whose processes are gone go first: a replica killed with its node, by a
+    timeout or at the driver's end cannot remove its bundle copy, and every restart would
+    leave one more."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{REPLICA_FOLDER_PREFIX}*"):
+        pid = replica_pid(folder)
+        if pid is not None and not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{REPLICA_FOLDER_PREFIX}{os.getpid()}-", dir=root))
+
+
+def replica_pid(folder: Path) -> int | None:
+    """The process id in a replica folder's name; None for any other name."""
+    if not folder.name.startswith(REPLICA_FOLDER_PREFIX):
+        return None
+    pid, dash, _ = folder.name.removeprefix(REPLICA_FOLDER_PREFIX).partition("-")
+    return int(pid) if dash and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass

@@ -4,6 +4,7 @@ with a bridge that finds no head."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -81,3 +82,33 @@ def test_no_head_no_jobs_and_one_line_that_says_so(caplog: pytest.LogCaptureFixt
         assert "jobs wait, receiving goes on" in lines[0]
     finally:
         pool.shutdown()
+
+
+def test_a_replica_removes_the_folders_of_replicas_whose_processes_are_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import tempfile
+
+    from dicom_ai.pipeline.ray_bridge import REPLICA_FOLDER_PREFIX, ModelReplica, replica_pid
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = tmp_path / f"{REPLICA_FOLDER_PREFIX}{ended.pid}-k3j_x9a1"
+    (gone / "bundle" / "models").mkdir(parents=True)
+    (gone / "bundle" / "models" / "model.pt").write_bytes(b"weights")
+    running = tmp_path / f"{REPLICA_FOLDER_PREFIX}{os.getpid()}-a1b2c3d4"  # alive: kept
+    running.mkdir()
+    unnamed = tmp_path / f"{REPLICA_FOLDER_PREFIX}0h99k_5d"  # no process id: not ours to judge
+    unnamed.mkdir()
+    other = tmp_path / f"job-{ended.pid}-x"
+    other.mkdir()
+
+    replica = ModelReplica(None)
+
+    assert not gone.exists()
+    assert running.is_dir() and unnamed.is_dir() and other.is_dir()
+    mine = replica._folder
+    assert mine.parent == tmp_path and mine.is_dir() and replica_pid(mine) == os.getpid()
+    assert replica_pid(unnamed) is None and replica_pid(other) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicom_ai.pipeline.ray_bridge import REPLICA_FOLDER_PREFIX, replica_pid
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.failing_models import make_slow_bundle
 from tests.peers import NodeProcess, StoreSCP, node_config, storescu, wait_until
@@ -81,6 +83,16 @@ def _model_hosts(cluster: RayCluster) -> set[str]:
     return {n["id"] for n in cluster.node_table() if "model_host" in n["resources"]}
 
 
+def _replica_folders() -> list[Path]:
+    """The temporary folders of replicas running now (loopback: every node's /tmp is ours)."""
+    root = Path(tempfile.gettempdir())
+    return [
+        f
+        for f in root.glob(f"{REPLICA_FOLDER_PREFIX}*")
+        if (pid := replica_pid(f)) is not None and Path(f"/proc/{pid}").exists()
+    ]
+
+
 def _status(node: NodeProcess) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "dicom_ai.cli", "status", "--config", str(node.config_path)],
@@ -134,6 +146,8 @@ def test_a_node_that_dies_under_a_job_runs_it_again_when_the_resource_is_back(
         sent = storescu(node.port, paths)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(marker.exists, 120, "the model to start on the cluster", 0.2)
+        killed_copies = _replica_folders()
+        assert killed_copies, "the replica's folder (its bundle copy) on the cluster node"
         worker.kill()
         # Sent back at once; claimed again at once, it waits in the bridge for a replica.
         wait_until(lambda: "will retry" in node.log_text(), 60, "the job to be sent back", 0.5)
@@ -150,6 +164,8 @@ def test_a_node_that_dies_under_a_job_runs_it_again_when_the_resource_is_back(
     second_host = (_model_hosts(cluster) - {first_host}).pop()
     assert ran_on.startswith(second_host), (ran_on, first_host, second_host)
     assert f"its replica on cluster node {first_host} (" in node.log_text()
+    # The killed replica could not remove its bundle copy; the next one did.
+    assert not [f for f in killed_copies if f.exists()], killed_copies
 
 
 def test_the_head_down_before_a_study_arrives(
