@@ -14,36 +14,24 @@ way to the replica and the results' way back.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.latency import _run
+from benchmarks.latency import FIGURES_HEADER, _run, arguments, figures, write_series
 from benchmarks.settle import settle
-from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.ray_cluster import RayCluster
 
 MODEL_HOST = {"model_host": 1.0}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--grace", type=float, default=1.0, help="release_grace_seconds")
-    args = parser.parse_args()
+    args = arguments(__doc__).parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-ray-"))
     cluster = RayCluster(root / "ray")
     try:
-        warmup = write_phantom_ct(root / "warmup", PhantomSpec(slices=4, rows=64, columns=64))
-        timed = []
-        for name, seed in (("first", 1), ("next", 2)):
-            spec = PhantomSpec(slices=args.slices, seed=seed)
-            timed.append((spec.series_instance_uid, write_phantom_ct(root / name, spec)))
+        warmup, timed = write_series(root, args.slices)
         cluster.start_head()
         cluster.start_worker(MODEL_HOST)
         print(settle(root / "probe"))
@@ -52,11 +40,7 @@ def main() -> None:
             "start on; Ray 2.60 on loopback (head + a model_host node); seconds after the "
             "last acknowledgement"
         )
-        print(
-            f"{'run':<4} {'executor':<8} {'series':<6} {'stored':>7} {'infer':>6} "
-            f"{'minus infer':>11} | {'complete':>8} {'load':>5} {'encode+write':>12} "
-            f"{'deliver':>7}"
-        )
+        print(f"{'run':<4} {'executor':<8} {'series':<6} {FIGURES_HEADER}")
         rows: dict[tuple[str, str], list[float]] = {}
         for i in range(args.runs):
             for executor in ("local", "ray"):
@@ -67,14 +51,9 @@ def main() -> None:
                     args.grace,
                     cluster=(cluster.address, MODEL_HOST) if executor == "ray" else None,
                 )
-                for (name, _), row in zip((("first", 0), ("next", 0)), results, strict=True):
+                for name, row in zip(("first", "next"), results, strict=True):
                     rows.setdefault((executor, name), []).append(row["total"] - row["infer"])
-                    print(
-                        f"{i + 1:<4} {executor:<8} {name:<6} {row['total']:>7.2f} "
-                        f"{row['infer']:>6.2f} {row['total'] - row['infer']:>11.2f} | "
-                        f"{row['complete']:>8.2f} {row['load']:>5.2f} {row['encode']:>12.2f} "
-                        f"{row['deliver']:>7.2f}"
-                    )
+                    print(f"{i + 1:<4} {executor:<8} {name:<6} {figures(row)}")
         for name in ("first", "next"):
             local = statistics.median(rows[("local", name)])
             ray = statistics.median(rows[("ray", name)])

@@ -132,23 +132,50 @@ def _breakdown(
     }
 
 
-def main() -> None:
+def arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options every latency benchmark takes (benchmarks.cluster adds none)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--grace", type=float, default=1.0, help="release_grace_seconds")
+    return parser
+
+
+def write_series(root: Path, slices: int) -> tuple[list[Path], list[tuple[str, list[Path]]]]:
+    """The warm-up series, and the timed ``first`` and ``next`` series (UID, files)."""
+    warmup = write_phantom_ct(root / "warmup", PhantomSpec(slices=4, rows=64, columns=64))
+    timed = []
+    for name, seed in (("first", 1), ("next", 2)):
+        spec = PhantomSpec(slices=slices, seed=seed)
+        timed.append((spec.series_instance_uid, write_phantom_ct(root / name, spec)))
+    return warmup, timed
+
+
+# The figures of one timed series, after its run, executor and series columns.
+FIGURES_HEADER = (
+    f"{'stored':>7} {'infer':>6} {'minus infer':>11} | "
+    f"{'complete':>8} {'load':>5} {'encode+write':>12} {'deliver':>7}"
+)
+
+
+def figures(row: dict[str, float]) -> str:
+    return (
+        f"{row['total']:>7.2f} {row['infer']:>6.2f} {row['total'] - row['infer']:>11.2f} | "
+        f"{row['complete']:>8.2f} {row['load']:>5.2f} {row['encode']:>12.2f} "
+        f"{row['deliver']:>7.2f}"
+    )
+
+
+def main() -> None:
+    parser = arguments(__doc__)
     parser.add_argument("--no-early-start", action="store_true", help="pipeline.early_start off")
     parser.add_argument("--receivers", type=int, default=None, help="node.receivers")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicom-ai-latency-"))
     try:
-        warmup = write_phantom_ct(root / "warmup", PhantomSpec(slices=4, rows=64, columns=64))
-        timed = []
-        for name, seed in (("first", 1), ("next", 2)):
-            spec = PhantomSpec(slices=args.slices, seed=seed)
-            timed.append((spec.series_instance_uid, write_phantom_ct(root / name, spec)))
+        warmup, timed = write_series(root, args.slices)
         print(settle(root / "probe"))
         print(
             f"{args.slices} CT slices 512x512, ct-body, storescu TCP_NODELAY=1, "
@@ -156,9 +183,7 @@ def main() -> None:
             f"early start {'off' if args.no_early_start else 'on'}; "
             "seconds after the last acknowledgement"
         )
-        header = f"{'run':<4} {'series':<6} {'stored':>7} {'infer':>6} {'minus infer':>11} | "
-        header += f"{'complete':>8} {'load':>5} {'encode+write':>12} {'deliver':>7}"
-        print(header)
+        print(f"{'run':<4} {'series':<6} {FIGURES_HEADER}")
         rows: dict[str, list[dict[str, float]]] = {"first": [], "next": []}
         for i in range(args.runs):
             results = _run(
@@ -166,11 +191,7 @@ def main() -> None:
             )
             for name, row in zip(rows, results, strict=True):
                 rows[name].append(row)
-                print(
-                    f"{i + 1:<4} {name:<6} {row['total']:>7.2f} {row['infer']:>6.2f} "
-                    f"{row['total'] - row['infer']:>11.2f} | {row['complete']:>8.2f} "
-                    f"{row['load']:>5.2f} {row['encode']:>12.2f} {row['deliver']:>7.2f}"
-                )
+                print(f"{i + 1:<4} {name:<6} {figures(row)}")
         for name, values in rows.items():
             median = statistics.median(r["total"] - r["infer"] for r in values)
             print(f"median minus inference, {name} series: {median:.2f} s (target 1.5 s)")
