@@ -16,7 +16,7 @@ from pydicom import dcmread
 from dicom_ai.pipeline.ray_bridge import REPLICA_FOLDER_PREFIX, replica_pid
 from dicom_ai.synthetic import PhantomSpec, write_phantom_ct
 from tests.failing_models import make_slow_bundle
-from tests.peers import NodeProcess, StoreSCP, node_config, storescu, wait_until
+from tests.peers import NodeProcess, StoreSCP, node_config, pid_alive, storescu, wait_until
 from tests.ray_cluster import RayCluster
 from tests.results_check import check_phantom_results
 
@@ -67,6 +67,13 @@ def _slow_node(
     return _ray_node(tmp_path, pacs, cluster, rules=rules, models={"slow": model})
 
 
+def _send_until_the_model_starts(node: NodeProcess, paths: list[Path], marker: Path) -> None:
+    """The series sent, and the slow model's job started on the cluster (its marker)."""
+    sent = storescu(node.port, paths)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(marker.exists, 120, "the model to start on the cluster", 0.2)
+
+
 def _await_results(pacs: StoreSCP, settle: float) -> None:
     """SEG and SR at the PACS; then ``settle`` seconds for anything extra to arrive."""
     wait_until(lambda: len(pacs.files()) >= 2, 300, "SEG and SR at the PACS", 0.5)
@@ -89,7 +96,7 @@ def _replica_folders() -> list[Path]:
     return [
         f
         for f in root.glob(f"{REPLICA_FOLDER_PREFIX}*")
-        if (pid := replica_pid(f)) is not None and Path(f"/proc/{pid}").exists()
+        if (pid := replica_pid(f)) is not None and pid_alive(pid)
     ]
 
 
@@ -143,9 +150,7 @@ def test_a_node_that_dies_under_a_job_runs_it_again_when_the_resource_is_back(
     (first_host,) = _model_hosts(cluster)
     node = _slow_node(tmp_path, pacs, cluster, marker, seconds=15).start()
     try:
-        sent = storescu(node.port, paths)
-        assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_until(marker.exists, 120, "the model to start on the cluster", 0.2)
+        _send_until_the_model_starts(node, paths, marker)
         killed_copies = _replica_folders()
         assert killed_copies, "the replica's folder (its bundle copy) on the cluster node"
         worker.kill()
@@ -211,9 +216,7 @@ def test_kill9_of_the_node_with_a_job_on_the_cluster(
     cluster.start_worker(MODEL_HOST)
     node = _slow_node(tmp_path, pacs, cluster, marker, seconds=10).start()
     try:
-        sent = storescu(node.port, paths)
-        assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_until(marker.exists, 120, "the model to start on the cluster", 0.2)
+        _send_until_the_model_starts(node, paths, marker)
         node.kill9()
         # Its replica ends with the node's driver: no result of the killed run comes back.
         time.sleep(12)
